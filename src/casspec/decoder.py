@@ -1,0 +1,88 @@
+"""The speculative decoding loop: plan -> draft -> verify -> accept -> commit, one step at a time.
+
+Every method (plain decoding included: its tree is the root alone) runs through `SpeculativeDecoder.step`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from casspec.scheduler.base import Scheduler
+from casspec.state import DecodeState
+from casspec.target.runner import TargetRunner
+from casspec.tree import DraftTree
+from casspec.verify.accept import AcceptResult, accept
+
+TREE_CAPACITY = 64  # draft-tree nodes per step, root included
+
+
+class SpeculativeDecoder:
+    """Runs one generation with a given scheduler."""
+
+    def __init__(self, runner: TargetRunner, scheduler: Scheduler, tree_capacity: int = TREE_CAPACITY) -> None:
+        self.runner, self.scheduler, self.tree_capacity = runner, scheduler, tree_capacity
+
+    def step(self, state: DecodeState) -> AcceptResult:
+        """One speculative step; commits at least one token."""
+        tree = DraftTree(state.tokens[-1], state.cache.length, self.tree_capacity)
+        t0 = time.perf_counter()
+        # 1-2. Plan and draft: the scheduler picks drafter and length per expansion and grows the tree.
+        self.scheduler.draft(tree, state)
+        t1 = time.perf_counter()
+        # 3. Verify: one target forward over the whole tree (tree attention).
+        logits = self.verify(tree, state)  # [N, V]
+        t2 = time.perf_counter()
+        # 4. Accept: greedy match or recursive rejection sampling; always yields >= 1 token.
+        result = accept(tree, logits, state.sampling, state.generator)
+        # 5. Commit: keep the accepted path's KV, append tokens, feed back the verdict.
+        state.cache.commit([tree.base + i for i in result.path])
+        state.tokens += result.tokens
+        self.scheduler.observe(tree, result, state, t2 - t1)
+        self._record(tree, result, state, t1 - t0, t2 - t1)
+        return result
+
+    def verify(self, tree: DraftTree, state: DecodeState) -> torch.Tensor:
+        """Target logits [N, V] for every tree node."""
+        x = tree.forward_inputs(list(range(len(tree))))
+        return self.runner.forward(x.input_ids, x.positions, x.slots, state.cache, allowed=x.allowed,
+                                   key_positions=x.key_positions)
+
+    def prefill(self, state: DecodeState) -> None:
+        """Cache the prompt except its last token (the first tree root)."""
+        n = len(state.tokens) - 1
+        if n > 0:
+            pos = torch.arange(n)
+            self.runner.forward(torch.tensor(state.tokens[:-1]), pos, pos, state.cache,
+                                logits_rows=torch.empty(0, dtype=torch.long))
+        state.cache.length = n
+
+    def run(self, state: DecodeState) -> Iterator[list[int]]:
+        """Prefill, then yield the new tokens of each step until EOS or the token budget."""
+        t0 = time.perf_counter()
+        self.prefill(state)
+        state.stats.prefill_time = time.perf_counter() - t0
+        while state.remaining > 0:
+            new = self.step(state).tokens[:state.remaining]
+            eos = next((i for i, t in enumerate(new) if t in state.eos_ids), None)
+            if eos is not None:
+                new = new[:eos + 1]
+                state.stats.finish_reason = "stop"
+            state.remaining -= len(new)
+            state.stats.new_tokens += len(new)
+            yield new
+            if eos is not None:
+                return
+
+    @staticmethod
+    def _record(tree: DraftTree, result: AcceptResult, state: DecodeState, t_draft: float, t_verify: float) -> None:
+        s = state.stats
+        s.target_forwards += 1
+        s.draft_time += t_draft
+        s.verify_time += t_verify
+        s.accept_lengths.append(len(result.tokens))
+        for i in range(1, len(tree)):
+            s.drafter(tree.drafter[i]).proposed += 1
+        for i in result.path[1:]:
+            s.drafter(tree.drafter[i]).accepted += 1

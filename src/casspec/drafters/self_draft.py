@@ -1,0 +1,92 @@
+"""Self-drafting: the target model itself under a cheaper ExecutionPlan (a DSIA "virtual" draft model).
+
+Draft forwards share the target's KV cache: they write into the tree's own slots past the committed
+length, which verification later overwrites. Each node records which layers' KV it has, so a drafter
+re-feeds only the path nodes it lacks (e.g. tokens proposed by prompt lookup, or by a plan that skipped
+layers this plan runs) in the same forward as its first draft step.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from casspec.state import DecodeState
+from casspec.target.plans import ExecutionPlan
+from casspec.target.runner import TargetRunner
+from casspec.tree import DraftTree
+from casspec.verify.sampling import logits_to_probs, sample
+
+
+def _identity(conf: float) -> float:
+    return conf
+
+
+class SelfDrafter:
+    """Drafts chains (optionally with top-k siblings) below tree leaves under one execution plan."""
+
+    def __init__(self, runner: TargetRunner, plan: ExecutionPlan, name: str | None = None) -> None:
+        self.runner, self.plan = runner, plan
+        self.name = name or plan.name
+        self.kv_layers = plan.attn_layers(runner.num_layers)
+
+    def propose(self, tree: DraftTree, state: DecodeState, leaves: list[int], k: int, *, siblings: int = 0,
+                min_conf: float = 0.0, score: Callable[[float], float] = _identity) -> list[int]:
+        """Draft up to k tokens below each leaf, one batched forward per depth.
+
+        A chain stops early when its token's confidence falls below `min_conf`. `siblings` adds that many
+        runner-up tokens as extra (unexpanded) children at every step. `score` maps a confidence to the
+        acceptance probability used for the nodes' p_acc.
+        """
+        t0 = time.perf_counter()
+        stats = state.stats.drafter(self.name)
+        new: list[int] = []
+        frontier = [f for f in leaves if tree.depth[f] < state.max_depth()]
+        for _ in range(k):
+            if not frontier or tree.is_full:
+                break
+            logits = self._forward(tree, state, frontier)  # [len(frontier), V]
+            stats.forwards += 1
+            nxt = []
+            for leaf, row in zip(frontier, logits):
+                children = self._expand(tree, state, leaf, row, siblings, score)
+                new += children
+                main = children[0] if children else None
+                if (main is not None and tree.confidence[main] >= min_conf and tree.tokens[main] not in state.eos_ids
+                        and tree.depth[main] < state.max_depth()):
+                    nxt.append(main)
+            frontier = nxt
+        stats.time += time.perf_counter() - t0
+        return new
+
+    def _forward(self, tree: DraftTree, state: DecodeState, frontier: list[int]) -> torch.Tensor:
+        """Run the frontier leaves plus every path node lacking this plan's KV; logits at the leaves."""
+        rows = sorted({n for leaf in frontier for n in tree.path(leaf) if not self.kv_layers <= tree.kv_layers[n]})
+        inputs = tree.forward_inputs(rows)
+        logits_rows = torch.tensor([rows.index(f) for f in frontier], dtype=torch.long)
+        logits = self.runner.forward(inputs.input_ids, inputs.positions, inputs.slots, state.cache,
+                                     self.plan, inputs.allowed, inputs.key_positions, logits_rows)
+        for r in rows:
+            tree.kv_layers[r] = tree.kv_layers[r] | self.kv_layers
+        return logits
+
+    def _expand(self, tree: DraftTree, state: DecodeState, leaf: int, logits: torch.Tensor, siblings: int,
+                score: Callable[[float], float]) -> list[int]:
+        """Add the drafted child of `leaf` (first) and `siblings` runner-up children."""
+        if tree.is_full:
+            return []
+        if state.sampling.is_greedy:
+            q, probs = None, torch.softmax(logits.float(), dim=-1)
+            token = int(probs.argmax())
+        else:
+            probs = q = logits_to_probs(logits, state.sampling)
+            token = sample(q, state.generator)
+        conf = float(probs[token])
+        out = [tree.add(leaf, token, self.name, conf, tree.p_acc[leaf] * score(conf), q)]
+        if siblings:
+            top = torch.topk(probs, siblings + 1)
+            for p, t in zip(top.values.tolist(), top.indices.tolist()):
+                if t != token and len(out) <= siblings and not tree.is_full and p > 0:
+                    out.append(tree.add(leaf, t, self.name, p, tree.p_acc[leaf] * score(p)))
+        return out

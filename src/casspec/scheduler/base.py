@@ -1,0 +1,22 @@
+"""Scheduler interface: plan and grow the step's draft tree, then learn from the verdict."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from casspec.state import DecodeState
+from casspec.tree import DraftTree
+from casspec.verify.accept import AcceptResult
+
+
+class Scheduler(Protocol):
+    """Decides which drafter drafts where, and how much, each step."""
+
+    name: str
+
+    def draft(self, tree: DraftTree, state: DecodeState) -> None:
+        """Grow `tree` (rooted at the last committed token) with draft tokens."""
+        ...
+
+    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, verify_seconds: float) -> None:
+        """Feed back what verification accepted (and what it cost)."""
+        ...

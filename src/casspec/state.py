@@ -1,0 +1,31 @@
+"""DecodeState: everything one generation carries between steps, passed explicitly."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from casspec.config import SamplingConfig
+from casspec.metrics import GenerationStats
+from casspec.target.kv_cache import StaticKVCache
+
+
+@dataclass
+class DecodeState:
+    """Committed tokens, the shared cache, RNG and stats of one generation."""
+
+    tokens: list[int]  # committed ids, prompt included; tokens[-1] is the next tree root (not yet cached)
+    cache: StaticKVCache  # holds KV for tokens[:-1]
+    sampling: SamplingConfig
+    stats: GenerationStats
+    remaining: int  # new tokens still allowed
+    generator: torch.Generator | None = None
+    eos_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def ctx_len(self) -> int:
+        return self.cache.length
+
+    def max_depth(self) -> int:
+        """Deepest draft worth making: accepted tokens past the budget are thrown away."""
+        return max(0, self.remaining - 1)

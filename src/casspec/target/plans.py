@@ -1,0 +1,86 @@
+"""Execution plans: how one forward of the target runs (the paper's DSIA "virtual" draft models).
+
+A plan is data, never a global mode flag. `Full()` is the target itself; the others are switchable
+inference accelerations of the same weights and the same KV cache:
+
+    LayerSkip(attn={3, 4}, mlp={4})   skip attention / MLP sub-layers (layer sparsity)
+    Int8()                            int8 weights + dynamically quantized activations (real int8 kernels)
+    EarlyExit(12)                     run layers [0, 12) then the final norm and head
+    Int8() | LayerSkip(mlp={5})       mixing: compose orthogonal accelerations
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """One way to run the target's layer loop."""
+
+    quantized: bool = False  # int8 copy of the linear layers
+    skip_attn: frozenset[int] = field(default_factory=frozenset)  # layers whose attention sub-layer is skipped
+    skip_mlp: frozenset[int] = field(default_factory=frozenset)  # layers whose MLP sub-layer is skipped
+    exit_layer: int | None = None  # run layers [0, exit_layer) only
+
+    def __or__(self, other: ExecutionPlan) -> ExecutionPlan:
+        """Mix two plans: union of accelerations."""
+        exits = [e for e in (self.exit_layer, other.exit_layer) if e is not None]
+        return ExecutionPlan(
+            quantized=self.quantized or other.quantized,
+            skip_attn=self.skip_attn | other.skip_attn,
+            skip_mlp=self.skip_mlp | other.skip_mlp,
+            exit_layer=min(exits) if exits else None,
+        )
+
+    @property
+    def is_full(self) -> bool:
+        return self == FULL
+
+    def runs_attn(self, layer: int) -> bool:
+        return (self.exit_layer is None or layer < self.exit_layer) and layer not in self.skip_attn
+
+    def runs_mlp(self, layer: int) -> bool:
+        return (self.exit_layer is None or layer < self.exit_layer) and layer not in self.skip_mlp
+
+    def attn_layers(self, num_layers: int) -> frozenset[int]:
+        """Layers whose KV this plan writes (and reads)."""
+        return frozenset(i for i in range(num_layers) if self.runs_attn(i))
+
+    def sparsity(self, num_layers: int) -> float:
+        """Fraction of sub-layers skipped."""
+        run = sum(self.runs_attn(i) + self.runs_mlp(i) for i in range(num_layers))
+        return 1.0 - run / (2 * num_layers)
+
+    @property
+    def name(self) -> str:
+        parts = ["int8"] if self.quantized else []
+        if self.skip_attn or self.skip_mlp:
+            parts.append(f"skip(a{len(self.skip_attn)},m{len(self.skip_mlp)})")
+        if self.exit_layer is not None:
+            parts.append(f"exit{self.exit_layer}")
+        return "+".join(parts) or "full"
+
+
+FULL = ExecutionPlan()
+
+
+def Full() -> ExecutionPlan:  # noqa: N802 - reads as a type in plan expressions
+    """The target model itself."""
+    return FULL
+
+
+def LayerSkip(attn: set[int] | frozenset[int] = frozenset(), mlp: set[int] | frozenset[int] = frozenset()) -> ExecutionPlan:  # noqa: N802
+    """Skip the given attention and MLP sub-layers."""
+    return ExecutionPlan(skip_attn=frozenset(attn), skip_mlp=frozenset(mlp))
+
+
+def Int8() -> ExecutionPlan:  # noqa: N802
+    """Int8 weights with dynamically quantized activations."""
+    return ExecutionPlan(quantized=True)
+
+
+def EarlyExit(layer: int) -> ExecutionPlan:  # noqa: N802
+    """Exit after `layer` decoder layers."""
+    if layer < 1:
+        raise ValueError(f"early exit layer must be >= 1, got {layer}")
+    return ExecutionPlan(exit_layer=layer)
