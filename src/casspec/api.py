@@ -45,8 +45,10 @@ class Engine:
     def methods(self) -> tuple[str, ...]:
         return tuple(METHODS)
 
-    def scheduler(self, method: str) -> Scheduler:
-        """The (persistent, learning) scheduler behind a method name."""
+    def scheduler(self, method: str | Scheduler) -> Scheduler:
+        """The (persistent, learning) scheduler behind a method name; a Scheduler object is used as is."""
+        if not isinstance(method, str):
+            return method
         if method not in METHODS:
             raise InvalidRequestError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in self._schedulers:
@@ -56,7 +58,7 @@ class Engine:
     def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat)
 
-    def generate(self, prompt: Prompt, method: str = "casspec", **kwargs: object) -> GenerationResult:
+    def generate(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: object) -> GenerationResult:
         """Generate a completion; see `iter_generate` for the arguments."""
         result = None
         for chunk in self.iter_generate(prompt, method, **kwargs):
@@ -64,13 +66,13 @@ class Engine:
         assert result is not None
         return result
 
-    def stream(self, prompt: Prompt, method: str = "casspec", **kwargs: object) -> Iterator[str]:
+    def stream(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: object) -> Iterator[str]:
         """Yield text chunks as tokens are committed."""
         for chunk in self.iter_generate(prompt, method, **kwargs):
             if chunk.text:
                 yield chunk.text
 
-    def iter_generate(self, prompt: Prompt, method: str = "casspec", *, max_new_tokens: int = 256,
+    def iter_generate(self, prompt: Prompt, method: str | Scheduler = "casspec", *, max_new_tokens: int = 256,
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                       stop: str | list[str] | None = None, chat: bool | None = None,
                       cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
@@ -106,13 +108,13 @@ class Engine:
                                        f"{self.context_length} tokens")
         return min(max_new_tokens, self.context_length - prompt_len)
 
-    def _new_state(self, ids: list[int], sampling: SamplingConfig, method: str, max_new: int) -> DecodeState:
+    def _new_state(self, ids: list[int], sampling: SamplingConfig, method: str | Scheduler, max_new: int) -> DecodeState:
         gen = None
         if not sampling.is_greedy:
             gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else
                                                 int(torch.randint(0, 2**62, ()).item()))
         cache = self.runner.new_cache(len(ids) + max_new + TREE_CAPACITY + 1)
-        stats = GenerationStats(method=method, prompt_tokens=len(ids))
+        stats = GenerationStats(method=method if isinstance(method, str) else method.name, prompt_tokens=len(ids))
         return DecodeState(list(ids), cache, sampling, stats, max_new, gen, self.eos_ids)
 
     def make_int8_hf_model(self) -> PreTrainedModel:

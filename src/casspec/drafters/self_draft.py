@@ -62,7 +62,8 @@ class SelfDrafter:
 
     def _forward(self, tree: DraftTree, state: DecodeState, frontier: list[int]) -> torch.Tensor:
         """Run the frontier leaves plus every path node lacking this plan's KV; logits at the leaves."""
-        rows = sorted({n for leaf in frontier for n in tree.path(leaf) if not self.kv_layers <= tree.kv_layers[n]})
+        lacking = {n for leaf in frontier for n in tree.path(leaf) if not self.kv_layers <= tree.kv_layers[n]}
+        rows = sorted(lacking | set(frontier))
         inputs = tree.forward_inputs(rows)
         logits_rows = torch.tensor([rows.index(f) for f in frontier], dtype=torch.long)
         logits = self.runner.forward(inputs.input_ids, inputs.positions, inputs.slots, state.cache,

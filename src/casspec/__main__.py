@@ -1,0 +1,5 @@
+import sys
+
+from casspec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""`casspec` command line: generate, chat, bench, profile, serve."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from casspec.errors import CasspecError
+
+# subcommands owned by other modules: module path -> its add_parser(subparsers)
+_PLUGINS = ("casspec.bench.cli", "casspec.server", "casspec.chat", "casspec.loadtest")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion, streaming to the terminal")
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--model", default=None, help='"smollm2" (default), "gemma3-270m", an HF dir, a .gguf or a hub id')
+    p.add_argument("--method", default="casspec", help="ar | pld | self | casspec | ... (see `casspec methods`)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import casspec
+
+    engine = casspec.load(args.model)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=args.stop, chat=args.chat)
+    if args.json:
+        print(json.dumps(engine.generate(args.prompt, args.method, **kwargs).to_dict()))
+        return 0
+    result = None
+    for chunk in engine.iter_generate(args.prompt, args.method, **kwargs):
+        print(chunk.text, end="", flush=True)
+        result = chunk.result or result
+    s = result.stats
+    print(f"\n\n[{s.method}] {s.new_tokens} tokens in {s.wall_time:.2f}s: {s.tokens_per_s:.1f} tok/s, "
+          f"mean accepted length {s.mean_accepted_length:.2f}, target forwards {s.target_forwards}",
+          file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="casspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    for name in _PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:  # an optional extra is missing: the rest of the CLI still works
+            print(f"casspec: {name} unavailable ({e})", file=sys.stderr)
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CasspecError as e:
+        print(f"casspec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Acceptance rules: greedy walks and the exactness of recursive rejection sampling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import casspec.verify.accept as acc
+from casspec.config import SamplingConfig
+from casspec.tree import DraftTree
+
+V = 6
+
+
+def _logits(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_greedy_follows_argmax_and_appends_bonus():
+    t = DraftTree(0, 0)
+    a = t.add(0, 2, "d", 1, 1)
+    t.add(0, 3, "d", 1, 1)
+    t.add(a, 4, "d", 1, 1)
+    logits = torch.full((4, V), -1.0)
+    logits[0, 2] = logits[1, 5] = 1.0  # root -> 2 (accepted), node 1 -> 5 (its child 4 rejected)
+    r = acc.accept(t, logits, SamplingConfig())
+    assert r.path == [0, 1] and r.tokens == [2, 5]
+
+
+def test_greedy_with_no_children_is_plain_decoding():
+    t = DraftTree(0, 0)
+    r = acc.accept(t, _logits([[0, 0, 3, 0, 0, 0]]), SamplingConfig())
+    assert r.path == [0] and r.tokens == [2]
+
+
+def _sampling_tree(q_child: torch.Tensor, g: torch.Generator) -> DraftTree:
+    """Root with a sampled child (from q), a one-hot child, and a grandchild under the sampled child."""
+    t = DraftTree(0, 0)
+    x = int(torch.multinomial(q_child, 1, generator=g))
+    c = t.add(0, x, "q", float(q_child[x]), 1.0, q=q_child)
+    t.add(0, 1, "pld", 1.0, 1.0)
+    t.add(c, 3, "pld", 1.0, 1.0)
+    return t
+
+
+def _first_two(rule, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p_root = torch.tensor([0.05, 0.3, 0.1, 0.35, 0.15, 0.05])
+    q = torch.tensor([0.3, 0.05, 0.3, 0.1, 0.05, 0.2])
+    cfg = SamplingConfig(temperature=1.0)
+    firsts, seconds = torch.zeros(V), torch.zeros(V)
+    for _ in range(n):
+        t = _sampling_tree(q, g)
+        logits = torch.log(torch.stack([p_root, *[p_root.roll(i + 1) for i in range(len(t) - 1)]]))
+        r = rule(t, logits, cfg, g)
+        firsts[r.tokens[0]] += 1
+        if len(r.path) > 1 and t.drafter[r.path[1]] == "q":  # second token from the sampled child's distribution
+            seconds[r.tokens[1]] += 1
+    return firsts / n, p_root, seconds / max(seconds.sum(), 1), p_root.roll(1)
+
+
+def _tv(a, b):
+    return 0.5 * float((a - b).abs().sum())
+
+
+def _tolerance(n):
+    return 3.0 * math.sqrt(V / n)  # shrinks as 1/sqrt(samples)
+
+
+@pytest.mark.parametrize("n", [2000, 8000])
+def test_rejection_sampling_reproduces_target_distribution(n):
+    got, want, got2, want2 = _first_two(acc._accept_sampling, n)
+    assert _tv(got, want) < _tolerance(n) * 0.5
+    assert _tv(got2, want2) < _tolerance(n)
+
+
+def test_a_broken_acceptance_rule_is_detected():
+    def always_accept_first_child(t, logits, cfg, g):
+        c = t.children[0][0]
+        return acc.AcceptResult([0, c], [t.tokens[c], 0])
+
+    got, want, _, _ = _first_two(always_accept_first_child, 8000)
+    assert _tv(got, want) > _tolerance(8000) * 0.5
+
+
+def test_residual_of_one_hot_removes_the_token():
+    p = torch.tensor([0.5, 0.25, 0.25])
+    torch.testing.assert_close(acc._residual(p, None, 0), torch.tensor([0.0, 0.5, 0.5]))

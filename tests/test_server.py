@@ -1,0 +1,536 @@
+"""End-to-end tests of `casspec serve`: real uvicorn servers on loopback ports, the official openai client.
+
+Servers run uvicorn in a thread of this process (tiny random model or a controllable fake engine) and,
+once, as a real `python -m casspec.server` subprocess (the CLI path, with --api-key).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import casspec
+from casspec.errors import ContextOverflowError, InvalidRequestError
+from casspec.metrics import DrafterStats, GenerationResult, GenerationStats, StreamChunk
+from casspec.server import create_app
+
+SRC = str(Path(casspec.__file__).resolve().parents[1])
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    """uvicorn serving ``app`` on a free loopback port from a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.port = free_port()
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw) -> openai.OpenAI:
+        kw.setdefault("api_key", "unused")
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=120, **kw)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            assert time.monotonic() - t0 < 20, "server did not start"
+            assert self.thread.is_alive(), "server thread died"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def sse_events(lines) -> list:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = "any") -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if code is not None:
+        assert err["code"] == code, err
+    if param != "any":
+        assert err["param"] == param, err
+    return err
+
+
+class FakeEngine:
+    """The Engine surface with controllable speed; detects concurrent use; records start order."""
+
+    methods = ("ar", "casspec")
+
+    def __init__(self, name: str = "fake", has_chat_template: bool = True, delay: float = 0.0,
+                 context_length: int = 64):
+        self.name, self.has_chat_template, self.delay, self.context_length = name, has_chat_template, delay, context_length
+        self._busy = threading.Lock()
+        self.overlaps = 0
+        self.started: list[str] = []
+        self.ended: list[str] = []  # "done" | "cancelled" | "closed", in order
+
+    @staticmethod
+    def key(prompt) -> str:
+        return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+    def reply(self, prompt, n: int) -> str:
+        src = "reply to " + self.key(prompt) + ". "
+        return "".join(src[i % len(src)] for i in range(n))
+
+    def iter_generate(self, prompt, method="casspec", *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+                      seed=None, stop=None, chat=None, cancel=None):
+        if method not in self.methods:
+            raise InvalidRequestError(f"unknown method {method!r}")
+        if not self.key(prompt).strip():
+            raise InvalidRequestError("prompt is empty")
+        if len(self.key(prompt)) >= self.context_length:
+            raise ContextOverflowError("prompt does not fit")
+        if not self._busy.acquire(blocking=False):
+            self.overlaps += 1
+            raise RuntimeError("engine used concurrently")
+        stats = GenerationStats(method=method, prompt_tokens=len(self.key(prompt)))
+        stats.drafters["fake"] = DrafterStats(proposed=4, accepted=3)
+        text, how = self.reply(prompt, max_new_tokens), "closed"
+        self.started.append(self.key(prompt))
+        try:
+            out = ""
+            for ch in text:
+                if cancel is not None and cancel.is_set():
+                    how = "cancelled"
+                    break
+                time.sleep(self.delay)
+                out += ch
+                stats.accept_lengths.append(1)
+                yield StreamChunk(ch, [ord(ch)])
+            else:
+                how = "done"
+            stats.new_tokens, stats.wall_time = len(out), 0.001 + self.delay * len(out)
+            stats.finish_reason = "length" if how == "done" else "cancelled"
+            yield StreamChunk("", [], GenerationResult(out, [ord(c) for c in out], stats))
+        finally:
+            self.ended.append(how)
+            self._busy.release()
+
+    def generate(self, prompt, method="casspec", **kw):
+        return [c.result for c in self.iter_generate(prompt, method, **kw) if c.result is not None][0]
+
+
+# -- the tiny random model behind a real server ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ref():
+    from casspec.testing import tiny_engine
+
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from casspec.testing import tiny_engine
+
+    app = create_app(tiny_engine(), method="casspec", max_queue=16, max_tokens_limit=64, request_timeout=120)
+    with ThreadServer(app) as srv:
+        yield srv
+
+
+_expected: dict = {}
+
+
+def expected(ref, prompt, n, **kw) -> str:
+    key = (json.dumps(prompt), n, json.dumps(kw, sort_keys=True))
+    if key not in _expected:
+        _expected[key] = ref.generate(prompt, "casspec", max_new_tokens=n, **kw).text
+    return _expected[key]
+
+
+def test_models_and_health(tiny):
+    c = tiny.client()
+    ids = [m.id for m in c.models.list().data]
+    assert ids == ["tiny-llama"]
+    assert c.models.retrieve("casspec").id == "tiny-llama"
+    h = httpx.get(tiny.url + "/health").json()
+    assert h["status"] == "ok" and h["model"] == "tiny-llama"
+
+
+def test_completions_stream_equals_nonstream_equals_engine(tiny, ref):
+    c = tiny.client()
+    r = c.completions.create(model="tiny-llama", prompt="The quick brown fox", max_tokens=12, temperature=0)
+    want = expected(ref, "The quick brown fox", 12, temperature=0.0, chat=False)
+    assert r.choices[0].text == want and r.choices[0].finish_reason in ("length", "stop")
+    assert r.object == "text_completion" and r.model == "tiny-llama"
+    assert r.usage.prompt_tokens == len(ref.encode_prompt("The quick brown fox", chat=False))
+    assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    ext = r.model_extra["casspec"]
+    assert ext["method"] == "casspec" and ext["mean_accepted_length"] >= 1 and ext["tokens_per_s"] > 0
+    assert isinstance(ext["drafters"], dict)
+    chunks = list(c.completions.create(model="casspec", prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want
+    finals = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].model_extra["casspec"]["method"] == "casspec"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_chat_stream_equals_nonstream_equals_engine(tiny, ref):
+    c = tiny.client()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    r = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=0)
+    want = expected(ref, msgs, 12, temperature=0.0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.object == "chat.completion"
+    assert r.usage.prompt_tokens == len(ref.encode_prompt(msgs))
+    assert r.model_extra["casspec"]["method"] == "casspec"
+    stream = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # content parts are joined; "developer" is a system message
+    r2 = c.chat.completions.create(model="tiny-llama", max_tokens=12, temperature=0, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}])
+    assert r2.choices[0].message.content == want
+
+
+def test_sampling_seed_and_stop(tiny, ref):
+    c = tiny.client()
+    kw = dict(model="tiny-llama", prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.95, seed=7)
+    a = c.completions.create(**kw).choices[0].text
+    b = "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw))
+    assert a == b == expected(ref, "Once upon a time", 10, temperature=0.9, top_p=0.95, seed=7, chat=False)
+    full = expected(ref, "Once upon a time", 12, temperature=0.0, chat=False)
+    stop = next((full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].isprintable()
+                 and full[i:i + 2] not in full[:i]), None)
+    if stop:
+        r = c.completions.create(model="tiny-llama", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                 stop=[stop])
+        assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_eight_concurrent_clients(tiny, ref):
+    prompts = [f"Client {i} says hello" for i in range(8)]
+    want = {p: expected(ref, p, 8, temperature=0.0, chat=False) for p in prompts[:4]}
+    want.update({p: expected(ref, [{"role": "user", "content": p}], 8, temperature=0.0) for p in prompts[4:]})
+
+    def one(i: int) -> str:
+        c, p = tiny.client(), prompts[i]
+        if i < 4 and i % 2:
+            return "".join(ch.choices[0].text for ch in c.completions.create(
+                model="tiny-llama", prompt=p, max_tokens=8, temperature=0, stream=True))
+        if i < 4:
+            return c.completions.create(model="tiny-llama", prompt=p, max_tokens=8, temperature=0).choices[0].text
+        msgs = [{"role": "user", "content": p}]
+        if i % 2:
+            return "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                model="tiny-llama", messages=msgs, max_tokens=8, temperature=0, stream=True))
+        return c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=8,
+                                         temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(8)))
+    assert got == [want[p] for p in prompts]
+
+
+BAD = [  # (endpoint, raw body, status, error code, param)
+    ("completions", "{not json", 400, "invalid_json", None),
+    ("completions", "[1, 2]", 400, "invalid_body", None),
+    ("completions", "", 400, None, None),
+    ("completions", '{"prompt": 5}', 400, "invalid_value", "prompt"),
+    ("completions", '{"prompt": "hi", "max_tokens": "10"}', 400, "invalid_value", "max_tokens"),
+    ("completions", '{"prompt": "hi", "temperature": "hot"}', 400, "invalid_value", "temperature"),
+    ("completions", '{"prompt": "hi", "stream": "yes"}', 400, "invalid_value", "stream"),
+    ("completions", '{"prompt": ""}', 400, "empty_prompt", "prompt"),
+    ("completions", '{"prompt": []}', 400, "invalid_value", "prompt"),
+    ("completions", '{"prompt": ["a", "b"]}', 400, "invalid_value", "prompt"),
+    ("completions", '{"prompt": "  \\n "}', 400, "empty_prompt", "prompt"),
+    ("completions", '{"prompt": "hi", "model": "gpt-4o"}', 404, "model_not_found", "model"),
+    ("completions", '{"prompt": "hi", "max_tokens": 65}', 400, "max_tokens_too_large", "max_tokens"),
+    ("completions", '{"prompt": "hi", "max_tokens": 0}', 400, "invalid_value", "max_tokens"),
+    ("completions", '{"prompt": "%s"}' % ("x" * 600), 400, "context_length_exceeded", "prompt"),
+    ("completions", '{"prompt": "hi", "temperature": -1}', 400, "invalid_value", "temperature"),
+    ("completions", '{"prompt": "hi", "temperature": NaN}', 400, "invalid_value", "temperature"),
+    ("completions", '{"prompt": "hi", "top_p": 0}', 400, "invalid_value", "top_p"),
+    ("completions", '{"prompt": "hi", "top_p": 1.5}', 400, "invalid_value", "top_p"),
+    ("completions", '{"prompt": "hi", "seed": 1e400}', 400, "invalid_value", "seed"),
+    ("completions", '{"prompt": "hi", "seed": 99999999999999999999999}', 400, "invalid_value", "seed"),
+    ("completions", '{"prompt": "hi", "stop": ""}', 400, "invalid_value", "stop"),
+    ("completions", '{"prompt": "hi", "stop": ["a","b","c","d","e"]}', 400, "invalid_value", "stop"),
+    ("completions", '{"prompt": "hi", "n": 2}', 400, "unsupported_parameter", "n"),
+    ("completions", '{"prompt": "hi", "logprobs": 1}', 400, "unsupported_parameter", "logprobs"),
+    ("completions", '{"prompt": "hi", "best_of": 3}', 400, "unsupported_parameter", "best_of"),
+    ("completions", '{"prompt": "hi", "echo": true}', 400, "unsupported_parameter", "echo"),
+    ("completions", '{"prompt": "hi", "presence_penalty": 0.5}', 400, "unsupported_parameter", "presence_penalty"),
+    ("chat/completions", '{"messages": []}', 400, "empty_messages", "messages"),
+    ("chat/completions", '{"messages": "hi"}', 400, "invalid_value", "messages"),
+    ("chat/completions", '{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "invalid_value",
+     "messages.0.role"),
+    ("chat/completions", '{"messages": [{"role": "user"}]}', 400, "empty_content", "messages.0.content"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": " "}]}', 400, "empty_content",
+     "messages.0.content"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400,
+     "unsupported_content", None),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "%s"}]}' % ("y" * 600), 400,
+     "context_length_exceeded", "messages"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "model": "nope"}', 404,
+     "model_not_found", "model"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400,
+     "unsupported_parameter", "logprobs"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "n": 3, "stream": true}', 400,
+     "unsupported_parameter", "n"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
+     400, "unsupported_parameter", "tools"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000}',
+     400, "max_tokens_too_large", "max_tokens"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "response_format": '
+     '{"type": "json_object"}}', 400, "unsupported_parameter", "response_format"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,code,param", BAD, ids=[f"{i}-{b[:30]}" for i, (_, b, *_r) in
+                                                                      enumerate(BAD)])
+def test_bad_input_gives_openai_4xx(tiny, endpoint, body, status, code, param):
+    r = httpx.post(f"{tiny.url}/v1/{endpoint}", content=body, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert_error(r, status, code, param if param is not None or code in (None, "invalid_json", "invalid_body")
+                 else "any")
+    if '"stream": true' in body:
+        assert "text/event-stream" not in r.headers.get("content-type", "")
+
+
+def test_engine_not_stuck_after_bad_inputs_and_unknown_fields(tiny, ref):
+    r = httpx.post(f"{tiny.url}/v1/completions", timeout=60, json={
+        "prompt": "After errors", "max_tokens": 6, "temperature": 0, "some_future_field": {"x": 1}, "user": "u"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected(ref, "After errors", 6,
+                                                                                temperature=0.0, chat=False)
+    assert_error(httpx.get(f"{tiny.url}/v1/nothing-here"), 404)
+    assert_error(httpx.get(f"{tiny.url}/v1/completions"), 405)
+    m = httpx.get(f"{tiny.url}/metrics").json()
+    assert not [s for s in m["requests"]["by_status"] if s.startswith("5")], m
+    assert m["tokens"]["completion"] > 0 and m["generation"]["tokens_per_s"] > 0
+    assert m["generation"]["mean_accepted_length"] >= 1 and m["queue"]["waiting"] == 0
+    prom = httpx.get(f"{tiny.url}/metrics?format=prometheus")
+    assert prom.headers["content-type"].startswith("text/plain") and "casspec_completion_tokens_total" in prom.text
+
+
+def test_disconnect_cancels_real_engine():
+    """A client that goes away mid-stream stops its generation; the next request is served at once."""
+    from casspec.testing import tiny_engine
+
+    app = create_app(tiny_engine(), max_tokens_limit=512, request_timeout=60, step_delay=0.1)
+    with ThreadServer(app) as srv:
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": "A long story", "max_tokens": 400, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                    break  # got the first text; hang up
+        t0 = time.monotonic()
+        r2 = httpx.post(srv.url + "/v1/completions", timeout=60,
+                        json={"prompt": "Next", "max_tokens": 2, "temperature": 0})
+        assert r2.status_code == 200
+        assert time.monotonic() - t0 < 8.0  # the abandoned one needed >= 20 s (400 tokens, 0.1 s/step)
+        wait_until(lambda: app.state.metrics.cancelled == 1, 5, "cancel count")
+
+
+# -- fake engine: queueing, timeouts, disconnects, auth ----------------------------------------------------------
+def test_queue_full_gives_429_and_fifo():
+    eng = FakeEngine(delay=0.02)
+    app = create_app(eng, method="casspec", max_queue=1, request_timeout=60)
+    with ThreadServer(app) as srv:
+        sched = app.state.scheduler
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": "A", "max_tokens": 2000, "stream": True}) as a:
+            lines = a.iter_lines()  # keep the iterator: dropping it would close the connection
+            next(lines)  # A is running
+            done = {}
+            t = threading.Thread(target=lambda: done.setdefault("b", httpx.post(
+                srv.url + "/v1/completions", json={"prompt": "B", "max_tokens": 3}, timeout=60)))
+            t.start()
+            wait_until(lambda: sched.waiting == 1, what="B queued")
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "C", "max_tokens": 3})
+            assert_error(r, 429, "queue_full")
+            assert r.headers["retry-after"] == "1"
+            with pytest.raises(openai.RateLimitError):
+                srv.client().chat.completions.create(model="fake", messages=[{"role": "user", "content": "D"}])
+        t.join(10)  # A hung up -> B runs
+        assert done["b"].status_code == 200 and done["b"].json()["choices"][0]["text"] == eng.reply("B", 3)
+        assert eng.overlaps == 0 and eng.started == ["A", "B"] and eng.ended == ["closed", "done"]
+
+    # FIFO: requests are served in arrival order
+    eng = FakeEngine(delay=0.01)
+    app = create_app(eng, max_queue=8)
+    with ThreadServer(app) as srv:
+        results, threads = {}, []
+        for i in range(6):
+            p = f"p{i}"
+            threads.append(threading.Thread(target=lambda p=p: results.setdefault(p, httpx.post(
+                srv.url + "/v1/completions", json={"prompt": p, "max_tokens": 20 if p == "p0" else 3}, timeout=60))))
+            threads[-1].start()
+            wait_until(lambda i=i: len(eng.started) + app.state.scheduler.waiting == i + 1, what=f"p{i} admitted")
+        for t in threads:
+            t.join(20)
+        assert eng.started == [f"p{i}" for i in range(6)] and eng.overlaps == 0
+        assert all(r.status_code == 200 for r in results.values())
+
+
+def test_timeout_cancels_and_reports():
+    eng = FakeEngine(delay=0.05)
+    app = create_app(eng, request_timeout=1.0)
+    with ThreadServer(app) as srv:
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "slow", "max_tokens": 1000}, timeout=30)
+        assert_error(r, 504, "timeout")
+        assert r.json()["error"]["type"] == "timeout_error" and time.monotonic() - t0 < 5
+        with pytest.raises(openai.APIError, match="timed out"):
+            for _ in srv.client().completions.create(model="fake", prompt="slow2", max_tokens=1000, stream=True):
+                pass
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "quick", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == eng.reply("quick", 3)
+        assert eng.overlaps == 0 and eng.ended == ["closed", "closed", "done"]
+        assert app.state.metrics.timeouts == 2
+
+
+def test_nonstream_disconnect_cancels():
+    eng = FakeEngine(delay=0.02)
+    app = create_app(eng, request_timeout=60)
+    with ThreadServer(app) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", timeout=0.5,
+                       json={"messages": [{"role": "user", "content": "long"}], "max_tokens": 2000})
+        wait_until(lambda: eng.ended == ["closed"], 5, "generation cancelled")
+        assert len(eng.started) == 1 and app.state.metrics.cancelled == 1
+
+
+def test_api_key_and_no_chat_template():
+    eng = FakeEngine(has_chat_template=False)
+    app = create_app(eng, api_key="sk-test")
+    with ThreadServer(app) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200  # health stays open
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-test"}):
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, headers=headers)
+            assert_error(r, 401, "invalid_api_key")
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert httpx.get(srv.url + "/metrics").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            srv.client(api_key="wrong").models.list()
+        c = srv.client(api_key="sk-test")
+        assert c.completions.create(model="fake", prompt="hi", max_tokens=4).choices[0].text == eng.reply("hi", 4)
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_create_app_rejects_bad_config():
+    with pytest.raises(ValueError, match="unknown method"):
+        create_app(FakeEngine(), method="nope")
+    with pytest.raises(ValueError):
+        create_app(FakeEngine(), max_queue=-1)
+
+
+def test_cli_subprocess_server_with_api_key():
+    """`python -m casspec.server` (what `casspec serve` runs) serving the tiny model, loopback, with a key."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "casspec.server", "--tiny-engine", "llama", "--port", str(port),
+                             "--api-key", "sk-cli", "--max-tokens-limit", "16", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() - t0 < 90, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert_error(httpx.get(url + "/v1/models"), 401, "invalid_api_key")
+        c = openai.OpenAI(base_url=url + "/v1", api_key="sk-cli", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                      temperature=0)
+        assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("length", "stop")
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            c.completions.create(model="tiny-llama", prompt="hi", max_tokens=17)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- property-based fuzzing against the published OpenAPI schema -------------------------------------------------
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fuzz_schema():
+    from casspec.testing import tiny_engine
+
+    app = create_app(tiny_engine(), max_queue=4, max_tokens_limit=2, request_timeout=30)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema.config.phases.update(phases=["examples", "fuzzing"])
+    return schema
+
+
+FUZZ_OPS = [("/v1/completions", "POST", "positive"), ("/v1/completions", "POST", "negative"),
+            ("/v1/chat/completions", "POST", "positive"), ("/v1/chat/completions", "POST", "negative"),
+            ("/v1/models/{model_id}", "GET", "positive"), ("/metrics", "GET", "positive")]
+
+
+@pytest.mark.parametrize("path,method,mode", FUZZ_OPS)
+def test_fuzz_openapi_never_5xx(fuzz_schema, path, method, mode):
+    """Schema-driven fuzzing (schemathesis strategies + hypothesis): valid and invalid requests never get a 5xx."""
+    strategy = fuzz_schema[path][method].as_strategy(schemathesis.GenerationMode(mode))
+    n = {"GET": 10, "positive": 20}.get(method, {"positive": 20}.get(mode, 30))
+
+    @given(case=strategy)
+    @settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    def check(case):
+        response = case.call()
+        assert response.status_code < 500, (case.path, case.body, response.status_code, response.text[:500])
+        if response.status_code >= 400 and response.status_code != 405:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
