@@ -29,7 +29,9 @@ def _make_hf_dir(folder: Path) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_VOCAB)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     tok.save_pretrained(folder)
     return folder
 
@@ -99,6 +101,13 @@ def _logits(lm: LoadedModel, text: str = "a b ab c") -> torch.Tensor:
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
     with torch.inference_mode():
         return lm.model(ids).logits
+
+
+def _gguf_logits(gguf: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the GGUF loaded directly by transformers (the reference for the converted copy)."""
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with torch.inference_mode():
+        return ref.eval()(ids).logits
 
 
 def _is_tied(model: torch.nn.Module) -> bool:
@@ -215,16 +224,16 @@ def test_garbage_gguf(tmp_path: Path) -> None:
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
-def test_gguf_converted_once_and_identical(gguf_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_converted_once_and_identical(
+    gguf_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lm = load_model(str(gguf_file), cache_dir=str(tmp_path))
     converted = Path(lm.path)
     assert converted.parent == tmp_path / "models" and converted.name.startswith("tiny-model-")
     assert lm.name == "tiny-model" and lm.has_chat_template
     assert lm.model.generation_config.eos_token_id == 2 and _is_tied(lm.model)
-    reference = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
     ids = lm.tokenizer("a b ab c", return_tensors="pt").input_ids
-    with torch.inference_mode():
-        assert torch.equal(lm.model(ids).logits, reference.eval()(ids).logits)
+    assert torch.equal(_logits(lm), _gguf_logits(gguf_file, ids))
     monkeypatch.setattr(loading, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
     again = load_model(str(gguf_file), cache_dir=str(tmp_path))
     assert again.path == lm.path and torch.equal(_logits(again), _logits(lm))
@@ -259,11 +268,9 @@ def test_smollm2_real(tmp_path: Path) -> None:
     second = time.perf_counter() - start
     print(f"\nsmollm2: first load + conversion {first:.1f} s, cached load {second:.2f} s")
     assert again.path == lm.path and second < 10
-    gguf = loading._smollm2_gguf()
-    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
-    with torch.inference_mode():
-        assert torch.equal(again.model(ids).logits, reference.eval()(ids).logits)
+    text = "The capital of France is"
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(_logits(again, text), _gguf_logits(loading._smollm2_gguf(), ids))
 
 
 @pytest.mark.slow

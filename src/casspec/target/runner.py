@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from casspec.target.adapter import LlamaAdapter, make_adapter
+from casspec.target.fast_linear import fast_copy
 from casspec.target.kv_cache import StaticKVCache
 from casspec.target.plans import FULL, ExecutionPlan
 from casspec.target.quant import quantize_int8
@@ -20,12 +21,16 @@ from casspec.target.quant import quantize_int8
 class TargetRunner:
     """Runs forwards of one HF causal LM under execution plans."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fast_linear: bool | None = None) -> None:
         self.model = model.eval()
         self.adapter: LlamaAdapter = make_adapter(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._int8: tuple[list[nn.Module], nn.Module] | None = None
+        self._fp32 = (self.adapter.layers, self.adapter.lm_head)
+        if fast_linear if fast_linear is not None else (self.device.type == "cpu" and self.dtype == torch.float32):
+            *layers, head = fast_copy([*self.adapter.layers, self.adapter.lm_head])
+            self._fp32 = (layers, head)
 
     @property
     def num_layers(self) -> int:
@@ -48,7 +53,7 @@ class TargetRunner:
         return self._int8
 
     def _modules(self, plan: ExecutionPlan) -> tuple[list[nn.Module], nn.Module]:
-        return self.int8_modules() if plan.quantized else (self.adapter.layers, self.adapter.lm_head)
+        return self.int8_modules() if plan.quantized else self._fp32
 
     @torch.inference_mode()
     def forward(

