@@ -8,7 +8,15 @@ from helpers import AlwaysRight, AlwaysWrong, RandomTree
 PROMPTS = ["hello world, hello world, the cat sat on", "abcabcabcabc", "Q: 2+2? A:"]
 
 
-@pytest.mark.parametrize("method", ["pld", "self", "casspec"])
+METHODS = ["pld", "self", "pld+self", "vc", "hc", "vchc", "tree", "casspec", "casspec-nolat", "casspec-noema",
+           "casspec-chain", "casspec-nopld", "casspec-noself"]
+
+
+def test_registry_is_covered(llama_engine):
+    assert set(llama_engine.methods) == set(METHODS) | {"ar"}
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_greedy_matches_autoregressive_for_every_method(engine, method):
     for prompt in PROMPTS:
         ref = engine.generate(prompt, "ar", max_new_tokens=40)

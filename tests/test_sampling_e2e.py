@@ -21,13 +21,18 @@ def _target_next_token_probs(engine, cfg):
 def test_speculative_sampling_matches_target_next_token_distribution(llama_engine):
     cfg = SamplingConfig(temperature=1.5, top_k=6)
     want = _target_next_token_probs(llama_engine, cfg)
-    for method in ("ar", "casspec"):
-        counts = torch.zeros_like(want)
+    from test_dytc import make_dytc
+
+    for method in ("ar", "vc", make_dytc(llama_engine)):
+        counts, accepted = torch.zeros_like(want), 0
         for seed in range(N):
             out = llama_engine.generate(PROMPT, method, max_new_tokens=3, temperature=1.5, top_k=6, seed=seed)
             counts[out.token_ids[0]] += 1
+            accepted += sum(s.accepted for s in out.stats.drafters.values())
         tv = 0.5 * float((counts / N - want).abs().sum())
         assert tv < 2.0 * math.sqrt(6 / N), (method, tv)
+        if method != "ar":
+            assert accepted > N // 10  # drafts were really verified and often accepted
 
 
 def test_seeded_runs_reproduce_and_seeds_differ(llama_engine):

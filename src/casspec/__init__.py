@@ -14,8 +14,10 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
     from casspec.api import Engine
     from casspec.target.loading import load_model
 
+    from casspec.target.loading import model_cache_dir
+
     loaded = load_model(model, device=device, dtype=dtype)
-    return Engine(loaded.model, loaded.tokenizer, name=loaded.name)
+    return Engine(loaded.model, loaded.tokenizer, name=loaded.name, cache_dir=model_cache_dir())
 
 
 def __getattr__(name: str) -> object:

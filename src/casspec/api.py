@@ -11,11 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from casspec.config import SamplingConfig
 from casspec.decoder import TREE_CAPACITY, SpeculativeDecoder
+from casspec.drafters.layer_search import SCRATCH_OFFSET
 from casspec.errors import ContextOverflowError, InvalidRequestError
 from casspec.methods import METHODS, DrafterPool
 from casspec.metrics import GenerationResult, GenerationStats, StreamChunk
@@ -23,16 +26,18 @@ from casspec.prompt import Prompt, TextAssembler, encode_prompt
 from casspec.scheduler.base import Scheduler
 from casspec.state import DecodeState
 from casspec.target.quant import quantize_int8
+from casspec.target.plans import FULL
 from casspec.target.runner import TargetRunner
 
 
 class Engine:
     """One loaded model and every decoding method over it. Not thread-safe: one generation at a time."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model") -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model", *,
+                 hierarchy: tuple[str, ...] | None = None, cache_dir: Path | None = None) -> None:
         self.hf_model, self.tokenizer, self.name = model, tokenizer, name
         self.runner = TargetRunner(model)
-        self.pool = DrafterPool(self.runner)
+        self.pool = DrafterPool(self.runner, name, cache_dir, hierarchy)
         self.context_length: int = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(model, tokenizer)
         self._schedulers: dict[str, Scheduler] = {}
@@ -113,9 +118,21 @@ class Engine:
         if not sampling.is_greedy:
             gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else
                                                 int(torch.randint(0, 2**62, ()).item()))
-        cache = self.runner.new_cache(len(ids) + max_new + TREE_CAPACITY + 1)
+        cache = self.runner.new_cache(len(ids) + max_new + TREE_CAPACITY + SCRATCH_OFFSET + 64)
         stats = GenerationStats(method=method if isinstance(method, str) else method.name, prompt_tokens=len(ids))
         return DecodeState(list(ids), cache, sampling, stats, max_new, gen, self.eos_ids)
+
+    @property
+    def plan_names(self) -> tuple[str, ...]:
+        """Execution plans `profile_forward` can time: the target and every self-draft level."""
+        return ("full",) + tuple(d for d in self.pool.hierarchy if d != "pld")
+
+    def profile_forward(self, plan_name: str, n_query: int, ctx_len: int, repeats: int = 3) -> float:
+        """Median seconds of one forward of `n_query` tokens over `ctx_len` cached tokens under a plan."""
+        from casspec.scheduler.calibrate import time_forward
+
+        plan = FULL if plan_name == "full" else self.pool.get(plan_name).plan
+        return time_forward(self.runner, plan, n_query, ctx_len, repeats)
 
     def make_int8_hf_model(self) -> PreTrainedModel:
         """An int8 dynamic-quantized copy of the HF model (e.g. for HF assisted generation)."""

@@ -21,6 +21,11 @@ class DecodeState:
     remaining: int  # new tokens still allowed
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = field(default_factory=frozenset)
+    forward_log: list[tuple[str, int, int, float]] = field(default_factory=list)  # (plan, n_query, ctx_len, s)
+
+    def log_forward(self, plan: str, n_query: int, seconds: float, ctx_len: int | None = None) -> None:
+        """Record one forward's cost for the latency model (drained by the scheduler every step)."""
+        self.forward_log.append((plan, n_query, self.cache.length if ctx_len is None else ctx_len, seconds))
 
     @property
     def ctx_len(self) -> int:

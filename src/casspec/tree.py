@@ -71,6 +71,15 @@ class DraftTree:
         self._anc[i, i] = True
         return i
 
+    def truncate(self, size: int) -> None:
+        """Drop the nodes added last, keeping the first `size` (they must be leaves of what remains)."""
+        for i in range(len(self.tokens) - 1, size - 1, -1):
+            self.children[self.parents[i]].remove(i)
+            self._anc[i] = False
+        for column in (self.tokens, self.parents, self.depth, self.drafter, self.confidence, self.p_acc, self.q,
+                       self.children, self.kv_layers):
+            del column[size:]
+
     def path(self, node: int) -> list[int]:
         """Node ids from the root to `node`, inclusive."""
         out = []

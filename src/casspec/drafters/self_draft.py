@@ -27,15 +27,22 @@ class SelfDrafter:
     """Drafts chains (optionally with top-k siblings) below tree leaves under one execution plan."""
 
     def __init__(self, runner: TargetRunner, plan: ExecutionPlan, name: str | None = None) -> None:
-        self.runner, self.plan = runner, plan
+        self.runner = runner
         self.name = name or plan.name
-        self.kv_layers = plan.attn_layers(runner.num_layers)
+        self.set_plan(plan)
+
+    def set_plan(self, plan: ExecutionPlan) -> None:
+        """Switch the execution plan (e.g. when the layer search finds a better skip set)."""
+        self.plan = plan
+        self.kv_layers = plan.attn_layers(self.runner.num_layers)
 
     def propose(self, tree: DraftTree, state: DecodeState, leaves: list[int], k: int, *, siblings: int = 0,
-                min_conf: float = 0.0, score: Callable[[float], float] = _identity) -> list[int]:
+                min_conf: float = 0.0, min_p_acc: float = 0.0,
+                score: Callable[[float], float] = _identity) -> list[int]:
         """Draft up to k tokens below each leaf, one batched forward per depth.
 
-        A chain stops early when its token's confidence falls below `min_conf`. `siblings` adds that many
+        A chain stops early when its token's confidence falls below `min_conf` or its estimated path
+        acceptance p_acc below `min_p_acc`. `siblings` adds that many
         runner-up tokens as extra (unexpanded) children at every step. `score` maps a confidence to the
         acceptance probability used for the nodes' p_acc.
         """
@@ -53,21 +60,43 @@ class SelfDrafter:
                 children = self._expand(tree, state, leaf, row, siblings, score)
                 new += children
                 main = children[0] if children else None
-                if (main is not None and tree.confidence[main] >= min_conf and tree.tokens[main] not in state.eos_ids
-                        and tree.depth[main] < state.max_depth()):
+                if (main is not None and tree.confidence[main] >= min_conf and tree.p_acc[main] >= min_p_acc
+                        and tree.tokens[main] not in state.eos_ids and tree.depth[main] < state.max_depth()):
                     nxt.append(main)
             frontier = nxt
         stats.time += time.perf_counter() - t0
         return new
 
+    def review(self, tree: DraftTree, state: DecodeState, chain: list[int]) -> int:
+        """Vertical cascade: check a cheaper drafter's chain (node ids, parent first) with this plan.
+
+        One forward scores every node of the chain; the chain is cut at the first token this plan would
+        not have drafted (greedy), and this plan's own token replaces it. Returns the new chain end.
+        """
+        t0 = time.perf_counter()
+        parent = tree.parents[chain[0]]
+        logits = self._forward(tree, state, [parent] + chain[:-1])  # [len(chain), V]
+        state.stats.drafter(self.name).forwards += 1
+        mine = logits.argmax(-1).tolist()
+        keep = next((j for j, node in enumerate(chain) if tree.tokens[node] != mine[j]), len(chain))
+        end = chain[keep - 1] if keep else parent
+        if keep < len(chain):
+            tree.truncate(chain[keep])
+            conf = float(torch.softmax(logits[keep].float(), -1)[mine[keep]])
+            end = tree.add(end, mine[keep], self.name, conf, tree.p_acc[end] * conf)
+        state.stats.drafter(self.name).time += time.perf_counter() - t0
+        return end
+
     def _forward(self, tree: DraftTree, state: DecodeState, frontier: list[int]) -> torch.Tensor:
-        """Run the frontier leaves plus every path node lacking this plan's KV; logits at the leaves."""
+        """Run the frontier nodes plus every path node lacking this plan's KV; logits at the frontier."""
         lacking = {n for leaf in frontier for n in tree.path(leaf) if not self.kv_layers <= tree.kv_layers[n]}
         rows = sorted(lacking | set(frontier))
         inputs = tree.forward_inputs(rows)
         logits_rows = torch.tensor([rows.index(f) for f in frontier], dtype=torch.long)
+        t0 = time.perf_counter()
         logits = self.runner.forward(inputs.input_ids, inputs.positions, inputs.slots, state.cache,
                                      self.plan, inputs.allowed, inputs.key_positions, logits_rows)
+        state.log_forward(self.name, len(rows), time.perf_counter() - t0)
         for r in rows:
             tree.kv_layers[r] = tree.kv_layers[r] | self.kv_layers
         return logits

@@ -1,0 +1,67 @@
+"""Latency calibration: time forwards per execution plan and query size, cached per model and machine."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from casspec.scheduler.latency import LatencyModel, calibration_grid
+from casspec.target.plans import ExecutionPlan
+from casspec.target.runner import TargetRunner
+
+
+def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3) -> float:
+    """Median seconds of one forward of `n_query` tokens on top of `ctx_len` cached ones (one warm-up)."""
+    cache = runner.new_cache(ctx_len + n_query + 1)
+    cache.length = ctx_len
+    ids = torch.randint(0, min(runner.vocab_size, 1000), (n_query,))
+    pos = torch.arange(ctx_len, ctx_len + n_query)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        runner.forward(ids, pos, pos, cache, plan)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def machine_key(model_name: str) -> str:
+    """Identifies (model, machine, software) for cached calibrations."""
+    info = [model_name, platform.machine(), platform.processor(), str(os.cpu_count()), torch.__version__,
+            str(torch.get_num_threads())]
+    return hashlib.sha1("|".join(info).encode()).hexdigest()[:12]
+
+
+def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: LatencyModel,
+              max_query: int = 32, ctx_lens: tuple[int, ...] = (64, 512), repeats: int = 2) -> None:
+    """Fit `latency` with a few timed forwards per plan, query size and context length (seconds)."""
+    for name, plan in plans.items():
+        for ctx in ctx_lens:
+            for q in calibration_grid(max_query):
+                latency.observe(name, q, ctx, time_forward(runner, plan, q, ctx, repeats))
+    latency.clear_errors()
+
+
+def load_or_calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], path: Path | None,
+                      **kwargs: object) -> LatencyModel:
+    """A calibrated LatencyModel, from `path` if it holds every plan, else measured now and saved there."""
+    latency = LatencyModel()
+    if path is not None and path.exists():
+        try:
+            latency.load_state_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, json.JSONDecodeError):
+            latency = LatencyModel()
+    missing = {k: p for k, p in plans.items() if not latency.knows(k)}
+    if missing:
+        calibrate(runner, missing, latency, **kwargs)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(latency.state_dict()))
+            tmp.replace(path)
+    return latency

@@ -1,0 +1,111 @@
+"""DyTC scheduler: exactness when it drafts, budget, objective maximisation, adaptation."""
+from __future__ import annotations
+
+import pytest
+
+from casspec.scheduler.acceptance import AcceptanceEstimator
+from casspec.scheduler.dytc import DyTC, DyTCConfig, Level
+from casspec.scheduler.latency import LatencyModel
+from casspec.tree import DraftTree
+
+PROMPT = "the cat sat on the mat. the cat sat on the mat. the cat"
+
+
+def linear_latency(costs: dict[str, tuple[float, float]]) -> LatencyModel:
+    """A latency model fitted to t = a + b * n_query per plan (seconds)."""
+    lat = LatencyModel()
+    for plan, (a, b) in costs.items():
+        for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+            for ctx in (16, 256):
+                lat.observe(plan, n, ctx, a + b * n)
+    return lat
+
+
+CHEAP_DRAFTS = {"full": (0.010, 0.0005), "int8": (0.002, 0.0001)}
+
+
+def make_dytc(engine, config=DyTCConfig(), alphas=(0.8, 0.6), latency=None):
+    levels = [Level(engine.pool.get("int8"), AcceptanceEstimator(prior=alphas[0])),
+              Level(engine.pool.get("pld"), AcceptanceEstimator(prior=alphas[1]))]
+    return DyTC(levels, latency or linear_latency(CHEAP_DRAFTS), config)
+
+
+@pytest.mark.parametrize("config", [DyTCConfig(), DyTCConfig(use_tree=False), DyTCConfig(use_ema=False),
+                                    DyTCConfig(use_latency=False), DyTCConfig(max_nodes=6, siblings=2)])
+def test_dytc_greedy_is_exact_while_drafting(engine, config):
+    ref = engine.generate(PROMPT, "ar", max_new_tokens=40)
+    out = engine.generate(PROMPT, make_dytc(engine, config), max_new_tokens=40)
+    assert out.token_ids == ref.token_ids
+    assert sum(s.proposed for s in out.stats.drafters.values()) > 0
+    assert out.stats.target_forwards < 40
+
+
+def test_tree_respects_node_budget(llama_engine):
+    out = llama_engine.generate(PROMPT, make_dytc(llama_engine, DyTCConfig(max_nodes=7)), max_new_tokens=30)
+    proposed = sum(s.proposed for s in out.stats.drafters.values())
+    assert proposed <= 6 * out.stats.target_forwards
+
+
+def test_chain_ablation_builds_chains_only(llama_engine):
+    sched = make_dytc(llama_engine, DyTCConfig(use_tree=False))
+    shapes = []
+    real_draft = sched.draft
+
+    def spy(tree, state):
+        real_draft(tree, state)
+        shapes.append(all(len(c) <= 1 for c in tree.children))
+
+    sched.draft = spy
+    llama_engine.generate(PROMPT, sched, max_new_tokens=20)
+    assert shapes and all(shapes)
+
+
+def _brute_force(sched, tree, state, leaf):
+    n, ctx = len(tree), state.ctx_len
+    best = None
+    for level in sched.levels:
+        for opt in sched._options(tree, state, leaf, level, 0.0, 1.0):
+            if best is None or opt.score > best[0]:
+                best = (opt.score, level.name, opt.k)
+    return best
+
+
+def test_chosen_expansion_maximises_the_objective(llama_engine):
+    from casspec.config import SamplingConfig
+    from casspec.metrics import GenerationStats
+    from casspec.state import DecodeState
+
+    e = llama_engine
+    ids = e.encode_prompt(PROMPT)
+    state = DecodeState(list(ids), e.runner.new_cache(256), SamplingConfig(), GenerationStats("t"), 50)
+    state.cache.length = len(ids) - 1
+    for alphas, expect_level in [((0.9, 0.1), "int8"), ((0.05, 0.95), "pld")]:
+        sched = make_dytc(e, alphas=alphas)
+        tree = DraftTree(ids[-1], state.cache.length)
+        opt = sched._best_option(tree, state, 0, 0.0)
+        score, name, k = _brute_force(sched, tree, state, 0)
+        assert (opt.level.name, opt.k) == (name, k) == (expect_level, k)
+        # the predicted rate equals the closed form for that choice
+        a, t_v = opt.level.estimator.token_prob(None if name == "int8" else opt.lookup[1] / 3), sched._t_verify
+        if name == "int8":
+            cost = k * sched._t_draft(opt.level, 1, state.ctx_len) + t_v(1 + k, state.ctx_len)
+            assert opt.rate == pytest.approx((1 + sum(a ** i for i in range(1, k + 1))) / cost, rel=1e-6)
+
+
+def test_no_expansion_when_drafting_cannot_pay(llama_engine):
+    slow = linear_latency({"full": (0.010, 0.0005), "int8": (0.050, 0.0)})  # drafts cost 5x a verification
+    sched = make_dytc(llama_engine, alphas=(0.3, 0.0), latency=slow)
+    out = llama_engine.generate("zq", sched, max_new_tokens=10)
+    assert out.stats.drafters.get("int8") is None or out.stats.drafters["int8"].proposed == 0
+
+
+def test_estimates_track_a_drafter_whose_quality_changes(llama_engine):
+    """The int8 estimate follows a drafter that turns bad mid-generation."""
+    sched = make_dytc(llama_engine, alphas=(0.7, 0.5))
+    est = sched.levels[0].estimator
+    for _ in range(200):
+        est.observe(True, 0.9)
+    high = est.alpha
+    for _ in range(200):
+        est.observe(False, 0.9)
+    assert high > 0.9 and est.alpha < 0.1
