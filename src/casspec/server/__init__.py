@@ -1,0 +1,115 @@
+"""``casspec serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) around one casspec Engine.
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with ``stream: true``
+SSE), GET /health, GET /metrics. One worker thread runs generations one at a time in FIFO order;
+see :mod:`casspec.server.app` and :mod:`casspec.server.worker`.
+
+    casspec serve --model smollm2 --port 8000 --api-key sk-local
+    python -m casspec.server ...        # same, without the main CLI
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from .app import MODEL_ALIAS, APIError, create_app
+
+__all__ = ["add_parser", "create_app", "serve", "main", "MODEL_ALIAS", "APIError", "load_engine"]
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return v
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """--model / --method and the hidden test switch --tiny-engine FAMILY (casspec.testing.tiny_engine)."""
+    p.add_argument("--model", default=None, help="model name (smollm2, gemma3-270m), HF dir or .gguf (default: casspec's default)")
+    p.add_argument("--method", default="casspec", help="decoding method (default: casspec)")
+    p.add_argument("--tiny-engine", default=None, metavar="FAMILY", help=argparse.SUPPRESS)
+
+
+def load_engine(args: argparse.Namespace):
+    if getattr(args, "tiny_engine", None):
+        from casspec.testing import tiny_engine
+
+        return tiny_engine(args.tiny_engine)
+    import casspec
+
+    return casspec.load(args.model)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--max-queue", type=_nonneg_int, default=32,
+                   help="requests that may wait for the engine besides the running one; more get 429 (default: 32)")
+    p.add_argument("--max-tokens-limit", type=_positive_int, default=2048,
+                   help="largest max_tokens a request may ask for (default: 2048)")
+    p.add_argument("--timeout", type=_positive_float, default=300.0,
+                   help="seconds per request, queueing included; then it is cancelled (default: 300)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # testing: slow the worker
+
+
+def add_parser(subparsers) -> None:
+    """Register ``serve`` on an argparse subparsers object."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible streaming HTTP server",
+                              description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, SSE).")
+    configure_parser(p)
+    p.set_defaults(func=serve)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"warning: binding {args.host} without --api-key exposes the model to the network", file=sys.stderr)
+    print("loading model...", file=sys.stderr, flush=True)
+    engine = load_engine(args)
+    try:
+        app = create_app(engine, method=args.method, api_key=args.api_key, max_queue=args.max_queue,
+                         max_tokens_limit=args.max_tokens_limit, request_timeout=args.timeout,
+                         step_delay=args.step_delay)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"serving '{getattr(engine, 'name', '?')}' (method {args.method}) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                access_log=args.log_level == "debug")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m casspec.server", description=serve.__doc__)
+    configure_parser(parser)
+    return serve(parser.parse_args(argv))
