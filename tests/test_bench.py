@@ -252,3 +252,12 @@ def test_profile_writes_curve(tmp_path: Path) -> None:
     assert result["n_query"] == [1, 2, 3, 4] and set(result["plans"]) == {"full", "int8"}
     assert result["plans"]["int8"][3] == pytest.approx(0.5 * 1.4e-3)
     assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_on_the_tiny_engine(engine: Any, tmp_path: Path) -> None:
+    args = _args(["profile", "--out", str(tmp_path), "--max-query", "2", "--repeats", "1",
+                  "--ctx-len", "16", "--no-progress"])
+    assert bench_cli.profile_command(args, engine=engine) == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert set(result["plans"]) == set(engine.plan_names) and result["ctx_len"] == 16
+    assert all(len(v) == 2 and all(s > 0 for s in v) for v in result["plans"].values())
