@@ -12,6 +12,7 @@ from pathlib import Path
 from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
+from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.base import Scheduler
 from casspec.scheduler.calibrate import load_or_calibrate, machine_key
 from casspec.scheduler.cascades import ConfidenceTree, HorizontalCascade, VerticalCascade, VerticalHorizontalCascade
@@ -25,6 +26,10 @@ from casspec.target.runner import TargetRunner
 # int8 copy and prompt lookup pay (research/feasibility.md §4); on GPU layer sparsity is the paper's DSIA.
 DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld")}
 DRAFTERS = ("int8", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
+# Starting acceptance estimates (the EMA takes over after one window of verified tokens). A level is only
+# tried while its estimate says it pays, so a pessimistic prior would never be corrected: these are the
+# rates measured on SmolLM2 / Gemma-3-270M chat prompts (int8 0.93+, README "Measured"), rounded down.
+PRIORS = {"int8": 0.9, "int8+skip": 0.75, "skip0.4": 0.7, "skip0.6": 0.5, "exit": 0.5, "pld": 0.4}
 
 
 class DrafterPool:
@@ -71,7 +76,7 @@ class DrafterPool:
 
     def dytc(self, levels: tuple[str, ...] | None = None, **switches: bool) -> DyTC:
         names = levels or self.hierarchy
-        lv = [Level(self.get(d), search=self.searches.get(d)) for d in names]
+        lv = [Level(self.get(d), AcceptanceEstimator(prior=PRIORS[d]), self.searches.get(d)) for d in names]
         return DyTC(lv, self.latency(), replace(DyTCConfig(), **switches))
 
     def self_levels(self) -> list[SelfDrafter]:

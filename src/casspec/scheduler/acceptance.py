@@ -81,11 +81,16 @@ class AcceptanceEstimator:
         """Current EMA estimate of P(drafted token accepted | parent accepted)."""
         return self._alpha
 
-    def observe(self, accepted: bool, confidence: float | None = None) -> None:
-        """Record one verified draft token whose parent was accepted (the caller ensures that)."""
+    def observe(self, accepted: bool, confidence: float | None = None, in_alpha: bool = True) -> None:
+        """Record one verified draft token whose parent was accepted (the caller ensures that).
+
+        `in_alpha=False` (a runner-up sibling) feeds only the confidence calibration: alpha is the rate
+        of the drafter's own choices, which siblings, mostly rejected by design, would drag down.
+        """
         self.num_observed += 1
-        self._win_n += 1
-        self._win_acc += int(bool(accepted))
+        if in_alpha:
+            self._win_n += 1
+            self._win_acc += int(bool(accepted))
         b = self._bin(confidence)
         if b is not None:
             p = self._prob(b)

@@ -133,14 +133,16 @@ class DyTC:
                  expected: float) -> list[Option]:
         """(S, k) candidates for one level at one leaf with their predicted round rates."""
         n, ctx, kmax = len(tree), state.ctx_len, min(self.cfg.max_k, state.max_depth() - tree.depth[leaf])
+        room = min(self.cfg.max_nodes, tree.capacity) - n  # nodes the budget still allows
         if level.is_lookup:
-            draft, match = level.drafter.lookup(tree, state, leaf, kmax)
+            draft, match = level.drafter.lookup(tree, state, leaf, min(kmax, room))
             if not draft:
                 return []
             a, group, lookup = self._alpha(level, match / level.drafter.max_n), [leaf], (draft, match)
             kmax, per_step, first = len(draft), 0.0, self._t_lookup()
         else:
             group, lookup = self._group(tree, leaf), ([], 0)
+            kmax = min(kmax, room // (len(group) * (1 + self._siblings())))
             a = self._alpha(level, None)
             lacking = sum(1 for i in tree.path(leaf) if not level.drafter.kv_layers <= tree.kv_layers[i])
             per_step = self._t_draft(level, len(group), ctx)
@@ -171,8 +173,11 @@ class DyTC:
             level.drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._alpha(level, match / 3))
             return
         score = level.estimator.token_prob if self.cfg.use_ema else (lambda _c: level.estimator.prior)
-        level.drafter.propose(tree, state, opt.group, opt.k, siblings=self.cfg.siblings if self.cfg.use_tree else 0,
-                              min_p_acc=opt.min_p_acc, score=score)
+        level.drafter.propose(tree, state, opt.group, opt.k, siblings=self._siblings(), min_p_acc=opt.min_p_acc,
+                              score=score)
+
+    def _siblings(self) -> int:
+        return self.cfg.siblings if self.cfg.use_tree else 0
 
     # ---- estimates ----------------------------------------------------------------------------------
     def _alpha(self, level: Level, confidence: float | None) -> float:
@@ -197,7 +202,7 @@ class DyTC:
         for node in range(1, len(tree)):
             level = self.by_name.get(tree.drafter[node])
             if level is not None and tree.parents[node] in on_path:
-                level.estimator.observe(node in on_path, tree.confidence[node])
+                level.estimator.observe(node in on_path, tree.confidence[node], _is_first_choice(tree, node))
         for plan, n_query, ctx, seconds in state.forward_log:
             if plan == "full" or plan in self.by_name:
                 self.latency.observe(plan, n_query, ctx, seconds)
@@ -208,3 +213,9 @@ class DyTC:
         if self.bottom.is_lookup and lookup_time is not None and lookup_time.time > 0:
             self._lookup_cost = 0.9 * self._lookup_cost + 0.1 * min(lookup_time.time, 1e-2) / max(
                 1, len(state.stats.accept_lengths))
+
+
+def _is_first_choice(tree: DraftTree, node: int) -> bool:
+    """True for the first child its drafter put under the parent (its argmax), not a runner-up."""
+    parent, drafter = tree.parents[node], tree.drafter[node]
+    return next(c for c in tree.children[parent] if tree.drafter[c] == drafter) == node

@@ -47,9 +47,11 @@ class TargetRunner:
     def int8_modules(self) -> tuple[list[nn.Module], nn.Module]:
         """The int8 copy of the decoder layers and head (built once, on first use)."""
         if self._int8 is None:
-            layers = nn.ModuleList(self.adapter.layers)
+            layers = copy.deepcopy(nn.ModuleList(self.adapter.layers))
+            for layer in layers:
+                self.adapter.fuse_projections(layer)
             head = copy.deepcopy(self.adapter.lm_head)  # untied copy: the embedding stays fp32
-            self._int8 = (list(quantize_int8(copy.deepcopy(layers))), quantize_int8(head))
+            self._int8 = (list(quantize_int8(layers)), quantize_int8(head))
         return self._int8
 
     def _modules(self, plan: ExecutionPlan) -> tuple[list[nn.Module], nn.Module]:
