@@ -33,6 +33,7 @@ class SpeculativeDecoder:
         t1 = time.perf_counter()
         # 3. Verify: one target forward over the whole tree (tree attention).
         logits = self.verify(tree, state)  # [N, V]
+        self.runner.synchronize()
         t2 = time.perf_counter()
         # 4. Accept: greedy match or recursive rejection sampling; always yields >= 1 token.
         result = accept(tree, logits, state.sampling, state.generator)

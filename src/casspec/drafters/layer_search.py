@@ -91,7 +91,7 @@ class LayerSetSearch:
         key_pos[scratch:] = pos
         logits = self.runner.forward(ids, pos, slots, cache, plan, allowed, key_pos)  # [w, V]
         target = torch.tensor(state.tokens[start + 1:cache.length + 1])
-        return float((logits.argmax(-1) == target).float().mean())
+        return float((logits.argmax(-1).cpu() == target).float().mean())
 
     def _random_set(self) -> frozenset:
         return frozenset(self.rng.sample(self.slots, min(self.num_skip, len(self.slots))))

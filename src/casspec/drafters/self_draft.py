@@ -96,6 +96,7 @@ class SelfDrafter:
         t0 = time.perf_counter()
         logits = self.runner.forward(inputs.input_ids, inputs.positions, inputs.slots, state.cache,
                                      self.plan, inputs.allowed, inputs.key_positions, logits_rows)
+        self.runner.synchronize()
         state.log_forward(self.name, len(rows), time.perf_counter() - t0)
         for r in rows:
             tree.kv_layers[r] = tree.kv_layers[r] | self.kv_layers

@@ -26,6 +26,7 @@ def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_le
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         runner.forward(ids, pos, pos, cache, plan)
+        runner.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

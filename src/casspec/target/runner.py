@@ -40,6 +40,11 @@ class TargetRunner:
     def vocab_size(self) -> int:
         return self.adapter.vocab_size
 
+    def synchronize(self) -> None:
+        """Wait for queued device work (for wall-clock timings of forwards on GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def new_cache(self, capacity: int) -> StaticKVCache:
         a = self.adapter
         return StaticKVCache(a.num_layers, a.num_kv_heads, a.head_dim, capacity, self.dtype, self.device)
@@ -72,6 +77,9 @@ class TargetRunner:
         """One forward of `q` tokens under `plan`; returns logits for the requested rows."""
         a = self.adapter
         layers, lm_head = self._modules(plan)
+        input_ids, positions, slots, allowed, key_positions, logits_rows = (
+            None if t is None else t.to(self.device, non_blocking=True)
+            for t in (input_ids, positions, slots, allowed, key_positions, logits_rows))
         cache.set_write_slots(slots)
         h = a.embed(input_ids[None])  # [1, q, d]
         rope = a.rope(h, positions[None])

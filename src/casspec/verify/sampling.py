@@ -24,6 +24,8 @@ def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from probs [V]."""
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)  # the seeded stream lives on the CPU on every device
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
