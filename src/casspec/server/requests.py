@@ -1,0 +1,101 @@
+"""Request validation: OpenAI request bodies -> a GenRequest, or a 400 naming the bad parameter."""
+from __future__ import annotations
+
+from typing import Any
+
+from .http import APIError, short
+from .worker import GenRequest
+
+
+def reject_unsupported(body: Any, chat: bool) -> None:
+    """400 for OpenAI parameters this server does not implement (rather than silently ignoring them)."""
+    bad = [
+        ("n", body.n not in (None, 1), "n > 1 is not supported: one choice per request"),
+        ("presence_penalty", body.presence_penalty not in (None, 0), "presence_penalty is not supported"),
+        ("frequency_penalty", body.frequency_penalty not in (None, 0), "frequency_penalty is not supported"),
+        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
+    ]
+    if chat:
+        rf = (body.response_format or {}).get("type", "text")
+        bad += [
+            ("logprobs", bool(body.logprobs), "logprobs are not supported"),
+            ("top_logprobs", body.top_logprobs is not None, "top_logprobs is not supported"),
+            ("tools", bool(body.tools) or bool(body.functions), "tools / function calling are not supported"),
+            ("tool_choice", body.tool_choice not in (None, "none") or body.function_call not in (None, "none"),
+             "tool_choice is not supported"),
+            ("response_format", rf != "text", "only response_format {'type': 'text'} is supported"),
+        ]
+    else:
+        bad += [
+            ("logprobs", body.logprobs is not None, "logprobs are not supported"),
+            ("best_of", body.best_of not in (None, 1), "best_of > 1 is not supported"),
+            ("echo", bool(body.echo), "echo is not supported"),
+            ("suffix", bool(body.suffix), "suffix is not supported"),
+        ]
+    for param, is_bad, message in bad:
+        if is_bad:
+            raise APIError(400, message + ".", param=param, code="unsupported_parameter")
+
+
+def gen_request(body: Any, prompt: Any, chat: bool, max_tokens_limit: int) -> GenRequest:
+    """The generation a validated body asks for (OpenAI defaults where fields are omitted)."""
+    max_tokens = body.max_tokens
+    if chat and body.max_completion_tokens is not None:
+        max_tokens = body.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = min(256 if chat else 16, max_tokens_limit)
+    if max_tokens > max_tokens_limit:
+        raise APIError(400, f"max_tokens is too large: {max_tokens}. This server allows at most "
+                            f"{max_tokens_limit} completion tokens.", param="max_tokens", code="max_tokens_too_large")
+    stop = body.stop
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if any(s == "" for s in stop):
+            raise APIError(400, "stop sequences must be non-empty strings.", param="stop", code="invalid_value")
+        stop = list(stop) or None
+    top_k = body.top_k if body.top_k is not None else 0
+    return GenRequest(
+        prompt=prompt, max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else float(body.temperature),
+        top_p=1.0 if body.top_p is None else float(body.top_p),
+        top_k=max(top_k, 0),
+        seed=None if body.seed is None else body.seed % (2**32),
+        stop=stop, chat=chat,
+    )
+
+
+def completion_prompt(body: Any) -> str:
+    """The one prompt string of a completions request (no batching)."""
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(400, "prompt must be a string or a list of exactly one string (no batching).",
+                           param="prompt", code="invalid_value")
+        prompt = prompt[0]
+    if not prompt.strip():
+        raise APIError(400, "prompt must not be empty (or only whitespace).", param="prompt", code="empty_prompt")
+    return prompt
+
+
+def chat_messages(body: Any) -> list[dict[str, str]]:
+    """Messages for the chat template: text parts joined, 'developer' read as 'system'."""
+    if not body.messages:
+        raise APIError(400, "messages must be a non-empty list.", param="messages", code="empty_messages")
+    messages = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported (got "
+                                        f"'{short(part.type, 40)}').", param=f"messages.{i}.content",
+                                   code="unsupported_content")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        if m.role == "user" and not (content or "").strip():
+            raise APIError(400, f"messages[{i}] is a user message without content.",
+                           param=f"messages.{i}.content", code="empty_content")
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return messages

@@ -1,0 +1,230 @@
+"""CompletionService: one served engine behind the HTTP routes (queueing, waiting, responses, SSE)."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from .errors import map_error
+from .http import APIError, SSEResponse, short, sse
+from .worker import GenRequest, Job, JobTimeoutError, Metrics, QueueFullError, Scheduler
+
+MODEL_ALIAS = "casspec"
+
+
+class _Disconnected(Exception):
+    """The client went away while its request waited or ran."""
+
+
+class _Timeout(Exception):
+    """The request ran past its deadline."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    method: str = "casspec"
+    max_queue: int = 32  # waiting requests besides the running one (more -> 429)
+    max_tokens_limit: int = 2048  # largest max_tokens accepted
+    request_timeout: float = 300.0  # seconds per request, queueing included
+
+
+def usage(stats: Any) -> dict:
+    p, c = int(stats.prompt_tokens), int(stats.new_tokens)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def extension(result: Any, job: Job) -> dict:
+    """The `casspec` field of a response: how the answer was decoded."""
+    s = result.stats
+    return {
+        "method": s.method,
+        "mean_accepted_length": s.mean_accepted_length,
+        "tokens_per_s": s.tokens_per_s,
+        "new_tokens": s.new_tokens,
+        "wall_time_s": s.wall_time,
+        "prefill_time_s": s.prefill_time,
+        "target_forwards": s.target_forwards,
+        "queue_time_s": job.queue_time,
+        "drafters": {n: {"proposed": d.proposed, "accepted": d.accepted, "acceptance": d.acceptance,
+                         "forwards": d.forwards} for n, d in (s.drafters or {}).items()},
+    }
+
+
+def finish_reason(stats: Any) -> str:
+    return "length" if stats.finish_reason == "length" else "stop"
+
+
+class CompletionService:
+    """Runs validated requests through the FIFO worker and shapes OpenAI responses."""
+
+    def __init__(self, engine: Any, cfg: ServerConfig, scheduler: Scheduler, metrics: Metrics) -> None:
+        self.engine, self.cfg, self.scheduler, self.metrics = engine, cfg, scheduler, metrics
+        self.methods = tuple(getattr(engine, "methods", ()) or ())
+        self.model_name = str(getattr(engine, "name", MODEL_ALIAS))
+        self.context = int(getattr(engine, "context_length", 0) or 0)
+        self.created = int(time.time())
+
+    # ---- checks ----------------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_name, MODEL_ALIAS):
+            raise APIError(404, f"The model '{short(name, 100)}' does not exist. This server serves "
+                                f"'{self.model_name}' (alias '{MODEL_ALIAS}').", param="model", code="model_not_found")
+
+    def check_size(self, n_chars: int, chat: bool) -> None:
+        """Refuse absurdly long prompts before they reach (and occupy) the tokenizer in the worker."""
+        if self.context and n_chars > 64 * self.context:
+            raise APIError(400, f"The prompt is {n_chars} characters, far beyond the model's context of "
+                                f"{self.context} tokens.", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+
+    def require_chat_template(self) -> None:
+        if not getattr(self.engine, "has_chat_template", False):
+            raise APIError(400, f"The model '{self.model_name}' has no chat template, so chat completions are "
+                                "unavailable; use /v1/completions with a raw prompt.", param="messages",
+                           code="no_chat_template")
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "casspec",
+                "casspec": {"method": self.cfg.method, "methods": list(self.methods), "aliases": [MODEL_ALIAS],
+                            "context_length": getattr(self.engine, "context_length", None),
+                            "has_chat_template": bool(getattr(self.engine, "has_chat_template", False))}}
+
+    # ---- running a request -----------------------------------------------------------------------------
+    async def run(self, request: Request, body: Any, gen: GenRequest, chat: bool) -> Response:
+        """Queue the generation, then answer with one JSON body or an SSE stream."""
+        job = self._submit(gen)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        now = int(time.time())
+        first = await self._next_item(job, request, chat, "queued or generating")
+        if first is None:
+            return Response(status_code=499)
+        if first[0] == "error":
+            self.release(job, "error")
+            raise self._error(first[1], chat)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._stream_events(job, first, chat, rid, now, include_usage)
+            return SSEResponse(events, on_close=lambda: self.release(job, "done" if job.finished else "disconnect"))
+        item = first
+        try:
+            while item[0] == "chunk":
+                item = await self._next_item(job, request, chat, "generating")
+                if item is None:
+                    return Response(status_code=499)
+        finally:
+            job.finished = True
+            self.release(job, "done")
+        if item[0] == "error":
+            raise self._error(item[1], chat)
+        return JSONResponse(self._completion_body(item[1], job, chat, rid, now))
+
+    def _submit(self, gen: GenRequest) -> Job:
+        job = Job(gen, asyncio.get_running_loop(), self.cfg.request_timeout)
+        try:
+            self.scheduler.submit(job)
+        except QueueFullError as exc:
+            self.metrics.bump("rejected_queue_full")
+            raise APIError(429, f"The server is busy: {exc.args[0]} requests are already waiting (max_queue="
+                                f"{self.cfg.max_queue}). Retry later.", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        return job
+
+    def _completion_body(self, result: Any, job: Job, chat: bool, rid: str, now: int) -> dict:
+        fr = finish_reason(result.stats)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                      "finish_reason": fr}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": fr}
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
+                "model": self.model_name, "choices": [choice], "usage": usage(result.stats),
+                "casspec": extension(result, job)}
+
+    def _error(self, exc: BaseException, chat: bool) -> APIError:
+        return map_error(exc, chat, self.cfg.request_timeout)
+
+    def release(self, job: Job, reason: str) -> None:
+        """Stop the worker generating for `job` (if it still is) and count why."""
+        unfinished = self.scheduler.abandon(job)
+        if unfinished and reason == "disconnect":
+            self.metrics.bump("cancelled")
+        elif reason == "timeout":
+            self.metrics.bump("timeouts")
+
+    async def _wait_item(self, job: Job, request: Request | None) -> tuple:
+        while True:
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Timeout()
+            item = await job.next(min(remaining, 0.25))
+            now = time.monotonic()
+            if request is not None and now - job.checked >= 0.25:  # poll even while chunks keep coming
+                job.checked = now
+                if await request.is_disconnected():
+                    raise _Disconnected()
+            if item is not None:
+                return item
+
+    async def _next_item(self, job: Job, request: Request, chat: bool, phase: str) -> tuple | None:
+        """The job's next item; None once the client is gone. Disconnects, timeouts and cancellation
+        release the job (the worker stops generating for it) before returning or raising."""
+        try:
+            return await self._wait_item(job, request)
+        except _Disconnected:
+            self.release(job, "disconnect")
+            return None
+        except _Timeout:
+            self.release(job, "timeout")
+            raise self._error(JobTimeoutError(phase), chat) from None
+        except BaseException:
+            self.release(job, "disconnect")
+            raise
+
+    async def _stream_events(self, job: Job, item: tuple, chat: bool, rid: str, now: int,
+                             include_usage: bool) -> AsyncIterator[str]:
+        """SSE events: a role chunk (chat), text chunks, a final chunk with finish_reason, [DONE]."""
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now,
+                "model": self.model_name}
+        if chat:
+            yield sse({**base, "choices": [_choice(chat, "", None, role=True)]})
+        while True:
+            kind, payload = item
+            if kind == "chunk":
+                if payload.text:
+                    yield sse({**base, "choices": [_choice(chat, payload.text, None)]})
+            elif kind == "done":
+                job.finished = True
+                yield sse({**base, "choices": [_choice(chat, None, finish_reason(payload.stats))],
+                           "casspec": extension(payload, job)})
+                if include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(payload.stats)})
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                job.finished = True
+                yield sse(self._error(payload, chat).body())
+                yield "data: [DONE]\n\n"
+                return
+            try:
+                item = await self._wait_item(job, None)
+            except _Timeout:
+                job.finished = True
+                self.release(job, "timeout")
+                yield sse(self._error(JobTimeoutError("while streaming"), chat).body())
+                yield "data: [DONE]\n\n"
+                return
+
+
+def _choice(chat: bool, text: str | None, fr: str | None, role: bool = False) -> dict:
+    """One streamed choice: a chat delta or a completion text piece."""
+    if not chat:
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": fr}
+    delta = {} if text is None else {"content": text}
+    if role:
+        delta["role"] = "assistant"
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": fr}
