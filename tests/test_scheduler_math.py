@@ -57,6 +57,15 @@ def test_alpha_tracks_drafter_whose_quality_changes():
     assert est.alpha == pytest.approx(0.3, abs=0.12)
 
 
+def test_runner_up_siblings_feed_calibration_not_alpha():
+    est = AcceptanceEstimator(prior=0.9, window=5)
+    for _ in range(20):
+        est.observe(False, confidence=0.05, in_alpha=False)  # rejected runner-ups
+        est.observe(True, confidence=0.95)  # the drafter's own, accepted choices
+    assert est.alpha > 0.95
+    assert est.token_prob(0.05) < 0.5 < est.token_prob(0.95)
+
+
 # ---------------------------------------------------------------- acceptance: calibration
 
 
