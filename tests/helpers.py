@@ -14,7 +14,7 @@ from casspec.tree import DraftTree
 class _Base:
     name = "test"
 
-    def observe(self, tree, result, state, verify_seconds) -> None:
+    def observe(self, tree, result, state) -> None:
         pass
 
 

@@ -41,7 +41,7 @@ class SpeculativeDecoder:
         state.cache.commit([tree.base + i for i in result.path])
         state.tokens += result.tokens
         state.log_forward("full", len(tree), t2 - t1, ctx_len=tree.base)
-        self.scheduler.observe(tree, result, state, t2 - t1)
+        self.scheduler.observe(tree, result, state)
         state.forward_log.clear()
         self._record(tree, result, state, t1 - t0, t2 - t1)
         return result

@@ -24,7 +24,7 @@ class DecodeState:
     forward_log: list[tuple[str, int, int, float]] = field(default_factory=list)  # (plan, n_query, ctx_len, s)
 
     def log_forward(self, plan: str, n_query: int, seconds: float, ctx_len: int | None = None) -> None:
-        """Record one forward's cost for the latency model (drained by the scheduler every step)."""
+        """Record one forward's cost for the latency model (read by the scheduler, cleared after each step)."""
         self.forward_log.append((plan, n_query, self.cache.length if ctx_len is None else ctx_len, seconds))
 
     @property

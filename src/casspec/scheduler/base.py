@@ -17,6 +17,15 @@ class Scheduler(Protocol):
         """Grow `tree` (rooted at the last committed token) with draft tokens."""
         ...
 
-    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, verify_seconds: float) -> None:
-        """Feed back what verification accepted (and what it cost)."""
+    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
+        """Feed back what verification accepted; `state.forward_log` holds what every forward cost."""
         ...
+
+
+class FixedPolicy:
+    """Base of schedulers that do not learn: observing is a no-op."""
+
+    name = "static"
+
+    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
+        pass

@@ -10,14 +10,9 @@ from __future__ import annotations
 
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
+from casspec.scheduler.base import FixedPolicy
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
-from casspec.verify.accept import AcceptResult
-
-
-class _Static:
-    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, verify_seconds: float) -> None:
-        pass
 
 
 def _room(tree: DraftTree, state: DecodeState, node: int, k: int) -> int:
@@ -29,7 +24,7 @@ def _lookup_chain(ngram: NgramDrafter, tree: DraftTree, state: DecodeState, node
     return ngram.extend(tree, node, draft, n)
 
 
-class VerticalCascade(_Static):
+class VerticalCascade(FixedPolicy):
     """Lookup -> reviewed by the self-draft -> the self-draft continues."""
 
     name = "vc"
@@ -46,7 +41,7 @@ class VerticalCascade(_Static):
         return self.drafter.review(tree, state, chain) if chain else node
 
 
-class HorizontalCascade(_Static):
+class HorizontalCascade(FixedPolicy):
     """Stage i of the hierarchy drafts k_i positions, strongest first; lookup takes the tail."""
 
     name = "hc"
@@ -67,7 +62,7 @@ class HorizontalCascade(_Static):
         return node
 
 
-class VerticalHorizontalCascade(_Static):
+class VerticalHorizontalCascade(FixedPolicy):
     """The first position block by vertical cascade, later blocks by cheaper drafters."""
 
     name = "vchc"
@@ -82,7 +77,7 @@ class VerticalHorizontalCascade(_Static):
         _lookup_chain(self.hc.ngram, tree, state, end, self.hc.k_tail)
 
 
-class ConfidenceTree(_Static):
+class ConfidenceTree(FixedPolicy):
     """SWIFT-style static tree: the self-draft's chain plus runner-up siblings sized by confidence."""
 
     name = "tree"

@@ -197,7 +197,7 @@ class DyTC:
         return self._lookup_cost if self.cfg.use_latency else FIXED_COST["lookup"] * self._t_verify(1, 0)
 
     # ---- learn --------------------------------------------------------------------------------------
-    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, verify_seconds: float) -> None:
+    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
         on_path = set(result.path)
         for node in range(1, len(tree)):
             level = self.by_name.get(tree.drafter[node])

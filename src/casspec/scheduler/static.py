@@ -3,22 +3,15 @@ from __future__ import annotations
 
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
+from casspec.scheduler.base import FixedPolicy
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
-from casspec.verify.accept import AcceptResult
 
 # prompt-lookup draft length by n-gram match length: a unigram match is a weak signal
 PLD_LENGTH = {1: 2, 2: 6, 3: 10}
 
 
-class _Static:
-    name = "static"
-
-    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, verify_seconds: float) -> None:
-        pass
-
-
-class NoDraft(_Static):
+class NoDraft(FixedPolicy):
     """Plain autoregressive decoding: the tree is the root alone (`ar`)."""
 
     name = "ar"
@@ -27,7 +20,7 @@ class NoDraft(_Static):
         pass
 
 
-class PromptLookup(_Static):
+class PromptLookup(FixedPolicy):
     """Prompt lookup decoding with the draft length gated by match length (`pld`)."""
 
     name = "pld"
@@ -41,7 +34,7 @@ class PromptLookup(_Static):
         self.ngram.extend(tree, 0, draft[:self.lengths.get(n, 0)], n)
 
 
-class SelfChain(_Static):
+class SelfChain(FixedPolicy):
     """A chain from one self-draft plan, stopped early on low confidence (`self`)."""
 
     name = "self"
@@ -53,7 +46,7 @@ class SelfChain(_Static):
         self.drafter.propose(tree, state, [0], self.k, min_conf=self.min_conf)
 
 
-class LookupThenSelf(_Static):
+class LookupThenSelf(FixedPolicy):
     """Two branches from the root: prompt lookup (when the match is long enough) and a self-draft chain."""
 
     name = "pld+self"
