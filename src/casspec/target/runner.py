@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from casspec.target.adapter import LlamaAdapter, make_adapter
-from casspec.target.fast_linear import fast_copy
+from casspec.target.fast_linear import fast_copy, fast_linear_available
 from casspec.target.kv_cache import StaticKVCache
 from casspec.target.plans import FULL, ExecutionPlan
 from casspec.target.quant import quantize_int8
@@ -28,7 +28,9 @@ class TargetRunner:
         self.dtype = next(model.parameters()).dtype
         self._int8: tuple[list[nn.Module], nn.Module] | None = None
         self._fp32 = (self.adapter.layers, self.adapter.lm_head)
-        if fast_linear if fast_linear is not None else (self.device.type == "cpu" and self.dtype == torch.float32):
+        if fast_linear is None:
+            fast_linear = self.device.type == "cpu" and self.dtype == torch.float32 and fast_linear_available()
+        if fast_linear:
             *layers, head = fast_copy([*self.adapter.layers, self.adapter.lm_head])
             self._fp32 = (layers, head)
 
