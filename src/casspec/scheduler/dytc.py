@@ -138,7 +138,7 @@ class DyTC:
             draft, match = level.drafter.lookup(tree, state, leaf, min(kmax, room))
             if not draft:
                 return []
-            a, group, lookup = self._alpha(level, match / level.drafter.max_n), [leaf], (draft, match)
+            a, group, lookup = self._lookup_alpha(level, match), [leaf], (draft, match)
             kmax, per_step, first = len(draft), 0.0, self._t_lookup()
         else:
             group, lookup = self._group(tree, leaf), ([], 0)
@@ -170,7 +170,7 @@ class DyTC:
         level = opt.level
         if level.is_lookup:
             draft, match = opt.lookup
-            level.drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._alpha(level, match / 3))
+            level.drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._lookup_alpha(level, match))
             return
         score = level.estimator.token_prob if self.cfg.use_ema else (lambda _c: level.estimator.prior)
         level.drafter.propose(tree, state, opt.group, opt.k, siblings=self._siblings(), min_p_acc=opt.min_p_acc,
@@ -182,6 +182,10 @@ class DyTC:
     # ---- estimates ----------------------------------------------------------------------------------
     def _alpha(self, level: Level, confidence: float | None) -> float:
         return level.estimator.token_prob(confidence) if self.cfg.use_ema else level.estimator.prior
+
+    def _lookup_alpha(self, level: Level, match: int) -> float:
+        """Prompt lookup's acceptance estimate; its confidence is the match length over the longest n-gram."""
+        return self._alpha(level, match / level.drafter.max_n)
 
     def _t_verify(self, n_query: int, ctx: int) -> float:
         if not self.cfg.use_latency or not self.latency.knows("full"):
