@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from casspec.api import Engine
-from casspec.target.plans import FULL, LayerSkip
-from casspec.target.runner import TargetRunner
+from casspec.runtime.plans import FULL, LayerSkip
+from casspec.runtime.runner import TargetRunner
 from casspec.testing import tiny_model, tiny_tokenizer
 
 PROMPT = "the quick brown fox jumps over the lazy dog. the quick brown fox"

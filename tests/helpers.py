@@ -7,7 +7,7 @@ import torch
 
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.state import DecodeState
-from casspec.target.plans import FULL
+from casspec.runtime.plans import FULL
 from casspec.tree import DraftTree
 
 

@@ -1,43 +1,44 @@
 """StaticKVCache: truncate/commit round trips equal a cache built token by token."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from casspec.target.kv_cache import StaticKVCache
+from casspec.runtime.kv_cache import StaticKVCache
 
 
-def _write(cache, slots, seed):
+def _write(cache: StaticKVCache, slots: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write random k, v [H_kv, len(slots), D] at `slots` of every layer, as the runner's rope_kv does."""
     torch.manual_seed(seed)
-    k = torch.randn(1, 2, len(slots), 4)
-    v = torch.randn(1, 2, len(slots), 4)
-    cache.set_write_slots(torch.tensor(slots))
-    for layer in range(2):
-        cache.update(k, v, layer)
+    k, v = torch.randn(2, len(slots), 4), torch.randn(2, len(slots), 4)
+    idx = torch.tensor(slots)
+    cache.check_slots(idx)
+    for layer in range(len(cache.keys)):
+        cache.keys[layer].index_copy_(1, idx, k)
+        cache.values[layer].index_copy_(1, idx, v)
     return k, v
 
 
-def test_update_returns_prefix_through_last_slot():
+def test_check_slots_returns_keys_visible_through_last_slot():
     c = StaticKVCache(2, 2, 4, capacity=16)
-    k, _ = _write(c, [0, 1, 2], 0)
-    keys, _ = c.update(k, k, 0)
-    assert keys.shape == (1, 2, 3, 4)
+    assert c.check_slots(torch.tensor([3, 1, 7])) == 8
 
 
 def test_commit_non_contiguous_path_equals_sequential_cache():
     tree = StaticKVCache(2, 2, 4, capacity=16)
-    k0, v0 = _write(tree, [0, 1], 0)
+    _write(tree, [0, 1], 0)
     tree.length = 2
     kt, vt = _write(tree, [2, 3, 4, 5, 6], 1)  # five tree nodes; accept nodes at offsets 0, 2, 4
     tree.commit([2, 4, 6])
     seq = StaticKVCache(2, 2, 4, capacity=16)
     _write(seq, [0, 1], 0)
-    seq.set_write_slots(torch.tensor([2, 3, 4]))
     for layer in range(2):
-        seq.update(kt[:, :, [0, 2, 4]], vt[:, :, [0, 2, 4]], layer)
+        seq.keys[layer][:, 2:5] = kt[:, [0, 2, 4]]
+        seq.values[layer][:, 2:5] = vt[:, [0, 2, 4]]
     assert tree.length == 5
     for layer in range(2):
-        assert torch.equal(tree.keys[layer][:, :, :5], seq.keys[layer][:, :, :5])
-        assert torch.equal(tree.values[layer][:, :, :5], seq.values[layer][:, :, :5])
+        assert torch.equal(tree.keys[layer][:, :5], seq.keys[layer][:, :5])
+        assert torch.equal(tree.values[layer][:, :5], seq.values[layer][:, :5])
 
 
 def test_truncate_is_a_length_reset_and_rewrite_overwrites():
@@ -47,14 +48,11 @@ def test_truncate_is_a_length_reset_and_rewrite_overwrites():
     c.truncate(2)
     assert c.length == 2
     k, _ = _write(c, [2], 5)
-    assert torch.equal(c.keys[1][:, :, 2:3], k)
+    assert torch.equal(c.keys[1][:, 2:3], k)
 
 
-def test_overflow_raises():
+@pytest.mark.parametrize("slots", [[3, 4], [-1, 0]])
+def test_out_of_range_slots_raise(slots):
     c = StaticKVCache(1, 1, 4, capacity=4)
-    try:
-        c.set_write_slots(torch.tensor([3, 4]))
-    except RuntimeError as e:
-        assert "overflow" in str(e)
-    else:
-        raise AssertionError("expected overflow")
+    with pytest.raises(RuntimeError, match="overflow"):
+        c.check_slots(torch.tensor(slots))

@@ -7,7 +7,7 @@ from casspec.drafters.layer_search import LayerSetSearch
 from casspec.metrics import GenerationStats
 from casspec.scheduler.static import NoDraft
 from casspec.state import DecodeState
-from casspec.target.plans import FULL
+from casspec.runtime.plans import FULL
 
 
 def _generated_state(engine, n_new=48):

@@ -1,4 +1,4 @@
-"""Tests for casspec.target.loading: name resolution, errors, and the GGUF -> safetensors cache."""
+"""Tests for casspec.runtime.loading: name resolution, errors, and the GGUF -> safetensors cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from casspec.errors import CasspecError, InvalidRequestError, ModelNotFoundError
-from casspec.target import loading
-from casspec.target.loading import LoadedModel, load_model, model_cache_dir
+from casspec.runtime import loading
+from casspec.runtime.loading import LoadedModel, load_model, model_cache_dir
 
 TINY_VOCAB = ["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)] + ["ab"]
 

@@ -4,12 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import torch.nn.functional as F
-from torch import nn
-
-from casspec.target.adapter import LlamaAdapter
-from casspec.target.fast_linear import MAX_FAST_ROWS, FastLinear
-from casspec.target.plans import FULL, EarlyExit, Int8, LayerSkip
+from casspec.runtime.plans import FULL, EarlyExit, Int8, LayerSkip
 
 IDS = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
 
@@ -52,26 +47,3 @@ def test_plan_mixing_and_names():
     assert EarlyExit(2).attn_layers(4) == {0, 1}
     with pytest.raises(ValueError):
         EarlyExit(0)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 16, MAX_FAST_ROWS, MAX_FAST_ROWS + 1])
-def test_fast_linear_equals_linear(bias, rows):
-    lin = nn.Linear(48, 80, bias=bias)
-    x = torch.randn(1, rows, 48)
-    torch.testing.assert_close(FastLinear(lin)(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-
-
-def test_fused_projections_compute_the_parts(engine):
-    import copy
-
-    layer = copy.deepcopy(engine.runner.adapter.layers[0])
-    attn, mlp = layer.self_attn, layer.mlp
-    x = torch.randn(1, 5, attn.q_proj.in_features)
-    parts = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
-    gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)
-    LlamaAdapter.fuse_projections(layer)
-    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")
-    for got, want in zip(attn.qkv_proj(x).split(attn.qkv_sizes, -1), parts):
-        torch.testing.assert_close(got, want)
-    torch.testing.assert_close(mlp.gate_up_proj(x), gate_up)

@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> "Engine":
     """Load a model (None/"smollm2", "gemma3-270m", an HF directory, a .gguf file or a hub id) into an Engine."""
     from casspec.api import Engine
-    from casspec.target.loading import load_model
+    from casspec.runtime.loading import load_model
 
-    from casspec.target.loading import model_cache_dir
+    from casspec.runtime.loading import model_cache_dir
 
     loaded = load_model(model, device=device, dtype=dtype)
     return Engine(loaded.model, loaded.tokenizer, name=loaded.name, cache_dir=model_cache_dir())

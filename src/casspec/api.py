@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +24,8 @@ from casspec.metrics import GenerationResult, GenerationStats, StreamChunk
 from casspec.prompt import Prompt, TextAssembler, encode_prompt
 from casspec.scheduler.base import Scheduler
 from casspec.state import DecodeState
-from casspec.target.quant import quantize_int8
-from casspec.target.plans import FULL
-from casspec.target.runner import TargetRunner
+from casspec.runtime.plans import FULL
+from casspec.runtime.runner import TargetRunner
 
 
 class Engine:
@@ -134,9 +132,6 @@ class Engine:
         plan = FULL if plan_name == "full" else self.pool.get(plan_name).plan
         return time_forward(self.runner, plan, n_query, ctx_len, repeats)
 
-    def make_int8_hf_model(self) -> PreTrainedModel:
-        """An int8 dynamic-quantized copy of the HF model (e.g. for HF assisted generation)."""
-        return quantize_int8(copy.deepcopy(self.hf_model))
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -11,7 +11,7 @@ import torch
 
 from casspec.scheduler.base import Scheduler
 from casspec.state import DecodeState
-from casspec.target.runner import TargetRunner
+from casspec.runtime.runner import TargetRunner
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult, accept
 

@@ -19,8 +19,8 @@ from casspec.scheduler.cascades import ConfidenceTree, HorizontalCascade, Vertic
 from casspec.scheduler.dytc import DyTC, DyTCConfig, Level
 from casspec.scheduler.latency import LatencyModel
 from casspec.scheduler.static import LookupThenSelf, NoDraft, PromptLookup, SelfChain
-from casspec.target.plans import FULL, EarlyExit, Int8
-from casspec.target.runner import TargetRunner
+from casspec.runtime.plans import FULL, EarlyExit, Int8
+from casspec.runtime.runner import TargetRunner
 
 # Default draft hierarchies, strongest first, prompt lookup last. On this CPU (AVX2, fp32 target) only the
 # int8 copy and prompt lookup pay (research/feasibility.md §4); on GPU layer sparsity is the paper's DSIA.

@@ -7,7 +7,7 @@ import torch
 
 from casspec.config import SamplingConfig
 from casspec.metrics import GenerationStats
-from casspec.target.kv_cache import StaticKVCache
+from casspec.runtime.kv_cache import StaticKVCache
 
 
 @dataclass

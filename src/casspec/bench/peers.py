@@ -2,7 +2,7 @@
 
 - "hf":        plain `generate` (greedy when temperature is 0)
 - "hf_pld":    `generate(prompt_lookup_num_tokens=10)`  (HF prompt lookup decoding)
-- "hf_assist": `generate(assistant_model=engine.make_int8_hf_model())`  (HF assisted generation)
+- "hf_assist": `generate(assistant_model=<int8 dynamic-quantized copy of the HF model>)`  (HF assisted generation)
 
 All three take the same prompt token ids, budget and sampling parameters as the engine's methods,
 and stop on the model's EOS ids like the engine does.
@@ -82,7 +82,7 @@ class HFPeers:
     @property
     def assistant(self) -> Any:
         if self._assistant is None:
-            self._assistant = self.engine.make_int8_hf_model()
+            self._assistant = int8_hf_model(self.model)
         return self._assistant
 
     def _kwargs(self, name: str, max_new: int, temperature: float, top_p: float, top_k: int) -> dict:
@@ -131,3 +131,16 @@ class HFPeers:
         steps = max(0, len(new_ids) - 1) if name == "hf" else None
         return Outcome(text=text, token_ids=new_ids, wall_time=wall, prompt_tokens=len(prompt_ids),
                        new_tokens=len(new_ids), target_forwards=steps, finish_reason=finish)
+
+
+def int8_hf_model(model: Any) -> Any:
+    """A copy of the HF model with torch.ao dynamic int8 linears: HF's own way to quantize for CPU."""
+    import copy
+    import warnings
+
+    from torch import nn
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from casspec.state import DecodeState
-from casspec.target.plans import ExecutionPlan, LayerSkip
-from casspec.target.runner import TargetRunner
+from casspec.runtime.plans import ExecutionPlan, LayerSkip
+from casspec.runtime.runner import TargetRunner
 
 SCRATCH_OFFSET = 64  # scratch slots start this far past the committed length (>= the tree capacity)
 

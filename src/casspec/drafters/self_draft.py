@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 
 from casspec.state import DecodeState
-from casspec.target.plans import ExecutionPlan
-from casspec.target.runner import TargetRunner
+from casspec.runtime.plans import ExecutionPlan
+from casspec.runtime.runner import TargetRunner
 from casspec.tree import DraftTree
 from casspec.verify.sampling import logits_to_probs, sample
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from casspec.scheduler.latency import LatencyModel, calibration_grid
-from casspec.target.plans import ExecutionPlan
-from casspec.target.runner import TargetRunner
+from casspec.runtime.plans import ExecutionPlan
+from casspec.runtime.runner import TargetRunner
 
 
 def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3) -> float:

@@ -1,0 +1,109 @@
+"""The five ops a forward is made of, behind one interface with two implementations.
+
+    linear(x, proj, norm)        y = rmsnorm(x) W^T + b, optionally accumulated into `out` or gated (GLU)
+    rope_kv(qkv, ...)            RoPE on q and k (after per-head norms), k and v written at cache slots
+    attention(q, k, v, ...)      softmax(q k^T * scale, masked) v over the first kv_len cache slots
+    add_rms_norm(h, x, w)        h += rmsnorm(x) * w  (Gemma 3's post-norms)
+
+`TorchBackend` is stock torch (any device and dtype; prefill; machines without the kernels).
+`KernelBackend` runs the same math in casspec's CPU kernels for fp32 forwards of up to
+`MAX_KERNEL_ROWS` query tokens, and defers to the torch backend beyond that or where a projection
+has no tiled weights. Both compute the same function; tests hold them to allclose.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from casspec.runtime.weights import Proj
+
+MAX_KERNEL_ROWS = 64  # longer inputs (prefill) are compute-bound: MKL's blocked GEMM wins there
+_GLU_MODE = {"silu": 2, "gelu_tanh": 3}
+_ACCUMULATE = 1
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalize in fp32, scale by the (effective) weight, cast back."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x [M, h, D], cos [M, D/2]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None], sin[:, None]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+class TorchBackend:
+    """The ops in stock torch."""
+
+    name = "torch"
+
+    def linear(self, x: torch.Tensor, p: Proj, norm: torch.Tensor | None = None, eps: float = 0.0,
+               out: torch.Tensor | None = None) -> torch.Tensor:  # x [M, K] -> [M, N] (GLU: [M, N/2])
+        if norm is not None:
+            x = rms_norm(x, norm, eps)
+        ys = [F.linear(x, w.to(x.dtype)) for w in p.weights()]
+        y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+        if p.bias is not None:
+            y = y + p.bias
+        if p.glu is not None:
+            gate, up = y.chunk(2, dim=-1)
+            y = (F.silu(gate) if p.glu == "silu" else F.gelu(gate, approximate="tanh")) * up
+        return out.add_(y) if out is not None else y
+
+    def rope_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,
+                q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """Returns q [M, H, D]; writes k, v [M, Hkv, D] into the caches [Hkv, S, D] at `slots`."""
+        m, d = qkv.shape[0], k_cache.shape[-1]
+        q, k, v = qkv.view(m, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
+        if q_norm is not None:
+            q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k_cache.index_copy_(1, slots, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
+        return q
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
+                  allowed: torch.Tensor | None, scale: float) -> torch.Tensor:  # q [M, H, D] -> [M, H*D]
+        k, v = k_cache[None, :, :kv_len], v_cache[None, :, :kv_len]  # [1, Hkv, kv, D]
+        mask = None if allowed is None else allowed[None, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])  # [1, H, M, D]
+        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+    def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
+        h.add_(rms_norm(x, w, eps))
+
+
+class KernelBackend(TorchBackend):
+    """The ops in casspec's CPU kernels (fp32, up to MAX_KERNEL_ROWS rows), else the torch ones."""
+
+    name = "kernels"
+
+    def __init__(self) -> None:
+        self.ops = torch.ops.casspec
+
+    def linear(self, x: torch.Tensor, p: Proj, norm: torch.Tensor | None = None, eps: float = 0.0,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        if p.tiled is None or x.shape[0] > MAX_KERNEL_ROWS:
+            return super().linear(x, p, norm, eps, out)
+        mode = _GLU_MODE[p.glu] if p.glu else (_ACCUMULATE if out is not None else 0)
+        return self.ops.linear(x, p.tiled, p.tiled_scale, p.bias, norm, eps, p.n, mode, out)
+
+    def rope_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,
+                q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+        return self.ops.rope_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, q_norm, k_norm, eps)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
+                  allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+        d = k_cache.shape[-1]
+        if q.shape[0] > MAX_KERNEL_ROWS or (d % 64 and d not in (8, 16, 32)):
+            return super().attention(q, k_cache, v_cache, kv_len, allowed, scale)
+        return self.ops.attention(q, k_cache, v_cache, kv_len, allowed, scale)
+
+    def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
+        self.ops.add_rms_norm(h, x, w, eps)

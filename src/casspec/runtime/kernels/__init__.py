@@ -1,0 +1,65 @@
+"""casspec's CPU kernels (cpu_kernels.cpp), compiled once per machine and torch version, and cached.
+
+`available()` compiles on first use (about a minute, one progress line) and says whether the ops
+`torch.ops.casspec.{linear, rope_kv, attention, add_rms_norm}` can be used. They need an x86 CPU
+with AVX2 and FMA and a C++ compiler; anywhere else the runtime uses its torch backend, which
+computes the same functions with stock torch ops. `CASSPEC_KERNELS=0` turns the kernels off.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def supported_cpu() -> bool:
+    """x86-64 with AVX2 (torch's own dispatch level says so; AVX-512 CPUs have AVX2 too)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512")
+
+
+def build_dir() -> Path:
+    """Where the compiled library lives: one folder per source, flags and torch version."""
+    from casspec.runtime.loading import model_cache_dir
+
+    key = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
+    return model_cache_dir() / "kernels" / key
+
+
+def available() -> bool:
+    """Whether the kernels are loaded (compiling them now if needed). Never raises."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _load()
+        return bool(_state["ok"])
+
+
+def _load() -> bool:
+    if os.environ.get("CASSPEC_KERNELS", "1") == "0" or not supported_cpu():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob("*.so")):
+            print("casspec: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr,
+                  flush=True)
+        load(name="casspec_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(folder), is_python_module=False, verbose=False)
+        return hasattr(torch.ops.casspec, "linear")
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the torch backend
+        warnings.warn(f"casspec CPU kernels unavailable, using stock torch ops ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''})", RuntimeWarning, stacklevel=2)
+        return False

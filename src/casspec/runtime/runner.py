@@ -1,0 +1,145 @@
+"""TargetRunner: owns the decoder-layer loop, run under execution plans.
+
+One forward = embed -> RoPE tables -> for each layer: the attention and MLP sub-layers the plan keeps
+-> final norm + head, reading and writing the shared StaticKVCache at explicit slots. Every drafter
+and the verifier go through `forward`; the plan says which weights (fp32 or the int8 copy) and which
+sub-layers run. Each sub-layer is three or four backend ops (backend.py), so a forward costs its
+weight traffic plus a few hundred microseconds, not a thousand small ops.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+
+from casspec.runtime import kernels
+from casspec.runtime.adapter import LlamaAdapter, make_adapter
+from casspec.runtime.backend import KernelBackend, TorchBackend
+from casspec.runtime.kv_cache import StaticKVCache
+from casspec.runtime.plans import FULL, ExecutionPlan
+from casspec.runtime.weights import LayerWeights, ModelWeights
+
+Masks = dict[str, torch.Tensor | None]
+
+
+class TargetRunner:
+    """Runs forwards of one HF causal LM under execution plans."""
+
+    def __init__(self, model: nn.Module, use_kernels: bool | None = None) -> None:
+        self.model = model.eval()
+        self.adapter: LlamaAdapter = make_adapter(model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        if use_kernels is None:
+            use_kernels = self.device.type == "cpu" and self.dtype == torch.float32 and kernels.available()
+        self.backend: TorchBackend = KernelBackend() if use_kernels else TorchBackend()
+        self.weights: ModelWeights = self.adapter.weights(tile=use_kernels)
+        self._int8: ModelWeights | None = None
+        self.build_seconds = 0.0  # time spent building weight variants (reported by load())
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.adapter.vocab_size
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for wall-clock timings of forwards on GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def new_cache(self, capacity: int) -> StaticKVCache:
+        a = self.adapter
+        return StaticKVCache(a.num_layers, a.num_kv_heads, a.head_dim, capacity, self.dtype, self.device)
+
+    def int8_weights(self, progress: bool = False) -> ModelWeights:
+        """The int8 copy of every projection (built once; `load()` builds it up front)."""
+        if self._int8 is None:
+            t0 = time.perf_counter()
+            if progress:
+                print("casspec: quantizing the int8 draft weights...", file=sys.stderr, flush=True)
+            self._int8 = self.weights.quantized()
+            self.build_seconds += time.perf_counter() - t0
+        return self._int8
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [q]
+        positions: torch.Tensor,  # [q] absolute positions
+        slots: torch.Tensor,  # [q] cache slots written
+        cache: StaticKVCache,
+        plan: ExecutionPlan = FULL,
+        allowed: torch.Tensor | None = None,  # [q, kv_len] bool; None = causal by slot
+        key_positions: torch.Tensor | None = None,  # [kv_len]; None = slot index
+        logits_rows: torch.Tensor | None = None,  # [r] rows needing logits; None = all
+    ) -> torch.Tensor:  # [r, V] fp32 (or [0, V] if no rows)
+        """One forward of `q` tokens under `plan`; returns logits for the requested rows."""
+        a, ops = self.adapter, self.backend
+        w = self.int8_weights() if plan.quantized else self.weights
+        input_ids, positions, slots, allowed, key_positions, logits_rows = (
+            None if t is None else t.to(self.device, non_blocking=True)
+            for t in (input_ids, positions, slots, allowed, key_positions, logits_rows))
+        kv_len = cache.check_slots(slots)
+        h = a.embed(input_ids)  # [q, d]
+        rope = a.rope(h, positions)  # layer type -> (cos, sin) [q, D/2]
+        masks = self._masks(positions, slots, kv_len, allowed, key_positions)
+        for i, lw in enumerate(w.layers):
+            if plan.exit_layer is not None and i >= plan.exit_layer:
+                break
+            kind = a.layer_types[i]
+            if plan.runs_attn(i):
+                self._attention(lw, i, h, rope[kind], masks[kind], cache, slots, kv_len)
+            if plan.runs_mlp(i):
+                self._mlp(lw, h)
+        if logits_rows is not None:
+            if logits_rows.numel() == 0:
+                return h.new_empty(0, a.vocab_size, dtype=torch.float32)
+            h = h[logits_rows]
+        return a.softcap(ops.linear(h, w.head, w.final_norm, a.eps)).float()
+
+    def _attention(self, lw: LayerWeights, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   mask: torch.Tensor | None, cache: StaticKVCache, slots: torch.Tensor, kv_len: int) -> None:
+        """h += attention sub-layer (in place)."""
+        a, ops = self.adapter, self.backend
+        k_cache, v_cache = cache.keys[i], cache.values[i]
+        qkv = ops.linear(h, lw.qkv, lw.attn_norm, a.eps)  # [q, (H + 2 H_kv) D]
+        q = ops.rope_kv(qkv, *rope, k_cache, v_cache, slots, a.num_heads, a.num_kv_heads, lw.q_norm, lw.k_norm,
+                        a.eps)  # [q, H, D]
+        o = ops.attention(q, k_cache, v_cache, kv_len, mask, a.scaling)  # [q, H D]
+        if lw.post_attn_norm is None:
+            ops.linear(o, lw.o, out=h)
+        else:
+            ops.add_rms_norm(h, ops.linear(o, lw.o), lw.post_attn_norm, a.eps)
+
+    def _mlp(self, lw: LayerWeights, h: torch.Tensor) -> None:
+        """h += gated MLP sub-layer (in place)."""
+        a, ops = self.adapter, self.backend
+        g = ops.linear(h, lw.gate_up, lw.mlp_norm, a.eps)  # [q, F] = act(gate) * up
+        if lw.post_mlp_norm is None:
+            ops.linear(g, lw.down, out=h)
+        else:
+            ops.add_rms_norm(h, ops.linear(g, lw.down), lw.post_mlp_norm, a.eps)
+
+    def _masks(self, q_pos: torch.Tensor, slots: torch.Tensor, kv_len: int, allowed: torch.Tensor | None,
+               k_pos: torch.Tensor | None) -> Masks:
+        """Boolean [q, kv_len] masks per layer type (None where every key up to kv_len is visible)."""
+        if allowed is None and slots.numel() == 1:
+            base = None  # one token at the last slot sees every key
+        else:
+            base = allowed if allowed is not None else (
+                torch.arange(kv_len, device=slots.device)[None, :] <= slots[:, None])  # causal by slot
+        out: Masks = {}
+        for kind in set(self.adapter.layer_types):
+            window = self.adapter.window(kind)
+            ok = base
+            if window is not None and kv_len > window:
+                k = k_pos if k_pos is not None else torch.arange(kv_len, device=slots.device)
+                near = k[None, :] > q_pos[:, None] - window
+                ok = near if ok is None else ok & near
+            out[kind] = None if ok is None or bool(ok.all()) else ok.contiguous()
+        return out

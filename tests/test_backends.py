@@ -1,0 +1,60 @@
+"""The runner on casspec's kernels equals the runner on stock torch ops, for every plan and tree shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from casspec.runtime import kernels
+from casspec.runtime.backend import MAX_KERNEL_ROWS, TorchBackend
+from casspec.runtime.plans import FULL, Int8, LayerSkip
+from casspec.runtime.runner import TargetRunner
+from casspec.testing import tiny_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="casspec CPU kernels need x86-64 AVX2 and a compiler")
+PLANS = [FULL, Int8(), LayerSkip(attn={1}, mlp={2}), Int8() | LayerSkip(mlp={1})]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def runners(request):
+    model = tiny_model(request.param)
+    return TargetRunner(model, use_kernels=True), TargetRunner(model, use_kernels=False)
+
+
+def _tree_inputs(n_committed: int):
+    """A 5-node tree on top of `n_committed` tokens: root, two children, a grandchild under each."""
+    parents = [-1, 0, 0, 1, 2]
+    depth = [0, 1, 1, 2, 2]
+    anc = torch.zeros(5, 5, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        anc[i] = anc[p] if p >= 0 else anc[i]
+        anc[i, i] = True
+    allowed = torch.cat([torch.ones(5, n_committed, dtype=torch.bool), anc], dim=1)
+    positions = n_committed + torch.tensor(depth)
+    key_positions = torch.cat([torch.arange(n_committed), positions])
+    return positions, n_committed + torch.arange(5), allowed, key_positions
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
+def test_kernel_runner_equals_torch_runner(runners, plan):
+    fast, ref = runners
+    assert fast.backend.name == "kernels" and isinstance(ref.backend, TorchBackend)
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(0))
+    caches = [r.new_cache(64) for r in runners]
+    pos = torch.arange(15)
+    out = [r.forward(ids[:15], pos, pos, c, plan) for r, c in zip(runners, caches)]  # prefill-sized forward
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+    for c in caches:
+        c.length = 15
+    tree = _tree_inputs(15)
+    out = [r.forward(ids[15:], tree[0], tree[1], c, plan, tree[2], tree[3]) for r, c in zip(runners, caches)]
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[0].argmax(-1), out[1].argmax(-1))
+
+
+def test_long_inputs_use_the_torch_path_and_agree(runners):
+    fast, ref = runners
+    n = MAX_KERNEL_ROWS + 8
+    ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(n)
+    out = [r.forward(ids, pos, pos, r.new_cache(n + 4)) for r in runners]
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
