@@ -17,14 +17,15 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
     torch.testing.assert_close(got, want, rtol=rel, atol=rel * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("n,k", [(12, 16), (13, 24), (64, 40), (96, 576)])
+@pytest.mark.parametrize("n,k", [(12, 16), (13, 24), (64, 40), (21, 64), (96, 576), (40, 192)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 64])
-@pytest.mark.parametrize("int8", [False, True])
-def test_linear_matches_torch(n, k, rows, int8):
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+def test_linear_matches_torch(n, k, rows, kind):
     g = torch.Generator().manual_seed(n * rows)
     w, b, nw = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.rand(k, generator=g) + 0.5
     p = make_proj([w[: n // 3], w[n // 3:]], [b[: n // 3], b[n // 3:]], tile=True)
-    p = quantize(p) if int8 else p
+    p = quantize(p, kind) if kind != "fp32" else p
+    assert p.tiled is not None or k % 8 or (kind == "int4" and k % 32)
     x = torch.randn(rows, k, generator=g)
     _close(KERNELS.linear(x, p, nw, 1e-5), TORCH.linear(x, p, nw, 1e-5))
     h = torch.randn(rows, n, generator=g)
@@ -35,30 +36,39 @@ def test_linear_matches_torch(n, k, rows, int8):
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_gated_mlp_matches_torch(act, rows):
     g = torch.Generator().manual_seed(rows)
-    gate, up, x = torch.randn(10, 32, generator=g), torch.randn(10, 32, generator=g), torch.randn(rows, 32, generator=g)
+    gate, up, x = torch.randn(10, 64, generator=g), torch.randn(10, 64, generator=g), torch.randn(rows, 64, generator=g)
     p = make_proj([gate, up], glu=act, tile=True)
     want = (F.silu(x @ gate.T) if act == "silu" else F.gelu(x @ gate.T, approximate="tanh")) * (x @ up.T)
     _close(KERNELS.linear(x, p), want)
-    _close(KERNELS.linear(x, quantize(p)), TORCH.linear(x, quantize(p)))
+    for kind in ("int8", "int4"):
+        q = quantize(p, kind)
+        _close(KERNELS.linear(x, q), TORCH.linear(x, q))
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_linear_rows_are_batch_invariant(int8):
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+def test_linear_rows_are_batch_invariant(kind):
     """A row's output is bitwise the same computed alone or among others (greedy exactness of chains)."""
     p = make_proj([torch.randn(40, 64)], tile=True)
-    p = quantize(p) if int8 else p
+    p = quantize(p, kind) if kind != "fp32" else p
     x = torch.randn(9, 64)
     batch = KERNELS.linear(x, p)
     for i in range(9):
         assert torch.equal(KERNELS.linear(x[i:i + 1], p)[0], batch[i])
 
 
-def test_quantize_is_per_row_int8():
-    w = torch.randn(8, 16) * torch.logspace(-2, 2, 8)[:, None]
-    q = quantize(make_proj([w], tile=True))
-    assert q.parts[0].dtype == torch.int8 and q.int8
-    deq = q.weights()[0]
-    assert ((deq - w).abs() <= q.scale[:, None] / 2 + 1e-6).all()
+@pytest.mark.parametrize("glu", [None, "silu"])
+def test_quantized_weights_round_trip(glu):
+    """int8 is within half a step per row, int4 within half a step per group, in logical row order."""
+    w = torch.randn(8, 128) * torch.logspace(-2, 2, 8)[:, None]
+    p = make_proj([w[:4], w[4:]], glu=glu, tile=True)
+    q8, q4 = quantize(p, "int8"), quantize(p, "int4")
+    assert q8.tiled.dtype == torch.int8 and q4.tiled.dtype == torch.uint8 and q4.group == 64
+    err8 = (torch.cat(q8.weights()) - w).abs()
+    assert (err8 <= w.abs().amax(1, keepdim=True) / 254 + 1e-6).all()
+    groups = w.reshape(8, 2, 64)
+    step = (groups.amax(2) - groups.amin(2)) / 15
+    err4 = (torch.cat(q4.weights()) - w).abs().reshape(8, 2, 64)
+    assert (err4 <= step[..., None] * 0.51 + 1e-3).all()
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])

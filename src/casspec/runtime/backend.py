@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from casspec.runtime import kernels
 from casspec.runtime.weights import Proj
 
 MAX_KERNEL_ROWS = 64  # longer inputs (prefill) are compute-bound: MKL's blocked GEMM wins there
@@ -84,14 +85,14 @@ class KernelBackend(TorchBackend):
     name = "kernels"
 
     def __init__(self) -> None:
-        self.ops = torch.ops.casspec
+        self.ops = kernels.module()
 
     def linear(self, x: torch.Tensor, p: Proj, norm: torch.Tensor | None = None, eps: float = 0.0,
                out: torch.Tensor | None = None) -> torch.Tensor:
         if p.tiled is None or x.shape[0] > MAX_KERNEL_ROWS:
             return super().linear(x, p, norm, eps, out)
         mode = _GLU_MODE[p.glu] if p.glu else (_ACCUMULATE if out is not None else 0)
-        return self.ops.linear(x, p.tiled, p.tiled_scale, p.bias, norm, eps, p.n, mode, out)
+        return self.ops.linear(x, p.tiled, p.scale, p.mins, p.group, p.bias, norm, eps, p.n, mode, out)
 
     def rope_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,

@@ -4,7 +4,7 @@ A plan is data, never a global mode flag. `Full()` is the target itself; the oth
 inference accelerations of the same weights and the same KV cache:
 
     LayerSkip(attn={3, 4}, mlp={4})   skip attention / MLP sub-layers (layer sparsity)
-    Int8()                            int8 weights + dynamically quantized activations (real int8 kernels)
+    Int8(), Int4()                    weight-only int8 / group-wise int4 copies of every projection
     EarlyExit(12)                     run layers [0, 12) then the final norm and head
     Int8() | LayerSkip(mlp={5})       mixing: compose orthogonal accelerations
 """
@@ -13,11 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+PRECISION = ("fp32", "int8", "int4")  # mixing two plans keeps the lower precision
+
+
 @dataclass(frozen=True)
 class ExecutionPlan:
     """One way to run the target's layer loop."""
 
-    quantized: bool = False  # int8 copy of the linear layers
+    weights: str = "fp32"  # which copy of the projections: "fp32" | "int8" | "int4"
     skip_attn: frozenset[int] = field(default_factory=frozenset)  # layers whose attention sub-layer is skipped
     skip_mlp: frozenset[int] = field(default_factory=frozenset)  # layers whose MLP sub-layer is skipped
     exit_layer: int | None = None  # run layers [0, exit_layer) only
@@ -26,11 +29,15 @@ class ExecutionPlan:
         """Mix two plans: union of accelerations."""
         exits = [e for e in (self.exit_layer, other.exit_layer) if e is not None]
         return ExecutionPlan(
-            quantized=self.quantized or other.quantized,
+            weights=max(self.weights, other.weights, key=PRECISION.index),
             skip_attn=self.skip_attn | other.skip_attn,
             skip_mlp=self.skip_mlp | other.skip_mlp,
             exit_layer=min(exits) if exits else None,
         )
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights != "fp32"
 
     @property
     def is_full(self) -> bool:
@@ -53,7 +60,7 @@ class ExecutionPlan:
 
     @property
     def name(self) -> str:
-        parts = ["int8"] if self.quantized else []
+        parts = [self.weights] if self.quantized else []
         if self.skip_attn or self.skip_mlp:
             parts.append(f"skip(a{len(self.skip_attn)},m{len(self.skip_mlp)})")
         if self.exit_layer is not None:
@@ -75,8 +82,13 @@ def LayerSkip(attn: set[int] | frozenset[int] = frozenset(), mlp: set[int] | fro
 
 
 def Int8() -> ExecutionPlan:  # noqa: N802
-    """Int8 weights with dynamically quantized activations."""
-    return ExecutionPlan(quantized=True)
+    """Per-row int8 weights, fp32 activations."""
+    return ExecutionPlan(weights="int8")
+
+
+def Int4() -> ExecutionPlan:  # noqa: N802
+    """Group-wise int4 weights (fp16 scale and min per 64 columns), fp32 activations."""
+    return ExecutionPlan(weights="int4")
 
 
 def EarlyExit(layer: int) -> ExecutionPlan:  # noqa: N802

@@ -36,7 +36,7 @@ class TargetRunner:
             use_kernels = self.device.type == "cpu" and self.dtype == torch.float32 and kernels.available()
         self.backend: TorchBackend = KernelBackend() if use_kernels else TorchBackend()
         self.weights: ModelWeights = self.adapter.weights(tile=use_kernels)
-        self._int8: ModelWeights | None = None
+        self._quantized: dict[str, ModelWeights] = {}
         self.build_seconds = 0.0  # time spent building weight variants (reported by load())
 
     @property
@@ -56,15 +56,17 @@ class TargetRunner:
         a = self.adapter
         return StaticKVCache(a.num_layers, a.num_kv_heads, a.head_dim, capacity, self.dtype, self.device)
 
-    def int8_weights(self, progress: bool = False) -> ModelWeights:
-        """The int8 copy of every projection (built once; `load()` builds it up front)."""
-        if self._int8 is None:
+    def weights_for(self, plan: ExecutionPlan, progress: bool = False) -> ModelWeights:
+        """The projections a plan reads; quantized copies are built once (`load()` builds them up front)."""
+        if not plan.quantized:
+            return self.weights
+        if plan.weights not in self._quantized:
             t0 = time.perf_counter()
             if progress:
-                print("casspec: quantizing the int8 draft weights...", file=sys.stderr, flush=True)
-            self._int8 = self.weights.quantized()
+                print(f"casspec: quantizing {plan.weights} draft weights...", file=sys.stderr, flush=True)
+            self._quantized[plan.weights] = self.weights.quantized(plan.weights)
             self.build_seconds += time.perf_counter() - t0
-        return self._int8
+        return self._quantized[plan.weights]
 
     @torch.inference_mode()
     def forward(
@@ -80,7 +82,7 @@ class TargetRunner:
     ) -> torch.Tensor:  # [r, V] fp32 (or [0, V] if no rows)
         """One forward of `q` tokens under `plan`; returns logits for the requested rows."""
         a, ops = self.adapter, self.backend
-        w = self.int8_weights() if plan.quantized else self.weights
+        w = self.weights_for(plan)
         input_ids, positions, slots, allowed, key_positions, logits_rows = (
             None if t is None else t.to(self.device, non_blocking=True)
             for t in (input_ids, positions, slots, allowed, key_positions, logits_rows))

@@ -1,9 +1,12 @@
-"""Weights as the runtime reads them: projections in the kernels' tiled layout, fp32 or int8.
+"""Weights as the runtime reads them: projections in the kernels' tiled layout, fp32, int8 or int4.
 
-A `Proj` is one projection y = x W^T + b, or several fused side by side (q|k|v, gate|up). It keeps
-the HF parameters themselves (shared, never copied) for the torch backend, and a tiled copy for the
-CPU kernels. `quantize` makes the int8 variant of a layer: per-row symmetric int8 weights with fp32
-activations (weight-only quantization, the DSIA "quantization" draft); norms and biases are shared.
+A `Proj` is one projection y = x W^T + b, or several fused side by side (q|k|v, gate|up). The fp32
+variant keeps the HF parameters themselves (shared, never copied) for the torch backend, plus a tiled
+copy for the CPU kernels. The quantized variants are the DSIA "quantization" drafts, weight-only with
+fp32 activations, stored tiled only:
+  int8  per-row symmetric scale                      (8 bits/weight)
+  int4  per-(row, group of G columns) fp16 scale d and min m, w = d q + m, q in [0, 15]  (4.5 bits at G=64)
+The torch backend reads quantized weights dequantized (once, on first use).
 """
 from __future__ import annotations
 
@@ -12,95 +15,165 @@ from dataclasses import dataclass, field, replace
 import torch
 
 TILE_ROWS, TILE_K = 4, 8  # the kernels' tile: 4 weight rows x 8 columns per step (cpu_kernels.cpp)
+INT4_GROUP = 64  # columns per int4 scale; not the GGUF's 32, so the draft is not the target's own 4-bit blocks
 
 
 @dataclass
 class Proj:
-    """y = x W^T + b, with W the row blocks `parts` stacked in order (a fused projection)."""
+    """y = x W^T + b over row blocks of sizes `sizes` stacked in order (a fused projection)."""
 
-    parts: tuple[torch.Tensor, ...]  # [N_i, K] each: HF parameters, shared (int8: the int8 rows)
-    bias: torch.Tensor | None = None  # [N] in the order of `parts`
-    glu: str | None = None  # parts = (gate, up): the output is act(gate) * up, act = "silu" | "gelu_tanh"
-    tiled: torch.Tensor | None = None  # the kernels' layout (fp32 or int8), or None where it does not apply
-    scale: torch.Tensor | None = None  # int8: [N] per-row scales in the order of `parts`
-    tiled_scale: torch.Tensor | None = None  # the same scales in tiled row order
-    _dequantized: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    sizes: tuple[int, ...]  # output rows of each fused part
+    k: int  # input columns
+    parts: tuple[torch.Tensor, ...] | None = None  # fp32: [N_i, K] HF parameters, shared
+    bias: torch.Tensor | None = None  # [N] in the order of the parts
+    glu: str | None = None  # two parts (gate, up): the output is act(gate) * up, act = "silu" | "gelu_tanh"
+    kind: str = "fp32"  # "fp32" | "int8" | "int4"
+    tiled: torch.Tensor | None = None  # the kernels' layout, or None where the kernels do not apply
+    scale: torch.Tensor | None = None  # int8: [N] fp32 per kernel row; int4: [tiles, K/G, 4] fp16
+    mins: torch.Tensor | None = None  # int4: [tiles, K/G, 4] fp16
+    group: int = 0  # int4 columns per scale
+    _dense: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
-        return sum(int(p.shape[0]) for p in self.parts)
-
-    @property
-    def k(self) -> int:
-        return int(self.parts[0].shape[1])
-
-    @property
-    def int8(self) -> bool:
-        return self.scale is not None
+        return sum(self.sizes)
 
     @property
     def nbytes(self) -> int:
-        """Bytes one forward reads for this projection."""
-        return sum(p.numel() * p.element_size() for p in self.parts)
+        """Bytes one forward reads for this projection through the kernels (or the torch path)."""
+        tensors = [self.tiled, self.scale, self.mins] if self.tiled is not None else list(self.weights())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def weights(self) -> tuple[torch.Tensor, ...]:
-        """Float row blocks for the torch backend (int8 rows dequantized once, on first use)."""
-        if not self.int8:
+        """Float [N_i, K] row blocks for the torch backend (quantized ones dequantized on first use)."""
+        if self.parts is not None:
             return self.parts
-        if self._dequantized is None:
-            scales = self.scale.split([int(p.shape[0]) for p in self.parts])
-            self._dequantized = tuple(p.float() * s[:, None] for p, s in zip(self.parts, scales))
-        return self._dequantized
+        if self._dense is None:
+            self._dense = _logical_rows(_dequantize(self), self.glu).split(self.sizes)
+        return self._dense
 
 
 def make_proj(parts: list[torch.Tensor], bias: list[torch.Tensor | None] | None = None, glu: str | None = None,
               tile: bool = False) -> Proj:
     """A projection over `parts` (bias per part, None where a part has none), tiled for the kernels if asked."""
-    parts = tuple(p.detach() for p in parts)
+    parts_t = tuple(p.detach() for p in parts)
     b = None
     if bias is not None and any(x is not None for x in bias):
-        b = torch.cat([x.detach() if x is not None else p.new_zeros(p.shape[0]) for x, p in zip(bias, parts)])
-    proj = Proj(parts, b, glu)
+        b = torch.cat([x.detach() if x is not None else p.new_zeros(p.shape[0]) for x, p in zip(bias, parts_t)])
+    proj = Proj(tuple(int(p.shape[0]) for p in parts_t), int(parts_t[0].shape[1]), parts_t, b, glu)
     if tile and tileable(proj):
-        proj.tiled = _tile(_kernel_rows(proj))
+        proj.tiled = _tile(_kernel_rows(torch.cat(parts_t), glu))
     return proj
 
 
 def tileable(p: Proj) -> bool:
     """The kernels read fp32 CPU weights with K a multiple of 8 (and an even gate width for gated MLPs)."""
-    w = p.parts[0]
-    return (w.device.type == "cpu" and w.dtype == torch.float32 and p.k % TILE_K == 0
-            and (p.glu is None or (len(p.parts) == 2 and p.parts[0].shape[0] % 2 == 0)))
+    w = p.parts[0] if p.parts is not None else p.tiled
+    return (w.device.type == "cpu" and (p.kind != "fp32" or w.dtype == torch.float32) and p.k % TILE_K == 0
+            and (p.glu is None or (len(p.sizes) == 2 and p.sizes[0] % 2 == 0)))
 
 
-def quantize(p: Proj) -> Proj:
-    """int8 copy: per-row symmetric scales, round to nearest; biases stay fp32."""
-    rows = torch.cat(p.parts).float()  # [N, K]
-    scale = (rows.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
-    q = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
-    sizes = [int(x.shape[0]) for x in p.parts]
-    out = Proj(tuple(q.split(sizes)), p.bias, p.glu, scale=scale)
-    if tileable(p):
-        out.tiled = _tile(_kernel_rows(out))
-        out.tiled_scale = _kernel_rows(Proj(tuple(scale[:, None].split(sizes)), glu=p.glu))[:, 0].contiguous()
+def quantize(p: Proj, kind: str = "int8", group: int = INT4_GROUP) -> Proj:
+    """A quantized copy (`kind` "int8" or "int4"); biases stay fp32. Untileable projections keep fp32
+    weights holding the quantized values (the torch backend computes the same function)."""
+    rows = torch.cat(p.weights()).float()  # [N, K] logical order
+    if kind == "int8":
+        q8, scale = _quantize_int8(rows)
+        out = replace(p, parts=None, kind="int8", tiled=None, scale=None, mins=None, group=0, _dense=None)
+        if not tileable(p):
+            return replace(out, parts=tuple((q8.float() * scale[:, None]).split(p.sizes)))
+        out.tiled, out.scale = _tile(_kernel_rows(q8, p.glu)), _kernel_rows(scale[:, None], p.glu)[:, 0].contiguous()
+        return out
+    if kind != "int4":
+        raise ValueError(f"unknown quantization {kind!r}; use 'int8' or 'int4'")
+    group = next(g for g in (group, 32, 16, 8) if p.k % g == 0)  # the kernels need a multiple of 32
+    q4, d, m = _quantize_int4(rows, group)
+    out = replace(p, parts=None, kind="int4", tiled=None, scale=None, mins=None, group=group, _dense=None)
+    if not tileable(p) or group % 32:
+        return replace(out, parts=tuple(_dequant_groups(q4, d, m).split(p.sizes)))
+    out.tiled, out.scale, out.mins = _tile_int4(_kernel_rows(q4, p.glu), group), _tile_groups(
+        _kernel_rows(d, p.glu)), _tile_groups(_kernel_rows(m, p.glu))
     return out
 
 
-def _kernel_rows(p: Proj) -> torch.Tensor:
+def _quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (rows.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
+    return torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _quantize_int4(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N, K] uint8 in [0, 15], d and m [N, K/G] fp16 (rounded first, so q fits what is stored)."""
+    n, k = rows.shape
+    g = rows.reshape(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    d = ((hi - lo) / 15.0).clamp(min=1e-8).half()
+    m = lo.half()
+    q = torch.round((g - m.float()[..., None]) / d.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), d, m
+
+
+def _dequant_groups(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    groups = d.shape[1]
+    g = q.reshape(n, groups, k // groups).float() * d.float()[..., None] + m.float()[..., None]
+    return g.reshape(n, k)
+
+
+def _kernel_rows(rows: torch.Tensor, glu: str | None) -> torch.Tensor:
     """Rows in the order the kernel's tiles hold them: as stacked, or gate/up interleaved two by two."""
-    if p.glu is None:
-        return torch.cat(p.parts)
-    gate, up = p.parts
-    f, k = gate.shape
-    return torch.stack([gate.reshape(f // 2, 2, k), up.reshape(f // 2, 2, k)], dim=1).reshape(2 * f, k)
+    if glu is None:
+        return rows
+    f = rows.shape[0] // 2
+    gate, up = rows[:f], rows[f:]
+    return torch.stack([gate.reshape(f // 2, 2, -1), up.reshape(f // 2, 2, -1)], dim=1).reshape(2 * f, -1)
+
+
+def _logical_rows(rows: torch.Tensor, glu: str | None) -> torch.Tensor:
+    """Inverse of `_kernel_rows`."""
+    if glu is None:
+        return rows
+    pairs = rows.reshape(-1, 2, 2, rows.shape[1])  # [F/2, gate|up, 2, K]
+    return torch.cat([pairs[:, 0].reshape(-1, rows.shape[1]), pairs[:, 1].reshape(-1, rows.shape[1])])
+
+
+def _pad_rows(w: torch.Tensor) -> torch.Tensor:
+    n = w.shape[0]
+    return w if n % TILE_ROWS == 0 else torch.cat([w, w.new_zeros(TILE_ROWS - n % TILE_ROWS, *w.shape[1:])])
 
 
 def _tile(w: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [ceil(N/4), K/8, 4, 8]: one tile of 4 rows is one contiguous stream (zero rows pad N)."""
-    n, k = w.shape
-    if n % TILE_ROWS:
-        w = torch.cat([w, w.new_zeros(TILE_ROWS - n % TILE_ROWS, k)])
-    return w.reshape(-1, TILE_ROWS, k // TILE_K, TILE_K).transpose(1, 2).contiguous()
+    w = _pad_rows(w)
+    return w.reshape(-1, TILE_ROWS, w.shape[1] // TILE_K, TILE_K).transpose(1, 2).contiguous()
+
+
+def _tile_int4(q: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] uint8 -> [tiles, K/G, 4, G/2]: per 32 columns, byte j = col j | col j + 16 << 4."""
+    q = _pad_rows(q)
+    n, k = q.shape
+    c = q.reshape(n, k // 32, 2, 16)
+    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n // TILE_ROWS, TILE_ROWS, k // group, group // 2)
+    return packed.transpose(1, 2).contiguous()
+
+
+def _tile_groups(s: torch.Tensor) -> torch.Tensor:
+    """[N, K/G] -> [tiles, K/G, 4]."""
+    s = _pad_rows(s)
+    return s.reshape(-1, TILE_ROWS, s.shape[1]).transpose(1, 2).contiguous()
+
+
+def _dequantize(p: Proj) -> torch.Tensor:
+    """Kernel-order fp32 rows [N, K] of a tiled quantized projection."""
+    t = p.tiled
+    if p.kind == "int8":
+        rows = t.transpose(1, 2).reshape(-1, p.k)[: p.n].float()
+        return rows * p.scale[:, None]
+    tiles, groups = t.shape[0], t.shape[1]
+    lo, hi = t & 0x0F, t >> 4  # [tiles, K/G, 4, G/2]
+    q = torch.stack([lo.reshape(*lo.shape[:3], -1, 16), hi.reshape(*hi.shape[:3], -1, 16)], dim=-2)
+    q = q.reshape(tiles, groups, TILE_ROWS, p.group).float()
+    w = q * p.scale.float()[..., None] + p.mins.float()[..., None]  # [tiles, K/G, 4, G]
+    return w.transpose(1, 2).reshape(tiles * TILE_ROWS, p.k)[: p.n]
 
 
 @dataclass
@@ -118,10 +191,10 @@ class LayerWeights:
     q_norm: torch.Tensor | None = None  # [D] per-head norms (Qwen3, Gemma 3)
     k_norm: torch.Tensor | None = None
 
-    def quantized(self) -> LayerWeights:
-        """The int8 variant of this layer (projections quantized, norms shared)."""
-        return replace(self, qkv=quantize(self.qkv), o=quantize(self.o), gate_up=quantize(self.gate_up),
-                       down=quantize(self.down))
+    def quantized(self, kind: str) -> LayerWeights:
+        """This layer with its projections quantized (norms shared)."""
+        return replace(self, qkv=quantize(self.qkv, kind), o=quantize(self.o, kind),
+                       gate_up=quantize(self.gate_up, kind), down=quantize(self.down, kind))
 
     def projections(self) -> list[Proj]:
         return [self.qkv, self.o, self.gate_up, self.down]
@@ -134,10 +207,9 @@ class ModelWeights:
     layers: list[LayerWeights]
     head: Proj
     final_norm: torch.Tensor  # [d]
-    meta: dict[str, float] = field(default_factory=dict)
 
-    def quantized(self) -> ModelWeights:
-        return ModelWeights([lw.quantized() for lw in self.layers], quantize(self.head), self.final_norm, self.meta)
+    def quantized(self, kind: str) -> ModelWeights:
+        return ModelWeights([lw.quantized(kind) for lw in self.layers], quantize(self.head, kind), self.final_norm)
 
     @property
     def nbytes(self) -> int:

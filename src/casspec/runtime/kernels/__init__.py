@@ -1,8 +1,8 @@
 """casspec's CPU kernels (cpu_kernels.cpp), compiled once per machine and torch version, and cached.
 
-`available()` compiles on first use (about a minute, one progress line) and says whether the ops
-`torch.ops.casspec.{linear, rope_kv, attention, add_rms_norm}` can be used. They need an x86 CPU
-with AVX2 and FMA and a C++ compiler; anywhere else the runtime uses its torch backend, which
+`available()` compiles on first use (well under a minute, one progress line) and says whether the
+ops `module().{linear, rope_kv, attention, add_rms_norm}` can be used. They need an x86 CPU with
+AVX2, FMA and F16C and a C++ compiler; anywhere else the runtime uses its torch backend, which
 computes the same functions with stock torch ops. `CASSPEC_KERNELS=0` turns the kernels off.
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -40,14 +41,21 @@ def build_dir() -> Path:
 def available() -> bool:
     """Whether the kernels are loaded (compiling them now if needed). Never raises."""
     with _lock:
-        if "ok" not in _state:
-            _state["ok"] = _load()
-        return bool(_state["ok"])
+        if "module" not in _state:
+            _state["module"] = _load()
+        return _state["module"] is not None
 
 
-def _load() -> bool:
+def module() -> ModuleType:
+    """The compiled kernels (call `available()` first)."""
+    if not available():
+        raise RuntimeError("casspec CPU kernels are not available on this machine")
+    return _state["module"]  # type: ignore[return-value]
+
+
+def _load() -> ModuleType | None:
     if os.environ.get("CASSPEC_KERNELS", "1") == "0" or not supported_cpu():
-        return False
+        return None
     try:
         from torch.utils.cpp_extension import load
 
@@ -56,10 +64,9 @@ def _load() -> bool:
         if not any(folder.glob("*.so")):
             print("casspec: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr,
                   flush=True)
-        load(name="casspec_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(folder), is_python_module=False, verbose=False)
-        return hasattr(torch.ops.casspec, "linear")
+        return load(name="casspec_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the torch backend
         warnings.warn(f"casspec CPU kernels unavailable, using stock torch ops ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''})", RuntimeWarning, stacklevel=2)
-        return False
+        return None
