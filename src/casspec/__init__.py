@@ -11,13 +11,16 @@ __version__ = "0.1.0"
 
 def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> "Engine":
     """Load a model (None/"smollm2", "gemma3-270m", an HF directory, a .gguf file or a hub id) into an Engine."""
+    import time
+
     from casspec.api import Engine
-    from casspec.runtime.loading import load_model
+    from casspec.runtime.loading import load_model, model_cache_dir
 
-    from casspec.runtime.loading import model_cache_dir
-
+    t0 = time.perf_counter()
     loaded = load_model(model, device=device, dtype=dtype)
-    return Engine(loaded.model, loaded.tokenizer, name=loaded.name, cache_dir=model_cache_dir())
+    engine = Engine(loaded.model, loaded.tokenizer, name=loaded.name, cache_dir=model_cache_dir())
+    engine.load_seconds = time.perf_counter() - t0
+    return engine
 
 
 def __getattr__(name: str) -> object:

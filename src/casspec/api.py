@@ -32,10 +32,15 @@ class Engine:
     """One loaded model and every decoding method over it. Not thread-safe: one generation at a time."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model", *,
-                 hierarchy: tuple[str, ...] | None = None, cache_dir: Path | None = None) -> None:
+                 hierarchy: tuple[str, ...] | None = None, cache_dir: Path | None = None, prepare: bool = True,
+                 progress: bool = True) -> None:
+        t0 = time.perf_counter()
         self.hf_model, self.tokenizer, self.name = model, tokenizer, name
-        self.runner = TargetRunner(model)
+        self.runner = TargetRunner(model, cache_dir=cache_dir)
         self.pool = DrafterPool(self.runner, name, cache_dir, hierarchy)
+        if prepare:  # draft weights and latency model now, so no generation pays for them
+            self.pool.prepare(progress)
+        self.load_seconds = time.perf_counter() - t0  # casspec.load() adds reading the model
         self.context_length: int = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(model, tokenizer)
         self._schedulers: dict[str, Scheduler] = {}
@@ -87,6 +92,7 @@ class Engine:
         state = self._new_state(ids, sampling, method, max_new)
         text = TextAssembler(self.tokenizer, _stops(stop))
         decoder = SpeculativeDecoder(self.runner, scheduler)
+        builds = len(self.runner.build_log)
         t0 = time.perf_counter()
         for new in decoder.run(state):
             piece, new, stopped = text.add(new)
@@ -101,6 +107,7 @@ class Engine:
             yield StreamChunk(piece, new)
         state.stats.wall_time = time.perf_counter() - t0
         state.stats.new_tokens = len(text.token_ids)
+        state.stats.built = [what for what, _ in self.runner.build_log[builds:]]
         yield StreamChunk(text.flush(), [], GenerationResult(text.text, text.token_ids, state.stats))
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int) -> int:

@@ -35,7 +35,8 @@ def _generate(args: argparse.Namespace) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop, chat=args.chat)
     if args.json:
-        print(json.dumps(engine.generate(args.prompt, args.method, **kwargs).to_dict()))
+        out = engine.generate(args.prompt, args.method, **kwargs).to_dict()
+        print(json.dumps({**out, "load_time": engine.load_seconds}))
         return 0
     result = None
     for chunk in engine.iter_generate(args.prompt, args.method, **kwargs):
@@ -43,8 +44,8 @@ def _generate(args: argparse.Namespace) -> int:
         result = chunk.result or result
     s = result.stats
     print(f"\n\n[{s.method}] {s.new_tokens} tokens in {s.wall_time:.2f}s: {s.tokens_per_s:.1f} tok/s, "
-          f"mean accepted length {s.mean_accepted_length:.2f}, target forwards {s.target_forwards}",
-          file=sys.stderr)
+          f"mean accepted length {s.mean_accepted_length:.2f}, target forwards {s.target_forwards} "
+          f"(model loaded in {engine.load_seconds:.1f}s)", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,7 @@ class GenerationStats:
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step, bonus included
     drafters: dict[str, DrafterStats] = field(default_factory=dict)
     finish_reason: str = "length"  # "stop" (EOS or stop string) | "length"
+    built: list[str] = field(default_factory=list)  # weights or models made inside this generation (load() makes them)
 
     @property
     def tokens_per_s(self) -> float:

@@ -37,14 +37,14 @@ class SelfDrafter:
         self.kv_layers = plan.attn_layers(self.runner.num_layers)
 
     def propose(self, tree: DraftTree, state: DecodeState, leaves: list[int], k: int, *, siblings: int = 0,
-                min_conf: float = 0.0, min_p_acc: float = 0.0,
+                min_conf: float = 0.0, min_p_acc: float = 0.0, min_sibling_p_acc: float = 0.0,
                 score: Callable[[float], float] = _identity) -> list[int]:
         """Draft up to k tokens below each leaf, one batched forward per depth.
 
         A chain stops early when its token's confidence falls below `min_conf` or its estimated path
-        acceptance p_acc below `min_p_acc`. `siblings` adds that many
-        runner-up tokens as extra (unexpanded) children at every step. `score` maps a confidence to the
-        acceptance probability used for the nodes' p_acc.
+        acceptance p_acc below `min_p_acc`. `siblings` adds up to that many runner-up tokens as extra
+        (unexpanded) children at every step, each only if its p_acc reaches `min_sibling_p_acc`.
+        `score` maps a confidence to the acceptance probability used for the nodes' p_acc.
         """
         t0 = time.perf_counter()
         stats = state.stats.drafter(self.name)
@@ -57,7 +57,7 @@ class SelfDrafter:
             stats.forwards += 1
             nxt = []
             for leaf, row in zip(frontier, logits):
-                children = self._expand(tree, state, leaf, row, siblings, score)
+                children = self._expand(tree, state, leaf, row, siblings, score, min_sibling_p_acc)
                 new += children
                 main = children[0] if children else None
                 if (main is not None and tree.confidence[main] >= min_conf and tree.p_acc[main] >= min_p_acc
@@ -103,7 +103,7 @@ class SelfDrafter:
         return logits
 
     def _expand(self, tree: DraftTree, state: DecodeState, leaf: int, logits: torch.Tensor, siblings: int,
-                score: Callable[[float], float]) -> list[int]:
+                score: Callable[[float], float], min_sibling_p_acc: float = 0.0) -> list[int]:
         """Add the drafted child of `leaf` (first) and `siblings` runner-up children."""
         if tree.is_full:
             return []
@@ -114,10 +114,14 @@ class SelfDrafter:
             probs = q = logits_to_probs(logits, state.sampling)
             token = sample(q, state.generator)
         conf = float(probs[token])
-        out = [tree.add(leaf, token, self.name, conf, tree.p_acc[leaf] * score(conf), q)]
+        main = score(conf)  # calibrated P(drafted token accepted)
+        out = [tree.add(leaf, token, self.name, conf, tree.p_acc[leaf] * main, q)]
         if siblings:
             top = torch.topk(probs, siblings + 1)
             for p, t in zip(top.values.tolist(), top.indices.tolist()):
-                if t != token and len(out) <= siblings and not tree.is_full and p > 0:
-                    out.append(tree.add(leaf, t, self.name, p, tree.p_acc[leaf] * score(p)))
+                # a runner-up is accepted only when the drafted token is not, then as often as the
+                # drafter puts it among the remaining mass: P = (1 - main) * p / (1 - conf)
+                p_acc = tree.p_acc[leaf] * (1.0 - main) * min(1.0, p / max(1.0 - conf, 1e-6))
+                if t != token and len(out) <= siblings and not tree.is_full and p > 0 and p_acc >= min_sibling_p_acc:
+                    out.append(tree.add(leaf, t, self.name, p, p_acc))
         return out

@@ -8,13 +8,13 @@ weight traffic plus a few hundred microseconds, not a thousand small ops.
 """
 from __future__ import annotations
 
-import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from casspec.runtime import kernels
+from casspec.runtime import kernels, weight_cache
 from casspec.runtime.adapter import LlamaAdapter, make_adapter
 from casspec.runtime.backend import KernelBackend, TorchBackend
 from casspec.runtime.kv_cache import StaticKVCache
@@ -27,17 +27,20 @@ Masks = dict[str, torch.Tensor | None]
 class TargetRunner:
     """Runs forwards of one HF causal LM under execution plans."""
 
-    def __init__(self, model: nn.Module, use_kernels: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, use_kernels: bool | None = None, cache_dir: Path | None = None) -> None:
         self.model = model.eval()
+        self.cache_dir = cache_dir  # where quantized copies are kept between processes (None: never saved)
         self.adapter: LlamaAdapter = make_adapter(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         if use_kernels is None:
             use_kernels = self.device.type == "cpu" and self.dtype == torch.float32 and kernels.available()
         self.backend: TorchBackend = KernelBackend() if use_kernels else TorchBackend()
+        self.kernel_build = kernels.build_dir().name if use_kernels else "-"  # identifies the compiled kernels
         self.weights: ModelWeights = self.adapter.weights(tile=use_kernels)
         self._quantized: dict[str, ModelWeights] = {}
-        self.build_seconds = 0.0  # time spent building weight variants (reported by load())
+        self._fingerprint: str | None = None
+        self.build_log: list[tuple[str, float]] = []  # (what was built or read, seconds), in order
 
     @property
     def num_layers(self) -> int:
@@ -56,17 +59,34 @@ class TargetRunner:
         a = self.adapter
         return StaticKVCache(a.num_layers, a.num_kv_heads, a.head_dim, capacity, self.dtype, self.device)
 
-    def weights_for(self, plan: ExecutionPlan, progress: bool = False) -> ModelWeights:
-        """The projections a plan reads; quantized copies are built once (`load()` builds them up front)."""
+    def weights_for(self, plan: ExecutionPlan) -> ModelWeights:
+        """The projections a plan reads; quantized copies are made once (`load()` makes them up front)."""
         if not plan.quantized:
             return self.weights
         if plan.weights not in self._quantized:
-            t0 = time.perf_counter()
-            if progress:
-                print(f"casspec: quantizing {plan.weights} draft weights...", file=sys.stderr, flush=True)
-            self._quantized[plan.weights] = self.weights.quantized(plan.weights)
-            self.build_seconds += time.perf_counter() - t0
+            self._quantized[plan.weights] = self._load_or_quantize(plan.weights)
         return self._quantized[plan.weights]
+
+    def quantized_cache_path(self, kind: str) -> Path | None:
+        """Where the `kind` copy of these weights is kept on disk (None without a cache folder)."""
+        if self.cache_dir is None:
+            return None
+        if self._fingerprint is None:
+            self._fingerprint = weight_cache.fingerprint(self.model)
+        return weight_cache.cache_path(self.cache_dir, self._fingerprint, kind)
+
+    def _load_or_quantize(self, kind: str) -> ModelWeights:
+        t0 = time.perf_counter()
+        path = self.quantized_cache_path(kind)
+        weights = weight_cache.load(self.weights, kind, path) if path is not None else None
+        what = f"{kind} weights (read from cache)"
+        if weights is None:
+            weights = self.weights.quantized(kind)
+            what = f"{kind} weights"
+            if path is not None:
+                weight_cache.save(weights, path)
+        self.build_log.append((what, time.perf_counter() - t0))
+        return weights
 
     @torch.inference_mode()
     def forward(

@@ -10,10 +10,12 @@ The torch backend reads quantized weights dequantized (once, on first use).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
+PROJ_NAMES = ("qkv", "o", "gate_up", "down")
 TILE_ROWS, TILE_K = 4, 8  # the kernels' tile: 4 weight rows x 8 columns per step (cpu_kernels.cpp)
 INT4_GROUP = 64  # columns per int4 scale; not the GGUF's 32, so the draft is not the target's own 4-bit blocks
 
@@ -191,11 +193,6 @@ class LayerWeights:
     q_norm: torch.Tensor | None = None  # [D] per-head norms (Qwen3, Gemma 3)
     k_norm: torch.Tensor | None = None
 
-    def quantized(self, kind: str) -> LayerWeights:
-        """This layer with its projections quantized (norms shared)."""
-        return replace(self, qkv=quantize(self.qkv, kind), o=quantize(self.o, kind),
-                       gate_up=quantize(self.gate_up, kind), down=quantize(self.down, kind))
-
     def projections(self) -> list[Proj]:
         return [self.qkv, self.o, self.gate_up, self.down]
 
@@ -208,8 +205,22 @@ class ModelWeights:
     head: Proj
     final_norm: torch.Tensor  # [d]
 
+    def named_projections(self) -> dict[str, Proj]:
+        """Every projection by a stable key ("head", "<layer>.qkv", ...)."""
+        out = {"head": self.head}
+        for i, lw in enumerate(self.layers):
+            out.update({f"{i}.{name}": p for name, p in zip(PROJ_NAMES, lw.projections())})
+        return out
+
+    def map_projections(self, fn: Callable[[str, Proj], Proj]) -> ModelWeights:
+        """A copy with every projection replaced by fn(key, projection); norms are shared."""
+        layers = [replace(lw, **{name: fn(f"{i}.{name}", p) for name, p in zip(PROJ_NAMES, lw.projections())})
+                  for i, lw in enumerate(self.layers)]
+        return ModelWeights(layers, fn("head", self.head), self.final_norm)
+
     def quantized(self, kind: str) -> ModelWeights:
-        return ModelWeights([lw.quantized(kind) for lw in self.layers], quantize(self.head, kind), self.final_norm)
+        """Every projection quantized (`kind` "int8" or "int4")."""
+        return self.map_projections(lambda _key, p: quantize(p, kind))
 
     @property
     def nbytes(self) -> int:

@@ -31,10 +31,10 @@ def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_le
     return statistics.median(times[1:])
 
 
-def machine_key(model_name: str) -> str:
-    """Identifies (model, machine, software) for cached calibrations."""
+def machine_key(model_name: str, runner: TargetRunner) -> str:
+    """Identifies (model, machine, software, kernels) for cached calibrations."""
     info = [model_name, platform.machine(), platform.processor(), str(os.cpu_count()), torch.__version__,
-            str(torch.get_num_threads())]
+            str(torch.get_num_threads()), runner.backend.name, runner.kernel_build]
     return hashlib.sha1("|".join(info).encode()).hexdigest()[:12]
 
 
@@ -49,8 +49,9 @@ def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: La
 
 
 def load_or_calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], path: Path | None,
-                      **kwargs: object) -> LatencyModel:
-    """A calibrated LatencyModel, from `path` if it holds every plan, else measured now and saved there."""
+                      **kwargs: object) -> tuple[LatencyModel, bool]:
+    """A calibrated LatencyModel, from `path` if it holds every plan, else measured now and saved there.
+    The flag says whether any plan was measured now."""
     latency = LatencyModel()
     if path is not None and path.exists():
         try:
@@ -62,7 +63,18 @@ def load_or_calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], pat
         calibrate(runner, missing, latency, **kwargs)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(latency.state_dict()))
             tmp.replace(path)
-    return latency
+    return latency, bool(missing)
+
+
+def is_calibrated(path: Path | None, plans: list[str]) -> bool:
+    """Whether `path` holds a calibration covering `plans` (without measuring anything)."""
+    if path is None or not path.exists():
+        return False
+    try:
+        saved = json.loads(path.read_text()).get("plans", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(p in saved for p in plans)

@@ -70,6 +70,7 @@ class Option:
     rate: float  # predicted round EWIF after this expansion (tokens / s)
     score: float  # rate with the bottom-drafter tail heuristic, used for ranking
     min_p_acc: float = 0.0  # chains stop below this p_acc (marginal rule)
+    min_sibling_p_acc: float = 1.0  # a runner-up sibling is kept only above this p_acc (marginal rule)
     lookup: tuple[list[int], int] = ([], 0)
 
 
@@ -127,6 +128,7 @@ class DyTC:
             step = self._t_draft(best.level, len(best.group), ctx)
             dv = (self._t_verify(n + best.k * len(best.group), ctx) - self._t_verify(n, ctx)) / best.k
             best.min_p_acc = rate0 * (step + dv) / max(self._alpha(best.level, None), 1e-3)
+            best.min_sibling_p_acc = rate0 * max(dv, 0.0)  # a sibling costs one more verified node
         return best
 
     def _options(self, tree: DraftTree, state: DecodeState, leaf: int, level: Level, spent: float,
@@ -174,7 +176,7 @@ class DyTC:
             return
         score = level.estimator.token_prob if self.cfg.use_ema else (lambda _c: level.estimator.prior)
         level.drafter.propose(tree, state, opt.group, opt.k, siblings=self._siblings(), min_p_acc=opt.min_p_acc,
-                              score=score)
+                              min_sibling_p_acc=opt.min_sibling_p_acc, score=score)
 
     def _siblings(self) -> int:
         return self.cfg.siblings if self.cfg.use_tree else 0
@@ -206,7 +208,8 @@ class DyTC:
         for node in range(1, len(tree)):
             level = self.by_name.get(tree.drafter[node])
             if level is not None and tree.parents[node] in on_path:
-                level.estimator.observe(node in on_path, tree.confidence[node], _is_first_choice(tree, node))
+                if _is_first_choice(tree, node):  # runner-ups get their p_acc from the first choice's
+                    level.estimator.observe(node in on_path, tree.confidence[node])
         for plan, n_query, ctx, seconds in state.forward_log:
             if plan == "full" or plan in self.by_name:
                 self.latency.observe(plan, n_query, ctx, seconds)

@@ -1,0 +1,115 @@
+"""DrafterPool: the draft levels of one engine, built once and shared by every method.
+
+Each level is a DSIA "virtual" draft model (the target under an ExecutionPlan) or prompt lookup.
+`prepare()` makes up front, or reads from the per-model cache, everything a first generation would
+otherwise build inside itself: quantized weights, the latency model, cached layer sets.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from casspec.drafters.layer_search import LayerSetSearch
+from casspec.drafters.ngram import NgramDrafter
+from casspec.drafters.self_draft import SelfDrafter
+from casspec.runtime.plans import FULL, EarlyExit, ExecutionPlan, Int4, Int8
+from casspec.runtime.runner import TargetRunner
+from casspec.scheduler.acceptance import AcceptanceEstimator
+from casspec.scheduler.calibrate import is_calibrated, load_or_calibrate, machine_key
+from casspec.scheduler.dytc import DyTC, DyTCConfig, Level
+from casspec.scheduler.latency import LatencyModel
+
+# Default draft hierarchies, strongest first, prompt lookup last. On CPU the int8 copy (acceptance ~0.98 at
+# 0.4 of a target step) and prompt lookup pay; layer sparsity breaks these small models (README, "Draft
+# levels"). On GPU, where a forward is launch-bound, layer sparsity is the paper's DSIA.
+DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld")}
+DRAFTERS = ("int8", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
+# Starting acceptance estimates (the EMA takes over after one window of verified tokens). A level is only
+# tried while its estimate says it pays, so a pessimistic prior would never be corrected: these are the
+# teacher-forced top-1 agreements measured on both models (README, "Draft levels"), rounded down.
+PRIORS = {"int8": 0.95, "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
+_SKIP_LEVELS = {"skip0.4": (0.4, FULL), "skip0.6": (0.6, FULL), "int8+skip": (0.2, Int8())}
+
+
+class DrafterPool:
+    """Drafters built once per engine and shared by every method."""
+
+    def __init__(self, runner: TargetRunner, model_name: str, cache_dir: Path | None = None,
+                 hierarchy: tuple[str, ...] | None = None) -> None:
+        self.runner, self.model_name, self.cache_dir = runner, model_name, cache_dir
+        self.hierarchy = tuple(hierarchy or DEFAULT_HIERARCHY.get(runner.device.type, DEFAULT_HIERARCHY["cpu"]))
+        unknown = [d for d in self.hierarchy if d not in DRAFTERS]
+        if unknown or not self.hierarchy:
+            raise ValueError(f"unknown drafters {unknown} in hierarchy; choose from {DRAFTERS}")
+        self.ngram = NgramDrafter(name="pld")
+        self._self: dict[str, SelfDrafter] = {}
+        self.searches: dict[str, LayerSetSearch] = {}
+        self._latency: LatencyModel | None = None
+
+    def get(self, name: str) -> SelfDrafter | NgramDrafter:
+        """A drafter by hierarchy name."""
+        if name == "pld":
+            return self.ngram
+        if name not in self._self:
+            self._self[name] = SelfDrafter(self.runner, self._plan(name), name=name)
+        return self._self[name]
+
+    def _plan(self, name: str) -> ExecutionPlan:
+        if name in ("int8", "int4"):
+            return Int8() if name == "int8" else Int4()
+        if name == "exit":
+            return EarlyExit(max(1, round(0.6 * self.runner.num_layers)))
+        sparsity, base = _SKIP_LEVELS[name]
+        path = self.cache_dir / "layer_sets" / f"{self.model_name}-{name}.json" if self.cache_dir else None
+        self.searches[name] = LayerSetSearch(self.runner, sparsity, base=base, path=path)
+        return self.searches[name].plan
+
+    def self_names(self) -> list[str]:
+        """The self-draft levels of the hierarchy (int8 when it has none: the fixed baselines need one)."""
+        return [d for d in self.hierarchy if d != "pld"] or ["int8"]
+
+    def self_levels(self) -> list[SelfDrafter]:
+        return [self.get(d) for d in self.self_names()]
+
+    # ---- built once ---------------------------------------------------------------------------------
+    def prepare(self, progress: bool = True) -> None:
+        """Make (or read back) the draft weights and the latency model now, not inside a generation."""
+        pending = self._pending()
+        if progress and pending:
+            print(f"casspec: first use of {self.model_name} here, preparing {' and '.join(pending)} (once)...",
+                  file=sys.stderr, flush=True)
+        for drafter in self.self_levels():
+            self.runner.weights_for(drafter.plan)
+        self.latency()
+
+    def _pending(self) -> list[str]:
+        kinds = {self.get(d).plan.weights for d in self.self_names()} - {"fp32"}
+        out = [f"{k} weights" for k in sorted(kinds)
+               if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
+        if not is_calibrated(self._latency_path(), list(self._latency_plans())):
+            out.append("a latency model")
+        return out
+
+    def _latency_plans(self) -> dict[str, ExecutionPlan]:
+        return {"full": FULL, **{d: self.get(d).plan for d in DRAFTERS if d in self.self_names()}}
+
+    def _latency_path(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / "latency" / f"{machine_key(self.model_name, self.runner)}.json"
+
+    def latency(self) -> LatencyModel:
+        """The latency model, calibrated once per model and machine (cached on disk)."""
+        if self._latency is None:
+            t0 = time.perf_counter()
+            self._latency, measured = load_or_calibrate(self.runner, self._latency_plans(), self._latency_path())
+            what = "latency calibration" if measured else "latency model (read from cache)"
+            self.runner.build_log.append((what, time.perf_counter() - t0))
+        return self._latency
+
+    def dytc(self, levels: tuple[str, ...] | None = None, **switches: bool) -> DyTC:
+        names = levels or self.hierarchy
+        lv = [Level(self.get(d), AcceptanceEstimator(prior=PRIORS[d]), self.searches.get(d)) for d in names]
+        return DyTC(lv, self.latency(), replace(DyTCConfig(), **switches))
