@@ -242,15 +242,18 @@ def test_profile_writes_curve(tmp_path: Path) -> None:
     class FakeProfiled:
         name, context_length, plan_names = "fake", 2048, ("full", "int8")
 
-        def profile_forward(self, plan: str, n_query: int, ctx_len: int, repeats: int) -> float:
-            return (1.0 if plan == "full" else 0.5) * (1e-3 + 1e-4 * n_query)
+        def profile_forward(self, plan: str, n_query: int, ctx_len: int, repeats: int) -> dict[str, float]:
+            total = (1.0 if plan == "full" else 0.5) * (1e-3 + 1e-4 * n_query)
+            return {"total": total, "matmul": 0.8 * total, "attention": 0.1 * total, "rest": 0.2 * total}
 
-    args = _args(["profile", "--out", str(tmp_path), "--max-query", "4", "--repeats", "1",
+    args = _args(["profile", "--out", str(tmp_path), "--max-query", "6", "--repeats", "1",
                   "--no-progress"])
     assert bench_cli.profile_command(args, engine=FakeProfiled()) == 0
     result = json.loads((tmp_path / "profile.json").read_text())
-    assert result["n_query"] == [1, 2, 3, 4] and set(result["plans"]) == {"full", "int8"}
-    assert result["plans"]["int8"][3] == pytest.approx(0.5 * 1.4e-3)
+    assert result["n_query"] == [1, 2, 4, 6] and set(result["plans"]) == {"full", "int8"}
+    assert result["plans"]["int8"]["total"][2] == pytest.approx(0.5 * 1.4e-3)
+    assert result["plans"]["int8"]["matmul"][2] == pytest.approx(0.8 * 0.5 * 1.4e-3)
+    assert result["c"]["int8"] == pytest.approx([0.5] * 4) and result["c"]["full"] == pytest.approx([1.0] * 4)
     assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -260,4 +263,6 @@ def test_profile_on_the_tiny_engine(engine: Any, tmp_path: Path) -> None:
     assert bench_cli.profile_command(args, engine=engine) == 0
     result = json.loads((tmp_path / "profile.json").read_text())
     assert set(result["plans"]) == set(engine.plan_names) and result["ctx_len"] == 16
-    assert all(len(v) == 2 and all(s > 0 for s in v) for v in result["plans"].values())
+    for curves in result["plans"].values():
+        assert all(len(curves[part]) == 2 for part in ("total", "matmul", "rest"))
+        assert all(0 < m < t for m, t in zip(curves["matmul"], curves["total"]))

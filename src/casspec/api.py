@@ -37,7 +37,7 @@ class Engine:
         t0 = time.perf_counter()
         self.hf_model, self.tokenizer, self.name = model, tokenizer, name
         self.runner = TargetRunner(model, cache_dir=cache_dir)
-        self.pool = DrafterPool(self.runner, name, cache_dir, hierarchy)
+        self.pool = DrafterPool(self.runner, name, cache_dir, hierarchy, tokenizer)
         if prepare:  # draft weights and latency model now, so no generation pays for them
             self.pool.prepare(progress)
         self.load_seconds = time.perf_counter() - t0  # casspec.load() adds reading the model
@@ -132,14 +132,13 @@ class Engine:
         """Execution plans `profile_forward` can time: the target and every self-draft level."""
         return ("full",) + tuple(d for d in self.pool.hierarchy if d != "pld")
 
-    def profile_forward(self, plan_name: str, n_query: int, ctx_len: int, repeats: int = 3) -> float:
-        """Median seconds of one forward of `n_query` tokens over `ctx_len` cached tokens under a plan."""
-        from casspec.scheduler.calibrate import time_forward
+    def profile_forward(self, plan_name: str, n_query: int, ctx_len: int, repeats: int = 3) -> dict[str, float]:
+        """Median seconds of one forward of `n_query` tokens over `ctx_len` cached tokens under a plan:
+        {"total", "matmul" (the linears), "attention", "rest" (total - matmul)}."""
+        from casspec.scheduler.calibrate import forward_breakdown
 
         plan = FULL if plan_name == "full" else self.pool.get(plan_name).plan
-        return time_forward(self.runner, plan, n_query, ctx_len, repeats)
-
-
+        return forward_breakdown(self.runner, plan, n_query, ctx_len, repeats)
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids: set[int] = set()

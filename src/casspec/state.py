@@ -22,6 +22,7 @@ class DecodeState:
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = field(default_factory=frozenset)
     forward_log: list[tuple[str, int, int, float]] = field(default_factory=list)  # (plan, n_query, ctx_len, s)
+    vocab_seen: int = 0  # tokens[:vocab_seen] already added to a pruned draft head's vocabulary
 
     def log_forward(self, plan: str, n_query: int, seconds: float, ctx_len: int | None = None) -> None:
         """Record one forward's cost for the latency model (read by the scheduler, cleared after each step)."""

@@ -59,11 +59,11 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "profile", help="verification cost curve: target forward time vs query tokens, per plan")
+        "profile", help="forward cost per plan vs query tokens: total, matmul part, rest, and c vs full")
     p.add_argument("--model", default=None, help="model (default: the default model)")
     p.add_argument("--out", default=None, help="output dir (default bench_out/profile-<timestamp>)")
     p.add_argument("--ctx-len", type=int, default=512, help="context length held fixed (default 512)")
-    p.add_argument("--max-query", type=int, default=32, help="sweep query tokens 1..N (default 32)")
+    p.add_argument("--max-query", type=int, default=32, help="sweep query tokens 1, 2, 4, ... N (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per point; median (default 5)")
     p.add_argument("--plans", default=None, help="comma list of plan names (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

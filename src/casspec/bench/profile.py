@@ -1,9 +1,9 @@
-"""Verification cost curve: median time of one target forward vs number of query tokens.
+"""Forward cost per execution plan: total, the matmul (weight-traffic) part and the rest, vs query tokens.
 
-On CPU the cost of verifying n draft tokens grows with n, and how fast depends on the execution
-plan and matmul layout (DESIGN.md section 4), so the scheduler's latency model must be measured
-on the machine. This sweeps n_query = 1..max_query at a fixed context length for each plan the
-engine exposes (`engine.plan_names`, `engine.profile_forward`).
+A draft level is only worth its cost relative to the target: c = t(plan) / t(full) at the same number
+of query tokens. This sweeps n_query at a fixed context for every plan the engine exposes
+(`engine.plan_names`, `engine.profile_forward`) and splits each forward into the time spent in the
+linears ("matmul") and everything else ("rest": attention, RoPE, norms, Python and dispatch).
 """
 from __future__ import annotations
 
@@ -16,10 +16,21 @@ import torch
 
 from casspec.errors import InvalidRequestError
 
+PARTS = ("total", "matmul", "rest")
+
+
+def query_sizes(max_query: int) -> list[int]:
+    """1, 2, 4, 8, ... up to max_query (max_query itself included)."""
+    out, q = [], 1
+    while q < max_query:
+        out.append(q)
+        q *= 2
+    return out + [max_query]
+
 
 def run_profile(engine: Any, *, ctx_len: int = 512, max_query: int = 32, repeats: int = 5,
                 plans: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """{"n_query": [...], "plans": {plan: [median seconds per n_query]}, ...}."""
+    """{"n_query": [...], "plans": {plan: {"total"|"matmul"|"rest": [median s per n_query]}}, "c": ...}."""
     from tqdm.auto import tqdm
 
     if not hasattr(engine, "profile_forward") or not hasattr(engine, "plan_names"):
@@ -29,35 +40,48 @@ def run_profile(engine: Any, *, ctx_len: int = 512, max_query: int = 32, repeats
     if unknown:
         raise InvalidRequestError(f"unknown plan(s) {unknown}; engine has: {', '.join(engine.plan_names)}")
     ctx_len = min(ctx_len, int(engine.context_length) - max_query)
-    queries = list(range(1, max_query + 1))
-    curves: dict[str, list[float]] = {plan: [] for plan in names}
+    queries = query_sizes(max_query)
+    curves = {plan: {part: [] for part in PARTS} for plan in names}
     bar = tqdm(total=len(names) * len(queries), desc="profile", unit="pt", disable=not progress)
     for n in queries:  # plans interleaved per point, so a burst of machine noise hits all of them
         for plan in names:
-            curves[plan].append(float(engine.profile_forward(plan, n, ctx_len, repeats)))
+            point = engine.profile_forward(plan, n, ctx_len, repeats)
+            for part in PARTS:
+                curves[plan][part].append(float(point[part]))
             bar.update(1)
     bar.close()
-    return {"model": engine.name, "ctx_len": ctx_len, "repeats": repeats, "n_query": queries,
-            "plans": curves, "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "torch": torch.__version__}
+    c = {}
+    if "full" in curves:
+        full = curves["full"]["total"]
+        c = {plan: [t / f if f > 0 else 0.0 for t, f in zip(cur["total"], full)] for plan, cur in curves.items()}
+    return {"model": engine.name, "ctx_len": ctx_len, "repeats": repeats, "n_query": queries, "plans": curves,
+            "c": c, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch": torch.__version__}
 
 
 def plot_profile(result: dict[str, Any], path: Path) -> str:
-    """Milliseconds per forward vs query tokens, one line per plan."""
+    """Milliseconds per forward vs query tokens: total (solid) and matmul part (dashed), one colour per plan."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for plan, secs in result["plans"].items():
-        ax.plot(result["n_query"], [1e3 * s for s in secs], marker="o", markersize=3, label=plan)
+    colours = matplotlib.colormaps["tab10"].colors
+    for i, (plan, cur) in enumerate(result["plans"].items()):
+        colour = colours[i % len(colours)]
+        ax.plot(result["n_query"], [1e3 * s for s in cur["total"]], marker="o", markersize=3, color=colour,
+                label=f"{plan} total")
+        ax.plot(result["n_query"], [1e3 * s for s in cur["matmul"]], linestyle="--", color=colour,
+                label=f"{plan} matmul")
+    ax.set_xscale("log", base=2)
     ax.set_xlabel("query tokens in one forward")
     ax.set_ylabel("median ms per forward")
     ax.set_title(f"{result['model']}: forward cost at context {result['ctx_len']}")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path.name
@@ -73,21 +97,16 @@ def write_profile(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
 
 
 def print_profile(result: dict[str, Any], console: Any = None) -> None:
-    """Rows = query tokens, columns = plans: ms per forward and cost relative to one query token."""
+    """One row per (plan, query tokens): total, matmul and rest in ms, and c = total / full's total."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    plans = list(result["plans"])
-    t = Table(title=f"{result['model']}: verification cost, context {result['ctx_len']} "
-                    f"(ms per forward, x = relative to 1 query token)")
-    t.add_column("n_query", justify="right")
-    for p in plans:
-        t.add_column(p, justify="right")
-    for i, n in enumerate(result["n_query"]):
-        cells = []
-        for p in plans:
-            s, s1 = result["plans"][p][i], result["plans"][p][0]
-            cells.append(f"{1e3 * s:.2f} ({s / s1:.2f}x)" if s1 > 0 else f"{1e3 * s:.2f}")
-        t.add_row(str(n), *cells)
+    t = Table(title=f"{result['model']}: forward cost at context {result['ctx_len']} (median ms)")
+    for col in ("plan", "n_query", "total", "matmul", "rest", "c vs full"):
+        t.add_column(col, justify="left" if col == "plan" else "right")
+    for plan, cur in result["plans"].items():
+        for i, n in enumerate(result["n_query"]):
+            c = result["c"].get(plan)
+            t.add_row(plan, str(n), *(f"{1e3 * cur[p][i]:.2f}" for p in PARTS), f"{c[i]:.2f}" if c else "-")
     console.print(t)

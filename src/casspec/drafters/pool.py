@@ -11,11 +11,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
-from casspec.runtime.plans import FULL, EarlyExit, ExecutionPlan, Int4, Int8
+from casspec.runtime.plans import FULL, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
 from casspec.runtime.runner import TargetRunner
+from casspec.runtime.vocab import DraftVocab, corpus_texts, rank_tokens
 from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.calibrate import is_calibrated, load_or_calibrate, machine_key
 from casspec.scheduler.dytc import DyTC, DyTCConfig, Level
@@ -25,11 +28,12 @@ from casspec.scheduler.latency import LatencyModel
 # 0.4 of a target step) and prompt lookup pay; layer sparsity breaks these small models (README, "Draft
 # levels"). On GPU, where a forward is launch-bound, layer sparsity is the paper's DSIA.
 DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld")}
-DRAFTERS = ("int8", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
+LARGE_VOCAB = 131072  # from here on the CPU default drafts with a pruned head ("int8v"): the head dominates
+DRAFTERS = ("int8", "int8v", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
 # Starting acceptance estimates (the EMA takes over after one window of verified tokens). A level is only
 # tried while its estimate says it pays, so a pessimistic prior would never be corrected: these are the
 # teacher-forced top-1 agreements measured on both models (README, "Draft levels"), rounded down.
-PRIORS = {"int8": 0.95, "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
+PRIORS = {"int8": 0.95, "int8v": 0.93, "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
 _SKIP_LEVELS = {"skip0.4": (0.4, FULL), "skip0.6": (0.6, FULL), "int8+skip": (0.2, Int8())}
 
 
@@ -37,9 +41,9 @@ class DrafterPool:
     """Drafters built once per engine and shared by every method."""
 
     def __init__(self, runner: TargetRunner, model_name: str, cache_dir: Path | None = None,
-                 hierarchy: tuple[str, ...] | None = None) -> None:
-        self.runner, self.model_name, self.cache_dir = runner, model_name, cache_dir
-        self.hierarchy = tuple(hierarchy or DEFAULT_HIERARCHY.get(runner.device.type, DEFAULT_HIERARCHY["cpu"]))
+                 hierarchy: tuple[str, ...] | None = None, tokenizer: object = None) -> None:
+        self.runner, self.model_name, self.cache_dir, self.tokenizer = runner, model_name, cache_dir, tokenizer
+        self.hierarchy = tuple(hierarchy or default_hierarchy(runner))
         unknown = [d for d in self.hierarchy if d not in DRAFTERS]
         if unknown or not self.hierarchy:
             raise ValueError(f"unknown drafters {unknown} in hierarchy; choose from {DRAFTERS}")
@@ -59,6 +63,9 @@ class DrafterPool:
     def _plan(self, name: str) -> ExecutionPlan:
         if name in ("int8", "int4"):
             return Int8() if name == "int8" else Int4()
+        if name == "int8v":
+            self._draft_vocab()
+            return Int8() | PrunedVocab()
         if name == "exit":
             return EarlyExit(max(1, round(0.6 * self.runner.num_layers)))
         sparsity, base = _SKIP_LEVELS[name]
@@ -84,12 +91,37 @@ class DrafterPool:
             self.runner.weights_for(drafter.plan)
         self.latency()
 
+    def _draft_vocab(self) -> None:
+        """Give the runner its DraftVocab: the core ranking is computed once per model and cached."""
+        if self.runner.vocab is not None:
+            return
+        t0 = time.perf_counter()
+        path = self._vocab_path()
+        order = torch.load(path) if path is not None and path.exists() else None
+        what = "draft vocabulary (read from cache)"
+        if order is None:
+            if self.tokenizer is None:
+                raise ValueError("a pruned draft vocabulary needs the tokenizer (to rank tokens on the built-in text)")
+            order = rank_tokens(self.runner, [self.tokenizer.encode(t) for t in corpus_texts()])
+            what = "draft vocabulary"
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(order, path)
+        self.runner.vocab = DraftVocab(self.runner.weights.head, order)
+        self.runner.build_log.append((what, time.perf_counter() - t0))
+
+    def _vocab_path(self) -> Path | None:
+        key = self.runner.fingerprint()
+        return None if key is None or self.cache_dir is None else self.cache_dir / "vocab" / f"{key}.pt"
+
     def _pending(self) -> list[str]:
         kinds = {self.get(d).plan.weights for d in self.self_names()} - {"fp32"}
         out = [f"{k} weights" for k in sorted(kinds)
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
         if not is_calibrated(self._latency_path(), list(self._latency_plans())):
             out.append("a latency model")
+        if "int8v" in self.self_names() and ((path := self._vocab_path()) is None or not path.exists()):
+            out.append("a draft vocabulary")
         return out
 
     def _latency_plans(self) -> dict[str, ExecutionPlan]:
@@ -113,3 +145,11 @@ class DrafterPool:
         names = levels or self.hierarchy
         lv = [Level(self.get(d), AcceptanceEstimator(prior=PRIORS[d]), self.searches.get(d)) for d in names]
         return DyTC(lv, self.latency(), replace(DyTCConfig(), **switches))
+
+
+def default_hierarchy(runner: TargetRunner) -> tuple[str, ...]:
+    """The measured best levels for the device; large vocabularies draft with a pruned head on CPU."""
+    device = runner.device.type if runner.device.type in DEFAULT_HIERARCHY else "cpu"
+    if device == "cpu" and runner.vocab_size >= LARGE_VOCAB:
+        return ("int8v", "pld")
+    return DEFAULT_HIERARCHY[device]

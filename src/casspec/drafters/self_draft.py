@@ -48,16 +48,17 @@ class SelfDrafter:
         """
         t0 = time.perf_counter()
         stats = state.stats.drafter(self.name)
+        ids = self._token_ids(state)
         new: list[int] = []
         frontier = [f for f in leaves if tree.depth[f] < state.max_depth()]
         for _ in range(k):
             if not frontier or tree.is_full:
                 break
-            logits = self._forward(tree, state, frontier)  # [len(frontier), V]
+            logits = self._forward(tree, state, frontier)  # [len(frontier), V] (pruned head: V')
             stats.forwards += 1
             nxt = []
             for leaf, row in zip(frontier, logits):
-                children = self._expand(tree, state, leaf, row, siblings, score, min_sibling_p_acc)
+                children = self._expand(tree, state, leaf, row, ids, siblings, score, min_sibling_p_acc)
                 new += children
                 main = children[0] if children else None
                 if (main is not None and tree.confidence[main] >= min_conf and tree.p_acc[main] >= min_p_acc
@@ -74,18 +75,31 @@ class SelfDrafter:
         not have drafted (greedy), and this plan's own token replaces it. Returns the new chain end.
         """
         t0 = time.perf_counter()
+        ids = self._token_ids(state)
         parent = tree.parents[chain[0]]
         logits = self._forward(tree, state, [parent] + chain[:-1])  # [len(chain), V]
         state.stats.drafter(self.name).forwards += 1
-        mine = logits.argmax(-1).tolist()
+        best = logits.argmax(-1)
+        mine = (best if ids is None else ids[best]).tolist()
         keep = next((j for j, node in enumerate(chain) if tree.tokens[node] != mine[j]), len(chain))
         end = chain[keep - 1] if keep else parent
         if keep < len(chain):
             tree.truncate(chain[keep])
-            conf = float(torch.softmax(logits[keep].float(), -1)[mine[keep]])
+            conf = float(torch.softmax(logits[keep].float(), -1)[best[keep]])
             end = tree.add(end, mine[keep], self.name, conf, tree.p_acc[end] * conf)
         state.stats.drafter(self.name).time += time.perf_counter() - t0
         return end
+
+    def _token_ids(self, state: DecodeState) -> torch.Tensor | None:
+        """Token id per logit column under this plan (None: the full vocabulary, column j = token j).
+        A pruned draft head learns the context's tokens first, so they can be drafted."""
+        if not self.plan.vocab:
+            return None
+        vocab = self.runner.draft_vocab()
+        if state.vocab_seen < len(state.tokens):
+            vocab.add(state.tokens[state.vocab_seen:])
+            state.vocab_seen = len(state.tokens)
+        return vocab.ids
 
     def _forward(self, tree: DraftTree, state: DecodeState, frontier: list[int]) -> torch.Tensor:
         """Run the frontier nodes plus every path node lacking this plan's KV; logits at the frontier."""
@@ -102,26 +116,29 @@ class SelfDrafter:
             tree.kv_layers[r] = tree.kv_layers[r] | self.kv_layers
         return logits
 
-    def _expand(self, tree: DraftTree, state: DecodeState, leaf: int, logits: torch.Tensor, siblings: int,
-                score: Callable[[float], float], min_sibling_p_acc: float = 0.0) -> list[int]:
+    def _expand(self, tree: DraftTree, state: DecodeState, leaf: int, logits: torch.Tensor,
+                ids: torch.Tensor | None, siblings: int, score: Callable[[float], float],
+                min_sibling_p_acc: float = 0.0) -> list[int]:
         """Add the drafted child of `leaf` (first) and `siblings` runner-up children."""
         if tree.is_full:
             return []
+        token_of = (lambda j: j) if ids is None else (lambda j: int(ids[j]))
         if state.sampling.is_greedy:
-            q, probs = None, torch.softmax(logits.float(), dim=-1)
-            token = int(probs.argmax())
+            q, probs = None, torch.softmax(logits.float(), dim=-1)  # [V] (or [V'])
+            j = int(probs.argmax())
         else:
-            probs = q = logits_to_probs(logits, state.sampling)
-            token = sample(q, state.generator)
-        conf = float(probs[token])
+            probs = logits_to_probs(logits, state.sampling)
+            j = sample(probs, state.generator)
+            q = probs if ids is None else probs.new_zeros(self.runner.vocab_size).index_copy_(0, ids, probs)
+        conf = float(probs[j])
         main = score(conf)  # calibrated P(drafted token accepted)
-        out = [tree.add(leaf, token, self.name, conf, tree.p_acc[leaf] * main, q)]
+        out = [tree.add(leaf, token_of(j), self.name, conf, tree.p_acc[leaf] * main, q)]
         if siblings:
             top = torch.topk(probs, siblings + 1)
-            for p, t in zip(top.values.tolist(), top.indices.tolist()):
+            for p, i in zip(top.values.tolist(), top.indices.tolist()):
                 # a runner-up is accepted only when the drafted token is not, then as often as the
                 # drafter puts it among the remaining mass: P = (1 - main) * p / (1 - conf)
                 p_acc = tree.p_acc[leaf] * (1.0 - main) * min(1.0, p / max(1.0 - conf, 1e-6))
-                if t != token and len(out) <= siblings and not tree.is_full and p > 0 and p_acc >= min_sibling_p_acc:
-                    out.append(tree.add(leaf, t, self.name, p, p_acc))
+                if i != j and len(out) <= siblings and not tree.is_full and p > 0 and p_acc >= min_sibling_p_acc:
+                    out.append(tree.add(leaf, token_of(i), self.name, p, p_acc))
         return out

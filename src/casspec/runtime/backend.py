@@ -12,6 +12,8 @@ has no tiled weights. Both compute the same function; tests hold them to allclos
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +110,30 @@ class KernelBackend(TorchBackend):
 
     def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
         self.ops.add_rms_norm(h, x, w, eps)
+
+
+class TimedBackend:
+    """Wraps a backend and adds up the seconds spent in its linears and in everything else it runs
+    (`casspec profile`: how much of a forward is weight traffic and how much is the rest)."""
+
+    def __init__(self, inner: TorchBackend) -> None:
+        self.inner, self.name = inner, inner.name
+        self.seconds = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+
+    def _timed(self, kind: str, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[kind] += time.perf_counter() - t0
+        return out
+
+    def linear(self, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        return self._timed("linear", self.inner.linear, *args, **kwargs)
+
+    def attention(self, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        return self._timed("attention", self.inner.attention, *args, **kwargs)
+
+    def rope_kv(self, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        return self._timed("other", self.inner.rope_kv, *args, **kwargs)
+
+    def add_rms_norm(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        return self._timed("other", self.inner.add_rms_norm, *args, **kwargs)

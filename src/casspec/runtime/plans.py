@@ -6,6 +6,7 @@ inference accelerations of the same weights and the same KV cache:
     LayerSkip(attn={3, 4}, mlp={4})   skip attention / MLP sub-layers (layer sparsity)
     Int8(), Int4()                    weight-only int8 / group-wise int4 copies of every projection
     EarlyExit(12)                     run layers [0, 12) then the final norm and head
+    PrunedVocab()                     score only the draft vocabulary's rows of the head (vocabulary sparsity)
     Int8() | LayerSkip(mlp={5})       mixing: compose orthogonal accelerations
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ class ExecutionPlan:
     skip_attn: frozenset[int] = field(default_factory=frozenset)  # layers whose attention sub-layer is skipped
     skip_mlp: frozenset[int] = field(default_factory=frozenset)  # layers whose MLP sub-layer is skipped
     exit_layer: int | None = None  # run layers [0, exit_layer) only
+    vocab: bool = False  # score only the runner's DraftVocab (a pruned draft head); logits follow its ids
 
     def __or__(self, other: ExecutionPlan) -> ExecutionPlan:
         """Mix two plans: union of accelerations."""
@@ -33,6 +35,7 @@ class ExecutionPlan:
             skip_attn=self.skip_attn | other.skip_attn,
             skip_mlp=self.skip_mlp | other.skip_mlp,
             exit_layer=min(exits) if exits else None,
+            vocab=self.vocab or other.vocab,
         )
 
     @property
@@ -65,6 +68,8 @@ class ExecutionPlan:
             parts.append(f"skip(a{len(self.skip_attn)},m{len(self.skip_mlp)})")
         if self.exit_layer is not None:
             parts.append(f"exit{self.exit_layer}")
+        if self.vocab:
+            parts.append("vocab")
         return "+".join(parts) or "full"
 
 
@@ -89,6 +94,11 @@ def Int8() -> ExecutionPlan:  # noqa: N802
 def Int4() -> ExecutionPlan:  # noqa: N802
     """Group-wise int4 weights (fp16 scale and min per 64 columns), fp32 activations."""
     return ExecutionPlan(weights="int4")
+
+
+def PrunedVocab() -> ExecutionPlan:  # noqa: N802
+    """Score only the draft vocabulary (runtime/vocab.py) instead of every row of the head."""
+    return ExecutionPlan(vocab=True)
 
 
 def EarlyExit(layer: int) -> ExecutionPlan:  # noqa: N802

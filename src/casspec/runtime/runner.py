@@ -19,6 +19,7 @@ from casspec.runtime.adapter import LlamaAdapter, make_adapter
 from casspec.runtime.backend import KernelBackend, TorchBackend
 from casspec.runtime.kv_cache import StaticKVCache
 from casspec.runtime.plans import FULL, ExecutionPlan
+from casspec.runtime.vocab import DraftVocab
 from casspec.runtime.weights import LayerWeights, ModelWeights
 
 Masks = dict[str, torch.Tensor | None]
@@ -40,6 +41,7 @@ class TargetRunner:
         self.weights: ModelWeights = self.adapter.weights(tile=use_kernels)
         self._quantized: dict[str, ModelWeights] = {}
         self._fingerprint: str | None = None
+        self.vocab: DraftVocab | None = None  # what PrunedVocab plans score (set by the drafter pool)
         self.build_log: list[tuple[str, float]] = []  # (what was built or read, seconds), in order
 
     @property
@@ -67,13 +69,16 @@ class TargetRunner:
             self._quantized[plan.weights] = self._load_or_quantize(plan.weights)
         return self._quantized[plan.weights]
 
+    def fingerprint(self) -> str | None:
+        """A short id of these weights for cache file names (None without a cache folder)."""
+        if self.cache_dir is not None and self._fingerprint is None:
+            self._fingerprint = weight_cache.fingerprint(self.model)
+        return self._fingerprint
+
     def quantized_cache_path(self, kind: str) -> Path | None:
         """Where the `kind` copy of these weights is kept on disk (None without a cache folder)."""
-        if self.cache_dir is None:
-            return None
-        if self._fingerprint is None:
-            self._fingerprint = weight_cache.fingerprint(self.model)
-        return weight_cache.cache_path(self.cache_dir, self._fingerprint, kind)
+        key = self.fingerprint()
+        return None if key is None else weight_cache.cache_path(self.cache_dir, key, kind)
 
     def _load_or_quantize(self, kind: str) -> ModelWeights:
         t0 = time.perf_counter()
@@ -100,7 +105,8 @@ class TargetRunner:
         key_positions: torch.Tensor | None = None,  # [kv_len]; None = slot index
         logits_rows: torch.Tensor | None = None,  # [r] rows needing logits; None = all
     ) -> torch.Tensor:  # [r, V] fp32 (or [0, V] if no rows)
-        """One forward of `q` tokens under `plan`; returns logits for the requested rows."""
+        """One forward of `q` tokens under `plan`; returns logits for the requested rows (a PrunedVocab plan:
+        over `token_ids(plan)`)."""
         a, ops = self.adapter, self.backend
         w = self.weights_for(plan)
         input_ids, positions, slots, allowed, key_positions, logits_rows = (
@@ -122,7 +128,19 @@ class TargetRunner:
             if logits_rows.numel() == 0:
                 return h.new_empty(0, a.vocab_size, dtype=torch.float32)
             h = h[logits_rows]
+        if plan.vocab:  # [r, V'] over self.vocab.ids
+            parts = [ops.linear(h, head, w.final_norm, a.eps) for head in self.draft_vocab().heads(plan.weights)]
+            return a.softcap(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).float()
         return a.softcap(ops.linear(h, w.head, w.final_norm, a.eps)).float()
+
+    def draft_vocab(self) -> DraftVocab:
+        if self.vocab is None:
+            raise RuntimeError("a PrunedVocab plan needs runner.vocab (DrafterPool.prepare sets it)")
+        return self.vocab
+
+    def token_ids(self, plan: ExecutionPlan) -> torch.Tensor | None:
+        """Token id of each logit column `forward` returns under `plan` (None: column j is token j)."""
+        return self.draft_vocab().ids if plan.vocab else None
 
     def _attention(self, lw: LayerWeights, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    mask: torch.Tensor | None, cache: StaticKVCache, slots: torch.Tensor, kv_len: int) -> None:

@@ -36,9 +36,10 @@ class Proj:
     group: int = 0  # int4 columns per scale
     _dense: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
-    @property
-    def n(self) -> int:
-        return sum(self.sizes)
+    n: int = field(init=False)  # output rows, sum(sizes)
+
+    def __post_init__(self) -> None:
+        self.n = sum(self.sizes)
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from casspec.runtime.backend import TimedBackend
 from casspec.scheduler.latency import LatencyModel, calibration_grid
 from casspec.runtime.plans import ExecutionPlan
 from casspec.runtime.runner import TargetRunner
@@ -18,17 +19,33 @@ from casspec.runtime.runner import TargetRunner
 
 def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3) -> float:
     """Median seconds of one forward of `n_query` tokens on top of `ctx_len` cached ones (one warm-up)."""
+    return forward_breakdown(runner, plan, n_query, ctx_len, repeats, timed=False)["total"]
+
+
+def forward_breakdown(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3,
+                      timed: bool = True) -> dict[str, float]:
+    """Medians over `repeats` forwards (after one warm-up) of the total seconds and, with `timed`, of the
+    seconds in the backend's linears ("matmul"), attention and everything else ("rest" = total - matmul)."""
     cache = runner.new_cache(ctx_len + n_query + 1)
     cache.length = ctx_len
     ids = torch.randint(0, min(runner.vocab_size, 1000), (n_query,))
     pos = torch.arange(ctx_len, ctx_len + n_query)
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        runner.forward(ids, pos, pos, cache, plan)
-        runner.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    backend = runner.backend
+    rows: list[dict[str, float]] = []
+    try:
+        for _ in range(repeats + 1):
+            if timed:
+                runner.backend = TimedBackend(backend)
+            t0 = time.perf_counter()
+            runner.forward(ids, pos, pos, cache, plan)
+            runner.synchronize()
+            total = time.perf_counter() - t0
+            parts = runner.backend.seconds if timed else {"linear": 0.0, "attention": 0.0}
+            rows.append({"total": total, "matmul": parts["linear"], "attention": parts["attention"],
+                         "rest": total - parts["linear"]})
+    finally:
+        runner.backend = backend
+    return {k: statistics.median(r[k] for r in rows[1:]) for k in rows[0]}
 
 
 def machine_key(model_name: str, runner: TargetRunner) -> str:

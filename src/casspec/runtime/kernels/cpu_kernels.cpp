@@ -415,11 +415,13 @@ void attend_block(const AttnArgs& a, int64_t h, int64_t m, int64_t b, std::vecto
       const int64_t n = std::min<int64_t>(KS, len - j);
       __m256 s = n == KS ? scores8<true>(qg, kc, j0 + j, n, a.D) : scores8<false>(qg, kc, j0 + j, n, a.D);
       s = _mm256_mul_ps(s, _mm256_set1_ps(a.scale));
-      alignas(32) float tmp[KS];
-      _mm256_store_ps(tmp, s);
-      for (int t = 0; t < KS; ++t)
-        if (j + t >= len || (allow && !allow[j0 + j + t])) tmp[t] = -INFINITY;
-      s = _mm256_load_ps(tmp);
+      if (allow || n < KS) {  // masked keys and the padding of the last chunk score -inf
+        alignas(32) float tmp[KS];
+        _mm256_store_ps(tmp, s);
+        for (int t = 0; t < KS; ++t)
+          if (t >= n || (allow && !allow[j0 + j + t])) tmp[t] = -INFINITY;
+        s = _mm256_load_ps(tmp);
+      }
       _mm256_storeu_ps(p.data() + j, s);
       vmx = _mm256_max_ps(vmx, s);
     }
@@ -485,14 +487,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   auto out = at::empty({M, H * D}, q.options());
   AttnArgs a{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), al, M, H, G, D, S, kv_len,
              blocks, static_cast<float>(scale), part.data_ptr<float>()};
-  at::parallel_for(0, Hkv * M * blocks, 1, [&](int64_t i0, int64_t i1) {
+  // A work item of fewer than ~64k multiply-adds is not worth waking a second thread for.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * D * std::min(kv_len, KEY_BLOCK) * 2));
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, Hkv * M * blocks, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) attend_block(a, i / (M * blocks), (i / blocks) % M, i % blocks, p);
   });
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, Hkv * M, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) merge_blocks(a, i / M, i % M, op);
-  });
+  for (int64_t i = 0; i < Hkv * M; ++i) merge_blocks(a, i / M, i % M, op);
   return out;
 }
 
