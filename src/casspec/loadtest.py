@@ -1,12 +1,18 @@
 """``casspec loadtest``: a small, bounded load test against a running ``casspec serve`` (or any OpenAI server).
 
-N client threads send chat (or text) completion requests back to back for a fixed duration, then it
-prints requests served, errors, latency percentiles, time to first token (with --stream) and token
-throughput, plus the server's own counters (/metrics delta: tokens/s, mean accepted length) when present.
-Standard library only (urllib + threads); it always stops by itself: no new request starts after
---duration, and each request has a timeout.
+Two exclusive modes drive the server for --duration seconds:
+
+* closed loop (default): --clients N threads send chat (or text) completion requests back to back;
+* open loop: --rate R requests/s arrive as a Poisson process (exponential gaps from random.Random(--seed)),
+  each in its own thread, at most --max-inflight at once; arrivals over that cap are counted as dropped.
+
+It prints requests served, errors, throughput, latency percentiles and, with --stream, time to first token,
+inter-token latency and time per output token (see casspec.loadtest_stats), plus the server's own counters
+(/metrics delta: tokens/s, mean accepted length) when present. Standard library only (urllib + threads);
+it always stops by itself: no new request starts after --duration, and each request has a timeout.
 
     casspec loadtest --url http://127.0.0.1:8000 --clients 4 --duration 60 --max-tokens 64
+    casspec loadtest --url http://127.0.0.1:8000 --rate 2 --duration 60 --stream
 """
 from __future__ import annotations
 
@@ -19,6 +25,14 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+
+from casspec.loadtest_stats import fill_report, format_summary, poisson_arrivals, server_delta, summary
+from casspec.loadtest_stats import percentile  # noqa: F401  (re-exported: callers import it from here)
+
+_summary, _server_delta = summary, server_delta  # former private names, kept for callers
+
+DEFAULT_CLIENTS = 4
+DEFAULT_MAX_INFLIGHT = 64
 
 PROMPTS = [
     "Explain what a hash table is in two sentences.",
@@ -40,12 +54,13 @@ class Sample:
     error: str = ""
     completion_tokens: int = 0
     ttft: float | None = None
+    itl: list[float] = field(default_factory=list)  # gaps between consecutive content chunks (streaming)
 
 
 @dataclass
 class Report:
     url: str
-    clients: int
+    clients: int  # fixed clients (closed loop); 0 in poisson mode
     duration_s: float  # the window in which new requests start
     max_tokens: int
     endpoint: str
@@ -61,21 +76,20 @@ class Report:
     tokens_per_s: float = 0.0
     requests_per_s: float = 0.0
     server: dict = field(default_factory=dict)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100); 0.0 for no values."""
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
-
-
-def _summary(values: list[float]) -> dict:
-    if not values:
-        return {}
-    return {"p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
-            "mean": sum(values) / len(values), "max": max(values)}
+    mode: str = "clients"  # "clients" (closed loop) or "poisson" (open loop at `rate`)
+    rate: float | None = None  # configured Poisson arrival rate, requests/s
+    seed: int | None = None
+    max_inflight: int | None = None
+    arrivals: int = 0  # requests the load generator wanted to send in the window (sent + dropped)
+    dropped: int = 0  # poisson arrivals not sent because max_inflight requests were already in flight
+    peak_inflight: int = 0
+    offered_requests_per_s: float = 0.0  # arrivals / duration_s
+    achieved_requests_per_s: float = 0.0  # successful requests / wall_s (same as requests_per_s)
+    itl_s: dict = field(default_factory=dict)  # pooled inter-chunk gaps, see itl_note
+    itl_samples: int = 0
+    tpot_s: dict = field(default_factory=dict)  # per-request (latency - ttft) / (completion_tokens - 1)
+    tpot_samples: int = 0
+    itl_note: str = ""
 
 
 class Client:
@@ -98,6 +112,7 @@ class Client:
             return None
 
     def request(self, endpoint: str, prompt: str, max_tokens: int, temperature: float, stream: bool) -> Sample:
+        """Send one completion request and time it (with --stream: each content chunk too)."""
         body: dict = {"max_tokens": max_tokens, "temperature": temperature, "stream": stream}
         if endpoint == "chat":
             path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
@@ -108,30 +123,11 @@ class Client:
         t0 = time.perf_counter()
         try:
             with self._open("POST", path, body) as r:
-                if not stream:
-                    data = json.loads(r.read())
-                    return Sample(True, time.perf_counter() - t0, r.status,
-                                  completion_tokens=int(data.get("usage", {}).get("completion_tokens", 0)))
-                ttft, tokens, done = None, 0, False
-                for raw in r:
-                    line = raw.decode("utf-8", "replace").strip()
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        done = True
-                        break
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        return Sample(False, time.perf_counter() - t0, r.status,
-                                      f"stream error: {event['error'].get('code') or event['error'].get('type')}")
-                    if ttft is None and any((c.get("delta") or {}).get("content") or c.get("text")
-                                            for c in event.get("choices", [])):
-                        ttft = time.perf_counter() - t0
-                    if event.get("usage"):
-                        tokens = int(event["usage"].get("completion_tokens", 0))
-                if not done:
-                    return Sample(False, time.perf_counter() - t0, r.status, "stream ended without [DONE]")
-                return Sample(True, time.perf_counter() - t0, r.status, completion_tokens=tokens, ttft=ttft)
+                if stream:
+                    return _read_stream(r, t0)
+                data = json.loads(r.read())
+                return Sample(True, time.perf_counter() - t0, r.status,
+                              completion_tokens=int(data.get("usage", {}).get("completion_tokens", 0)))
         except urllib.error.HTTPError as e:
             try:
                 code = json.loads(e.read()).get("error", {}).get("code") or ""
@@ -142,106 +138,169 @@ class Client:
             return Sample(False, time.perf_counter() - t0, 0, type(e).__name__)
 
 
-def run_load(url: str, clients: int = 4, duration: float = 60.0, max_tokens: int = 64, *, api_key: str | None = None,
-             endpoint: str = "chat", stream: bool = False, temperature: float = 0.0, request_timeout: float = 300.0,
-             max_requests: int = 100_000, warmup: int = 1, prompts: list[str] | None = None,
-             progress: bool = False) -> Report:
-    """Run the load test and return its Report (bounded by ``duration`` + one request timeout)."""
-    prompts = prompts or PROMPTS
-    client = Client(url, api_key, request_timeout)
-    for i in range(warmup):  # first requests pay one-off costs (e.g. building the int8 drafter)
-        client.request(endpoint, prompts[i % len(prompts)], max_tokens, temperature, stream)
-    before = client.get_json("/metrics")
-    samples: list[Sample] = []
-    lock = threading.Lock()
-    count = [0]
-    start = time.perf_counter()
-    deadline = start + duration
+def _read_stream(r, t0: float) -> Sample:
+    """Read an SSE response, stamping every chunk that carries content (TTFT and inter-chunk gaps)."""
+    stamps: list[float] = []
+    tokens, done = 0, False
+    for raw in r:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            done = True
+            break
+        now = time.perf_counter()
+        event = json.loads(line[6:])
+        if "error" in event:
+            return Sample(False, now - t0, r.status,
+                          f"stream error: {event['error'].get('code') or event['error'].get('type')}")
+        if any((c.get("delta") or {}).get("content") or c.get("text") for c in event.get("choices") or []):
+            stamps.append(now)
+        if event.get("usage"):
+            tokens = int(event["usage"].get("completion_tokens", 0))
+    latency = time.perf_counter() - t0
+    if not done:
+        return Sample(False, latency, r.status, "stream ended without [DONE]")
+    return Sample(True, latency, r.status, completion_tokens=tokens, ttft=stamps[0] - t0 if stamps else None,
+                  itl=[b - a for a, b in zip(stamps, stamps[1:])])
 
+
+class _Run:
+    """Shared state of one load run: samples, sent / in-flight / dropped counts, progress line."""
+
+    def __init__(self, deadline: float, max_requests: int, progress: bool):
+        self.lock = threading.Lock()
+        self.samples: list[Sample] = []
+        self.deadline, self.max_requests, self.progress = deadline, max_requests, progress
+        self.sent = self.inflight = self.peak = self.dropped = 0
+
+    def try_start(self, cap: int | None = None) -> str:
+        """Reserve one request: "ok", "limit" (max_requests reached) or "cap" (counted as dropped)."""
+        with self.lock:
+            if self.sent >= self.max_requests:
+                return "limit"
+            if cap is not None and self.inflight >= cap:
+                self.dropped += 1
+                return "cap"
+            self.sent += 1
+            self.inflight += 1
+            self.peak = max(self.peak, self.inflight)
+            return "ok"
+
+    def finish(self, s: Sample) -> None:
+        with self.lock:
+            self.samples.append(s)
+            self.inflight -= 1
+            n, errs = len(self.samples), sum(not x.ok for x in self.samples) if self.progress else 0
+        if self.progress:
+            print(f"\r{n} requests, {errs} errors, {max(0.0, self.deadline - time.perf_counter()):.0f}s left ",
+                  end="", file=sys.stderr, flush=True)
+
+
+def _run_clients(run: _Run, send, clients: int, join_until: float) -> None:
+    """Closed loop: ``clients`` threads send back to back until the deadline."""
     def worker(cid: int) -> None:
         i = cid
-        while time.perf_counter() < deadline:
-            with lock:
-                if count[0] >= max_requests:
-                    return
-                count[0] += 1
-            s = client.request(endpoint, prompts[i % len(prompts)], max_tokens, temperature, stream)
+        while time.perf_counter() < run.deadline and run.try_start() == "ok":
+            run.finish(send(i))
             i += clients
-            with lock:
-                samples.append(s)
-            if progress:
-                print(f"\r{len(samples)} requests, {sum(not x.ok for x in samples)} errors, "
-                      f"{max(0.0, deadline - time.perf_counter()):.0f}s left ", end="", file=sys.stderr, flush=True)
 
     threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(duration + request_timeout + 5)
+        t.join(max(0.0, join_until - time.perf_counter()))
+
+
+def _run_poisson(run: _Run, send, offsets: list[float], start: float, max_inflight: int,
+                 join_until: float) -> None:
+    """Open loop: one thread per arrival at ``start + offset``; arrivals over ``max_inflight`` are dropped."""
+    threads = []
+    for i, off in enumerate(offsets):
+        delay = start + off - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)  # late arrivals (scheduler behind) go out at once, as an open loop should
+        verdict = run.try_start(max_inflight)
+        if verdict == "limit":
+            break
+        if verdict == "ok":
+            t = threading.Thread(target=lambda i=i: run.finish(send(i)), daemon=True)
+            t.start()
+            threads.append(t)
+    else:  # the window lasts the whole duration, even when its last arrival came early
+        time.sleep(max(0.0, run.deadline - time.perf_counter()))
+    for t in threads:
+        t.join(max(0.0, join_until - time.perf_counter()))
+
+
+def run_load(url: str, clients: int = DEFAULT_CLIENTS, duration: float = 60.0, max_tokens: int = 64, *,
+             api_key: str | None = None, endpoint: str = "chat", stream: bool = False, temperature: float = 0.0,
+             request_timeout: float = 300.0, max_requests: int = 100_000, warmup: int = 1,
+             prompts: list[str] | None = None, progress: bool = False, rate: float | None = None,
+             max_inflight: int = DEFAULT_MAX_INFLIGHT, seed: int = 0) -> Report:
+    """Run the load test and return its Report (bounded by ``duration`` + one request timeout).
+
+    With ``rate`` (requests/s) it runs the open-loop Poisson mode and ``clients`` is ignored.
+    """
+    prompts = prompts or PROMPTS
+    offsets = poisson_arrivals(rate, duration, seed) if rate is not None else []
+    if rate is not None and max_inflight < 1:
+        raise ValueError("max_inflight must be >= 1")
+    client = Client(url, api_key, request_timeout)
+
+    def send(i: int) -> Sample:
+        return client.request(endpoint, prompts[i % len(prompts)], max_tokens, temperature, stream)
+
+    for i in range(warmup):  # first requests pay one-off costs (e.g. building the int8 drafter)
+        send(i)
+    before = client.get_json("/metrics")
+    start = time.perf_counter()
+    run = _Run(start + duration, max_requests, progress)
+    join_until = run.deadline + request_timeout + 5
+    if rate is None:
+        _run_clients(run, send, clients, join_until)
+    else:
+        _run_poisson(run, send, offsets, start, max_inflight, join_until)
     wall = time.perf_counter() - start
     if progress:
         print(file=sys.stderr)
     after = client.get_json("/metrics")
-
-    with lock:
-        done = list(samples)
-    ok = [s for s in done if s.ok]
-    rep = Report(url=url, clients=clients, duration_s=duration, max_tokens=max_tokens, endpoint=endpoint,
-                 stream=stream, wall_s=round(wall, 3), requests=len(done), ok=len(ok), errors=len(done) - len(ok))
-    for s in done:
-        if not s.ok:
-            rep.errors_by_kind[s.error] = rep.errors_by_kind.get(s.error, 0) + 1
-    rep.latency_s = _summary([s.latency for s in ok])
-    rep.ttft_s = _summary([s.ttft for s in ok if s.ttft is not None])
-    rep.completion_tokens = sum(s.completion_tokens for s in ok)
-    rep.tokens_per_s = rep.completion_tokens / wall if wall > 0 else 0.0
-    rep.requests_per_s = len(ok) / wall if wall > 0 else 0.0
-    rep.server = _server_delta(before, after)
+    with run.lock:
+        done, sent, dropped, peak = list(run.samples), run.sent, run.dropped, run.peak
+    rep = Report(url=url, clients=0 if rate is not None else clients, duration_s=duration, max_tokens=max_tokens,
+                 endpoint=endpoint, stream=stream, mode="clients" if rate is None else "poisson", rate=rate,
+                 seed=seed if rate is not None else None, max_inflight=max_inflight if rate is not None else None,
+                 arrivals=sent + dropped, dropped=dropped, peak_inflight=peak)
+    fill_report(rep, done, wall)
+    rep.server = server_delta(before, after)
     return rep
 
 
-def _server_delta(before: dict | None, after: dict | None) -> dict:
-    """Server-side numbers over the run, from two casspec /metrics snapshots."""
-    try:
-        g0, g1 = before["generation"], after["generation"]
-        t0, t1 = before["tokens"], after["tokens"]
-        gen_time = g1["time_s"] - g0["time_s"]
-        comp = t1["completion"] - t0["completion"]
-        steps = g1["verify_steps"] - g0["verify_steps"]
-        committed_before = g0["mean_accepted_length"] * g0["verify_steps"]
-        committed_after = g1["mean_accepted_length"] * g1["verify_steps"]
-        out = {"model": after.get("model"), "method": after.get("method"),
-               "generations": g1["count"] - g0["count"], "completion_tokens": comp,
-               "generation_time_s": round(gen_time, 3),
-               "tokens_per_s_while_generating": comp / gen_time if gen_time > 0 else 0.0,
-               "mean_accepted_length": (committed_after - committed_before) / steps if steps else 0.0,
-               "rejected_queue_full": after["requests"]["rejected_queue_full"] - before["requests"]["rejected_queue_full"],
-               "timeouts": after["requests"]["timeouts"] - before["requests"]["timeouts"]}
-        out["drafters"] = {}
-        for name, d1 in after.get("drafters", {}).items():
-            d0 = before.get("drafters", {}).get(name, {"proposed": 0, "accepted": 0})
-            prop, acc = d1["proposed"] - d0["proposed"], d1["accepted"] - d0["accepted"]
-            out["drafters"][name] = {"proposed": prop, "accepted": acc, "acceptance": acc / prop if prop else 0.0}
-        return out
-    except (TypeError, KeyError):  # not a casspec server, or /metrics unavailable
-        return {}
-
-
 def format_report(rep: Report) -> str:
-    lat, ttft = rep.latency_s, rep.ttft_s
+    """The report as human-readable lines."""
+    if rep.mode == "poisson":
+        who = f"poisson arrivals at {rep.rate:g} req/s (seed {rep.seed}, max in-flight {rep.max_inflight})"
+    else:
+        who = f"{rep.clients} clients"
     lines = [
-        f"load test: {rep.clients} clients x {rep.duration_s:g} s window ({rep.wall_s:.1f} s until the last reply) "
-        f"-> {rep.url} ({rep.endpoint}, "
-        f"max_tokens {rep.max_tokens}, {'stream' if rep.stream else 'no stream'})",
+        f"load test: {who} x {rep.duration_s:g} s window ({rep.wall_s:.1f} s until the last reply) "
+        f"-> {rep.url} ({rep.endpoint}, max_tokens {rep.max_tokens}, {'stream' if rep.stream else 'no stream'})",
         f"  requests: {rep.requests} ({rep.ok} ok, {rep.errors} errors{': ' + str(rep.errors_by_kind) if rep.errors else ''})",
+        f"  arrivals: {rep.arrivals}, {rep.dropped} dropped at the in-flight cap, peak in flight {rep.peak_inflight}; "
+        f"offered {rep.offered_requests_per_s:.2f} req/s, achieved {rep.achieved_requests_per_s:.2f} req/s",
         f"  throughput: {rep.requests_per_s:.2f} req/s, {rep.completion_tokens} completion tokens, "
         f"{rep.tokens_per_s:.1f} tok/s (client side, wall clock)",
     ]
-    if lat:
-        lines.append(f"  latency: p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, p99 {lat['p99']:.2f} s, "
-                     f"mean {lat['mean']:.2f} s, max {lat['max']:.2f} s")
-    if ttft:
-        lines.append(f"  time to first token: p50 {ttft['p50']:.2f} s, p95 {ttft['p95']:.2f} s")
+    if rep.latency_s:
+        lines.append(format_summary("latency", rep.latency_s))
+    if rep.ttft_s:
+        lines.append(format_summary("time to first token", rep.ttft_s))
+    if rep.itl_s:
+        lines.append(format_summary(f"inter-token latency ({rep.itl_samples} chunk gaps)", rep.itl_s, unit_ms=True))
+    if rep.tpot_s:
+        lines.append(format_summary(f"time per output token ({rep.tpot_samples} requests)", rep.tpot_s, unit_ms=True))
+    if rep.itl_s:
+        lines.append(f"  note: {rep.itl_note}")
     sv = rep.server
     if sv:
         drafters = ", ".join(f"{n} {d['acceptance']:.2f}" for n, d in sv["drafters"].items()) or "-"
@@ -255,13 +314,22 @@ def format_report(rep: Report) -> str:
 def add_parser(subparsers) -> None:
     """Register ``loadtest`` on an argparse subparsers object."""
     p = subparsers.add_parser("loadtest", help="bounded load test against a running server",
-                              description="Concurrent clients against an OpenAI-compatible server for a fixed time.")
+                              description="Concurrent clients (closed loop, default) or Poisson arrivals "
+                                          "(--rate, open loop) against an OpenAI-compatible server for a fixed time.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: http://127.0.0.1:8000)")
-    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default: 4)")
+    p.add_argument("--clients", type=int, default=None,
+                   help=f"closed loop: concurrent clients sending back to back (default: {DEFAULT_CLIENTS})")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop instead: Poisson arrivals at this many requests/s (exclusive with --clients)")
+    p.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT,
+                   help="with --rate: most requests in flight; arrivals over it are dropped, not queued "
+                        f"(default: {DEFAULT_MAX_INFLIGHT})")
+    p.add_argument("--seed", type=int, default=0, help="with --rate: seed of the arrival schedule (default: 0)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds to keep starting requests (default: 60)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: 64)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--stream", action="store_true", help="stream responses (measures time to first token)")
+    p.add_argument("--stream", action="store_true",
+                   help="stream responses (measures time to first token, inter-token latency, time per output token)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
@@ -271,15 +339,33 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=loadtest)
 
 
+def _arg_error(args: argparse.Namespace) -> str | None:
+    """Why the arguments are unusable, or None."""
+    rate, clients = getattr(args, "rate", None), args.clients
+    if rate is not None and clients is not None:
+        return ("--rate (open loop, Poisson arrivals) and --clients (closed loop, fixed clients) are exclusive "
+                "modes: pass only one")
+    if rate is not None and not (rate > 0 and math.isfinite(rate)):
+        return "--rate must be a positive number of requests per second"
+    if rate is not None and getattr(args, "max_inflight", DEFAULT_MAX_INFLIGHT) < 1:
+        return "--max-inflight must be >= 1"
+    if (clients is not None and clients < 1) or args.max_tokens < 1 or args.max_requests < 1 \
+            or not 0 < args.duration <= 24 * 3600:
+        return "--clients, --max-tokens, --max-requests must be >= 1 and --duration in (0, 86400]"
+    return None
+
+
 def loadtest(args: argparse.Namespace) -> int:
-    if args.clients < 1 or args.max_tokens < 1 or not 0 < args.duration <= 24 * 3600 or args.max_requests < 1:
-        print("error: --clients, --max-tokens, --max-requests must be >= 1 and --duration in (0, 86400]",
-              file=sys.stderr)
+    """The ``casspec loadtest`` command: run, print (or write JSON), exit 0 only if all requests succeeded."""
+    err = _arg_error(args)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    rep = run_load(args.url, args.clients, args.duration, args.max_tokens, api_key=args.api_key,
+    rep = run_load(args.url, args.clients or DEFAULT_CLIENTS, args.duration, args.max_tokens, api_key=args.api_key,
                    endpoint=args.endpoint, stream=args.stream, temperature=args.temperature,
                    request_timeout=args.request_timeout, max_requests=args.max_requests, warmup=args.warmup,
-                   progress=sys.stderr.isatty())
+                   progress=sys.stderr.isatty(), rate=getattr(args, "rate", None),
+                   max_inflight=getattr(args, "max_inflight", DEFAULT_MAX_INFLIGHT), seed=getattr(args, "seed", 0))
     if args.json == "-":
         print(json.dumps(asdict(rep), indent=2))
     else:
