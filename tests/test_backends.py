@@ -56,5 +56,5 @@ def test_long_inputs_use_the_torch_path_and_agree(runners):
     n = MAX_KERNEL_ROWS + 8
     ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(n)
-    out = [r.forward(ids, pos, pos, r.new_cache(n + 4)) for r in runners]
+    out = [r.forward(ids, pos, pos, r.new_cache(n + 4), prefill=True) for r in runners]
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)

@@ -95,9 +95,26 @@ def test_attention_matches_sdpa(d, kv_len):
     kc, vc = torch.randn(kv_heads, 720, d, generator=g), torch.randn(kv_heads, 720, d, generator=g)
     allowed = torch.rand(m, kv_len, generator=g) < 0.6
     allowed[:, 0] = True
+    lo, lens = torch.zeros(m, dtype=torch.long), torch.full((m,), kv_len)
     for mask in (None, allowed):
-        _close(KERNELS.attention(q, kc, vc, kv_len, mask, d ** -0.5), TORCH.attention(q, kc, vc, kv_len, mask, d ** -0.5),
-               rel=1e-4)
+        _close(KERNELS.attention(q, kc, vc, lo, lens, mask, d ** -0.5),
+               TORCH.attention(q, kc, vc, lo, lens, mask, d ** -0.5), rel=1e-4)
+
+
+def test_attention_rows_see_only_their_own_key_range():
+    """Rows of different sequences (regions) in one call equal each sequence's call alone, bitwise."""
+    g = torch.Generator().manual_seed(7)
+    kc, vc = torch.randn(2, 900, 64, generator=g), torch.randn(2, 900, 64, generator=g)
+    q = torch.randn(5, 4, 64, generator=g)
+    lo, lens = torch.tensor([0, 0, 300, 300, 610]), torch.tensor([257, 258, 9, 10, 290])
+    allowed = torch.rand(5, 290, generator=g) < 0.8
+    allowed[:, 0] = True
+    both = KERNELS.attention(q, kc, vc, lo, lens, allowed, 0.125)
+    for i in range(5):
+        alone = KERNELS.attention(q[i:i + 1].contiguous(), kc, vc, lo[i:i + 1], lens[i:i + 1],
+                                  allowed[i:i + 1, :int(lens[i])].contiguous(), 0.125)
+        assert torch.equal(alone[0], both[i])
+    _close(both, TORCH.attention(q, kc, vc, lo, lens, allowed, 0.125), rel=1e-4)
 
 
 def test_attention_of_a_chain_equals_decoding_one_token_at_a_time():
@@ -106,9 +123,10 @@ def test_attention_of_a_chain_equals_decoding_one_token_at_a_time():
     q = torch.randn(6, 4, 64)
     base = 510  # the chain crosses a key-block boundary
     allowed = torch.arange(base + 6)[None, :] <= (base + torch.arange(6))[:, None]
-    chain = KERNELS.attention(q, kc, vc, base + 6, allowed, 0.125)
+    zero = torch.zeros(1, dtype=torch.long)
+    chain = KERNELS.attention(q, kc, vc, zero.repeat(6), torch.full((6,), base + 6), allowed, 0.125)
     for i in range(6):
-        alone = KERNELS.attention(q[i:i + 1].contiguous(), kc, vc, base + i + 1, None, 0.125)
+        alone = KERNELS.attention(q[i:i + 1].contiguous(), kc, vc, zero, torch.tensor([base + i + 1]), None, 0.125)
         assert torch.equal(alone[0], chain[i])
 
 

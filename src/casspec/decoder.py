@@ -58,7 +58,7 @@ class SpeculativeDecoder:
         if n > 0:
             pos = torch.arange(n)
             self.runner.forward(torch.tensor(state.tokens[:-1]), pos, pos, state.cache,
-                                logits_rows=torch.empty(0, dtype=torch.long))
+                                logits_rows=torch.empty(0, dtype=torch.long), prefill=True)
         state.cache.length = n
 
     def run(self, state: DecodeState) -> Iterator[list[int]]:

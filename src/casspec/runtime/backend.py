@@ -2,13 +2,13 @@
 
     linear(x, proj, norm)        y = rmsnorm(x) W^T + b, optionally accumulated into `out` or gated (GLU)
     rope_kv(qkv, ...)            RoPE on q and k (after per-head norms), k and v written at cache slots
-    attention(q, k, v, ...)      softmax(q k^T * scale, masked) v over the first kv_len cache slots
+    attention(q, k, v, lo, len)  softmax(q k^T * scale, masked) v; row m over cache slots lo[m] .. lo[m] + len[m]
     add_rms_norm(h, x, w)        h += rmsnorm(x) * w  (Gemma 3's post-norms)
 
 `TorchBackend` is stock torch (any device and dtype; prefill; machines without the kernels).
-`KernelBackend` runs the same math in casspec's CPU kernels for fp32 forwards of up to
-`MAX_KERNEL_ROWS` query tokens, and defers to the torch backend beyond that or where a projection
-has no tiled weights. Both compute the same function; tests hold them to allclose.
+`KernelBackend` runs the same math in casspec's CPU kernels for fp32 forwards, and defers to the torch
+backend where a projection has no tiled weights. Both compute the same function; tests hold them to
+allclose. The runner sends prefills longer than `MAX_KERNEL_ROWS` tokens to the torch backend.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from casspec.runtime import kernels
 from casspec.runtime.weights import Proj
 
-MAX_KERNEL_ROWS = 64  # longer inputs (prefill) are compute-bound: MKL's blocked GEMM wins there
+MAX_KERNEL_ROWS = 64  # longer prefills are compute-bound: MKL's blocked GEMM is as fast there
 _GLU_MODE = {"silu": 2, "gelu_tanh": 3}
 _ACCUMULATE = 1
 
@@ -69,13 +69,23 @@ class TorchBackend:
         v_cache.index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
         return q
 
-    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
-                  allowed: torch.Tensor | None, scale: float) -> torch.Tensor:  # q [M, H, D] -> [M, H*D]
-        k, v = k_cache[None, :, :kv_len], v_cache[None, :, :kv_len]  # [1, Hkv, kv, D]
-        mask = None if allowed is None else allowed[None, None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])  # [1, H, M, D]
-        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: torch.Tensor,
+                  lens: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """q [M, H, D] -> [M, H*D]. Row m attends to cache slots lo[m] .. lo[m] + lens[m] - 1, filtered by
+        allowed[m, j] ([M, W], j relative to lo[m]) when given. Rows sharing a key range go in one SDPA."""
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        ranges = torch.stack([lo, lens], dim=1).tolist()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for m, (start, n) in enumerate(ranges):
+            groups.setdefault((start, n), []).append(m)
+        for (start, n), rows in groups.items():
+            idx = torch.tensor(rows, device=q.device)
+            k, v = k_cache[None, :, start:start + n], v_cache[None, :, start:start + n]  # [1, Hkv, n, D]
+            mask = None if allowed is None else allowed[idx, :n][None, None]
+            o = F.scaled_dot_product_attention(q[idx].transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=q.shape[1] != k.shape[1])  # [1, H, rows, D]
+            out[idx] = o[0].transpose(0, 1).reshape(len(rows), -1)
+        return out
 
     def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
         h.add_(rms_norm(x, w, eps))
@@ -91,7 +101,7 @@ class KernelBackend(TorchBackend):
 
     def linear(self, x: torch.Tensor, p: Proj, norm: torch.Tensor | None = None, eps: float = 0.0,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        if p.tiled is None or x.shape[0] > MAX_KERNEL_ROWS:
+        if p.tiled is None:
             return super().linear(x, p, norm, eps, out)
         mode = _GLU_MODE[p.glu] if p.glu else (_ACCUMULATE if out is not None else 0)
         return self.ops.linear(x, p.tiled, p.scale, p.mins, p.group, p.bias, norm, eps, p.n, mode, out)
@@ -101,12 +111,12 @@ class KernelBackend(TorchBackend):
                 q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
         return self.ops.rope_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, q_norm, k_norm, eps)
 
-    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
-                  allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: torch.Tensor,
+                  lens: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
         d = k_cache.shape[-1]
-        if q.shape[0] > MAX_KERNEL_ROWS or (d % 64 and d not in (8, 16, 32)):
-            return super().attention(q, k_cache, v_cache, kv_len, allowed, scale)
-        return self.ops.attention(q, k_cache, v_cache, kv_len, allowed, scale)
+        if d % 64 and d not in (8, 16, 32):
+            return super().attention(q, k_cache, v_cache, lo, lens, allowed, scale)
+        return self.ops.attention(q, k_cache, v_cache, lo, lens, allowed, scale)
 
     def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
         self.ops.add_rms_norm(h, x, w, eps)

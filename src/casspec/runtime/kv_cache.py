@@ -1,17 +1,21 @@
-"""Preallocated, position-indexed KV cache shared by the target and every self-draft.
+"""KV cache: one pool of slots per engine, a contiguous region of it per sequence.
 
-Slots [0, length) hold committed tokens. A forward writes its keys/values at explicit slots at or
-past `length` (draft-tree nodes own slot `length + node_index`), so rollback is a length reset and
-committing an accepted tree path is one gather per layer. Buffers are [H_kv, S, D] per layer: the
-layout the attention kernel streams, one key after another.
+A `KVPool` holds the key/value buffers [H_kv, S, D] of every layer. A running sequence owns a region
+[base, base + capacity) of the S slots (first-fit allocation, freed when the sequence ends), which a
+`SeqCache` addresses with slots relative to its base. Inside a region, slots [0, length) hold committed
+tokens; a forward writes at explicit slots at or past `length` (draft-tree node i owns slot length + i),
+so rollback is a length reset and committing an accepted tree path is one gather per layer. The target
+and every self-draft share these buffers. Buffers are head-major: the layout the attention kernel streams.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 
 
-class StaticKVCache:
-    """KV buffers [H_kv, S, D] per layer, written at explicit slots by the runner's rope_kv op."""
+class KVPool:
+    """Key/value buffers shared by sequences, each in its own contiguous region of slots."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
@@ -19,10 +23,60 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
+        self._regions: dict[int, int] = {}  # base -> size of every allocated region
+        self._lock = threading.Lock()
+
+    def alloc(self, size: int) -> SeqCache | None:
+        """A region of `size` slots (first fit), or None when no free run is that long."""
+        if size < 1:
+            raise ValueError(f"region size must be >= 1, got {size}")
+        with self._lock:
+            start = 0
+            for base, n in sorted(self._regions.items()):
+                if base - start >= size:
+                    break
+                start = base + n
+            if start + size > self.capacity:
+                return None
+            self._regions[start] = size
+        return SeqCache(self, start, size)
+
+    def free(self, cache: SeqCache) -> None:
+        """Return a region to the pool (idempotent)."""
+        with self._lock:
+            if self._regions.get(cache.base) == cache.capacity:
+                del self._regions[cache.base]
+        cache.released = True
+
+    @property
+    def used(self) -> int:
+        """Slots held by live regions."""
+        return sum(self._regions.values())
+
+    def regions(self) -> list[tuple[int, int]]:
+        """(base, size) of every live region, in slot order."""
+        return sorted(self._regions.items())
+
+
+class SeqCache:
+    """One sequence's region of a KVPool: relative slots [0, capacity), committed ones [0, length)."""
+
+    def __init__(self, pool: KVPool, base: int, capacity: int) -> None:
+        self.pool, self.base, self.capacity = pool, base, capacity
         self.length = 0  # committed slots
+        self.released = False
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Every layer's key buffer [H_kv, S, D] of the whole pool (index with base + slot)."""
+        return self.pool.keys
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return self.pool.values
 
     def check_slots(self, slots: torch.Tensor) -> int:
-        """Raise on a write past the end; return kv_len = max slot + 1 (the keys a forward sees)."""
+        """Raise on a write outside the region; return kv_len = max slot + 1 (relative keys a forward sees)."""
         end = int(slots.max()) + 1
         if end > self.capacity or int(slots.min()) < 0:
             raise RuntimeError(f"KV cache overflow: slot {end - 1} >= capacity {self.capacity}")
@@ -33,12 +87,21 @@ class StaticKVCache:
         self.length = min(self.length, length)
 
     def commit(self, src_slots: list[int]) -> None:
-        """Append the tokens stored at `src_slots` (all >= length) as committed, in order."""
+        """Append the tokens stored at relative `src_slots` (all >= length) as committed, in order."""
         n = len(src_slots)
         if n == 0:
             return
         if src_slots != list(range(self.length, self.length + n)):
-            idx = torch.tensor(src_slots, dtype=torch.long, device=self.keys[0].device)
+            idx = torch.tensor(src_slots, dtype=torch.long, device=self.keys[0].device) + self.base
+            dst = slice(self.base + self.length, self.base + self.length + n)
             for buf in (*self.keys, *self.values):
-                buf[:, self.length:self.length + n] = buf.index_select(1, idx)
+                buf[:, dst] = buf.index_select(1, idx)
         self.length += n
+
+
+def StaticKVCache(num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,  # noqa: N802
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SeqCache:
+    """A private pool holding a single sequence (one generation)."""
+    cache = KVPool(num_layers, num_kv_heads, head_dim, capacity, dtype, device).alloc(capacity)
+    assert cache is not None
+    return cache

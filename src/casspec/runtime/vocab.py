@@ -75,7 +75,7 @@ def rank_tokens(runner, texts: list[list[int]]) -> torch.Tensor:  # noqa: ANN001
     mass = torch.zeros(runner.vocab_size)
     for ids in texts:
         pos = torch.arange(len(ids))
-        logits = runner.forward(torch.tensor(ids), pos, pos, runner.new_cache(len(ids) + 1))  # [n, V]
+        logits = runner.forward(torch.tensor(ids), pos, pos, runner.new_cache(len(ids) + 1), prefill=True)  # [n, V]
         mass += torch.softmax(logits, dim=-1).sum(dim=0)
         mass[torch.tensor(ids)] += 1.0
     return torch.argsort(mass, descending=True)

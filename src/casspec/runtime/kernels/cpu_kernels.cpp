@@ -349,7 +349,8 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
 }
 
 // ---- decode attention -------------------------------------------------------------------------
-// q [M, H, D], caches [Hkv, S, D], keys [0, kv_len); allowed [M, kv_len] (bool) or none (all visible).
+// q [M, H, D], caches [Hkv, S, D]. Row m sees keys lo[m] .. lo[m] + len[m] - 1 (its sequence's region),
+// filtered by allowed[m, j] (bool, [M, W], j relative to lo[m]) when given.
 // Work items are (kv head, query row, block of KEY_BLOCK keys): the H/Hkv query heads of a kv head share
 // its key loads, and blocks let short queries over long contexts use every thread. Each block keeps
 // (max, sum, unnormalized output); a fixed-order merge normalizes. Every reduction runs in the same
@@ -366,8 +367,9 @@ inline __m256 hsum8(const __m256 (&a)[8]) {
 
 struct AttnArgs {
   const float *q, *k, *v;
-  const uint8_t* allowed;
-  int64_t M, H, G, D, S, kv_len, blocks;
+  const int64_t *lo, *len;  // [M] first key slot and key count of each row
+  const uint8_t* allowed;   // [M, W] or null
+  int64_t M, H, G, D, S, W, blocks;
   float scale;
   float* part;  // [Hkv, M, blocks, G, D + 2]: unnormalized output, max, sum
 };
@@ -401,15 +403,20 @@ inline void pv(const float* p, int64_t len, const float* v, int64_t ldv, float* 
 }
 
 void attend_block(const AttnArgs& a, int64_t h, int64_t m, int64_t b, std::vector<float>& p) {
-  const int64_t j0 = b * KEY_BLOCK, j1 = std::min(a.kv_len, j0 + KEY_BLOCK), len = j1 - j0;
-  const int64_t padded = (len + KS - 1) / KS * KS;
-  const float* kc = a.k + h * a.S * a.D;
-  const float* vc = a.v + h * a.S * a.D;
-  const uint8_t* allow = a.allowed ? a.allowed + m * a.kv_len : nullptr;
+  const int64_t j0 = b * KEY_BLOCK, j1 = std::min(a.len[m], j0 + KEY_BLOCK), len = j1 - j0;
+  const int64_t padded = (std::max<int64_t>(len, 0) + KS - 1) / KS * KS;
+  const float* kc = a.k + (h * a.S + a.lo[m]) * a.D;  // keys of this row's region, relative index j
+  const float* vc = a.v + (h * a.S + a.lo[m]) * a.D;
+  const uint8_t* allow = a.allowed ? a.allowed + m * a.W : nullptr;
   p.resize(padded);
   for (int64_t g = 0; g < a.G; ++g) {
     const float* qg = a.q + (m * a.H + h * a.G + g) * a.D;
     float* out = a.part + (((h * a.M + m) * a.blocks + b) * a.G + g) * (a.D + 2);
+    if (len <= 0) {  // this row's keys end before the block: it contributes nothing
+      out[a.D] = -INFINITY;
+      out[a.D + 1] = 0.f;
+      continue;
+    }
     __m256 vmx = _mm256_set1_ps(-INFINITY);
     for (int64_t j = 0; j < padded; j += KS) {
       const int64_t n = std::min<int64_t>(KS, len - j);
@@ -472,23 +479,32 @@ void merge_blocks(const AttnArgs& a, int64_t h, int64_t m, float* out) {
   }
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t kv_len,
-                     const std::optional<at::Tensor>& allowed, double scale) {
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lo,
+                     const at::Tensor& len, const std::optional<at::Tensor>& allowed, double scale) {
   const int64_t M = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), S = k_cache.size(1);
-  TORCH_CHECK(q.is_contiguous() && D % KS == 0 && H % Hkv == 0 && kv_len <= S && kv_len > 0, "bad attention shapes");
+  TORCH_CHECK(q.is_contiguous() && D % KS == 0 && H % Hkv == 0, "bad attention shapes");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous [Hkv, S, D]");
+  TORCH_CHECK(lo.numel() == M && len.numel() == M && lo.scalar_type() == at::kLong && len.scalar_type() == at::kLong,
+              "lo and len must be int64 [M]");
+  const int64_t *lp = lo.data_ptr<int64_t>(), *np = len.data_ptr<int64_t>();
+  int64_t W = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(np[m] > 0 && lp[m] >= 0 && lp[m] + np[m] <= S, "row ", m, " keys out of the cache");
+    W = std::max(W, np[m]);
+  }
   const uint8_t* al = nullptr;
   if (allowed) {
-    TORCH_CHECK(allowed->is_contiguous() && allowed->size(0) == M && allowed->size(1) == kv_len, "allowed must be [M, kv_len]");
+    TORCH_CHECK(allowed->is_contiguous() && allowed->size(0) == M && allowed->size(1) >= W, "allowed must be [M, W]");
     al = reinterpret_cast<const uint8_t*>(allowed->data_ptr());
+    W = allowed->size(1);
   }
-  const int64_t G = H / Hkv, blocks = (kv_len + KEY_BLOCK - 1) / KEY_BLOCK;
+  const int64_t G = H / Hkv, blocks = (W + KEY_BLOCK - 1) / KEY_BLOCK;
   auto part = at::empty({Hkv * M * blocks * G * (D + 2)}, q.options());
   auto out = at::empty({M, H * D}, q.options());
-  AttnArgs a{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), al, M, H, G, D, S, kv_len,
+  AttnArgs a{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), lp, np, al, M, H, G, D, S, W,
              blocks, static_cast<float>(scale), part.data_ptr<float>()};
   // A work item of fewer than ~64k multiply-adds is not worth waking a second thread for.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * D * std::min(kv_len, KEY_BLOCK) * 2));
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * D * std::min(W, KEY_BLOCK) * 2));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, Hkv * M * blocks, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
@@ -515,6 +531,6 @@ void add_rms_norm(at::Tensor& h, const at::Tensor& x, const at::Tensor& w, doubl
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = rmsnorm(x) W^T + b: fp32, int8 or int4 tiled weights; store, accumulate or GLU");
   m.def("rope_kv", &rope_kv, "RoPE on q and k, k and v written to the caches at slots; returns q [M, H, D]");
-  m.def("attention", &attention, "decode attention over the first kv_len cache slots, optional [M, kv_len] mask");
+  m.def("attention", &attention, "decode attention: row m over keys lo[m] .. lo[m] + len[m] - 1, optional [M, W] mask");
   m.def("add_rms_norm", &add_rms_norm, "h += rmsnorm(x) * w, in place");
 }
