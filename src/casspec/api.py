@@ -20,12 +20,17 @@ from casspec.decoder import TREE_CAPACITY, SpeculativeDecoder
 from casspec.drafters.layer_search import SCRATCH_OFFSET
 from casspec.errors import ContextOverflowError, InvalidRequestError
 from casspec.methods import METHODS, DrafterPool
+from casspec.generation import Generation
 from casspec.metrics import GenerationResult, GenerationStats, StreamChunk
 from casspec.prompt import Prompt, TextAssembler, encode_prompt
+from casspec.runtime.kv_cache import KVPool
 from casspec.scheduler.base import Scheduler
 from casspec.state import DecodeState
 from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 class Engine:
@@ -74,41 +79,61 @@ class Engine:
         assert result is not None
         return result
 
+    def generate_batch(self, prompts: list[Prompt], method: str = "casspec", *, max_batch: int = 8,
+                       **kwargs: object) -> list[GenerationResult]:
+        """Generate several completions together (continuous batching; arguments as `start`)."""
+        from casspec.batching import BatchEngine
+
+        new = kwargs.get("max_new_tokens", 256)
+        new = new if isinstance(new, int) and new > 0 else 1  # `start` rejects bad values with a clear error
+        lengths = sorted((len(self.encode_prompt(p, kwargs.get("chat"))) for p in prompts), reverse=True)
+        need = sum(self.cache_size(n, min(new, max(1, self.context_length - n))) for n in lengths[:max_batch])
+        return BatchEngine(self, max_batch, pool_tokens=need).generate(prompts, method, **kwargs)
+
     def stream(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: object) -> Iterator[str]:
         """Yield text chunks as tokens are committed."""
         for chunk in self.iter_generate(prompt, method, **kwargs):
             if chunk.text:
                 yield chunk.text
 
-    def iter_generate(self, prompt: Prompt, method: str | Scheduler = "casspec", *, max_new_tokens: int = 256,
-                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                      stop: str | list[str] | None = None, chat: bool | None = None,
-                      cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
-        """Stream chunks of a generation; the last chunk carries the GenerationResult."""
+    def iter_generate(self, prompt: Prompt, method: str | Scheduler = "casspec", *,
+                      cancel: threading.Event | None = None, **kwargs: object) -> Iterator[StreamChunk]:
+        """Stream chunks of a generation; the last chunk carries the GenerationResult. Arguments: `start`."""
+        gen = self.start(prompt, method, cancel=cancel, **kwargs)
+        decoder = SpeculativeDecoder(self.runner, self.scheduler(method))
+        builds = len(self.runner.build_log)
+        decoder.prefill(gen.state)
+        while not (gen.finished or gen.cancel.is_set()):
+            yield gen.push(decoder.step(gen.state).tokens)
+        gen.state.stats.built = [what for what, _ in self.runner.build_log[builds:]]
+        yield gen.finish("cancelled" if gen.cancel.is_set() and not gen.finished else None)
+
+    def start(self, prompt: Prompt, method: str | Scheduler = "casspec", *, max_new_tokens: int = 256,
+              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+              stop: str | list[str] | None = None, chat: bool | None = None, logprobs: int | None = None,
+              cancel: threading.Event | None = None, kv_pool: KVPool | None = None) -> Generation:
+        """Validate a request and set up its generation (nothing runs yet).
+
+        `logprobs`: None for none, k >= 0 for each token's logprob plus the k most likely alternatives.
+        `kv_pool`: reserve the cache in this shared pool (batched decoding: placed on admission);
+        default a private cache.
+        """
         sampling = SamplingConfig(temperature, top_p, top_k, seed)
-        scheduler = self.scheduler(method)
+        self.scheduler(method)  # unknown method: an error before any work
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         ids = self.encode_prompt(prompt, chat)
         max_new = self._check_budget(len(ids), max_new_tokens)
-        state = self._new_state(ids, sampling, method, max_new)
         text = TextAssembler(self.tokenizer, _stops(stop))
-        decoder = SpeculativeDecoder(self.runner, scheduler)
-        builds = len(self.runner.build_log)
-        t0 = time.perf_counter()
-        for new in decoder.run(state):
-            piece, new, stopped = text.add(new)
-            if stopped:
-                state.stats.finish_reason = "stop"
-            state.stats.wall_time = time.perf_counter() - t0
-            if stopped or (cancel is not None and cancel.is_set()):
-                if not stopped:
-                    state.stats.finish_reason = "cancelled"
-                yield StreamChunk(piece, new)
-                break
-            yield StreamChunk(piece, new)
-        state.stats.wall_time = time.perf_counter() - t0
-        state.stats.new_tokens = len(text.token_ids)
-        state.stats.built = [what for what, _ in self.runner.build_log[builds:]]
-        yield StreamChunk(text.flush(), [], GenerationResult(text.text, text.token_ids, state.stats))
+        state = self._new_state(ids, sampling, method, max_new, kv_pool)
+        state.logprobs = logprobs
+        name = method if isinstance(method, str) else method.name
+        return Generation(state, name, text, cancel)
+
+    def cache_size(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """KV slots one generation needs: prompt, new tokens, a draft tree and layer-search scratch."""
+        return prompt_tokens + max_new_tokens + TREE_CAPACITY + SCRATCH_OFFSET + 64
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int) -> int:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -118,12 +143,19 @@ class Engine:
                                        f"{self.context_length} tokens")
         return min(max_new_tokens, self.context_length - prompt_len)
 
-    def _new_state(self, ids: list[int], sampling: SamplingConfig, method: str | Scheduler, max_new: int) -> DecodeState:
+    def _new_state(self, ids: list[int], sampling: SamplingConfig, method: str | Scheduler, max_new: int,
+                   kv_pool: KVPool | None = None) -> DecodeState:
         gen = None
         if not sampling.is_greedy:
             gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else
                                                 int(torch.randint(0, 2**62, ()).item()))
-        cache = self.runner.new_cache(len(ids) + max_new + TREE_CAPACITY + SCRATCH_OFFSET + 64)
+        need = self.cache_size(len(ids), max_new)
+        if kv_pool is None:
+            cache = self.runner.new_cache(need)
+        elif need > kv_pool.capacity:
+            raise ContextOverflowError(f"this request needs {need} KV slots; the batch's KV pool has {kv_pool.capacity}")
+        else:
+            cache = kv_pool.reserve(need)
         stats = GenerationStats(method=method if isinstance(method, str) else method.name, prompt_tokens=len(ids))
         return DecodeState(list(ids), cache, sampling, stats, max_new, gen, self.eos_ids)
 

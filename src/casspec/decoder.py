@@ -14,8 +14,37 @@ from casspec.state import DecodeState
 from casspec.runtime.runner import TargetRunner
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult, accept
+from casspec.verify.logprobs import path_logprobs
 
 TREE_CAPACITY = 64  # draft-tree nodes per step, root included
+PREFILL_CHUNK = 64  # prompt tokens per prefill forward: the same chunks alone and in a batch, so same numbers
+
+
+def commit(state: DecodeState, tree: DraftTree, logits: torch.Tensor, result: AcceptResult) -> None:
+    """Keep the accepted path's KV, append its tokens (and their logprobs when asked for)."""
+    state.cache.commit([tree.base + i for i in result.path])
+    state.tokens += result.tokens
+    if state.logprobs is not None:
+        state.token_logprobs += path_logprobs(logits, result.path, result.tokens, state.logprobs)
+
+
+def take(state: DecodeState, tokens: list[int]) -> tuple[list[int], bool]:
+    """The newly committed tokens that count, cut to the budget and after EOS; True when generation ends."""
+    new = tokens[:state.remaining]
+    eos = next((i for i, t in enumerate(new) if t in state.eos_ids), None)
+    if eos is not None:
+        new = new[:eos + 1]
+        state.stats.finish_reason = "stop"
+    state.remaining -= len(new)
+    state.stats.new_tokens += len(new)
+    return new, eos is not None or state.remaining <= 0
+
+
+def prefill_segments(state: DecodeState, limit: int = PREFILL_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and positions (= slots) of the next prompt chunk not yet cached (the last token is the root)."""
+    start = state.cache.length
+    end = min(len(state.tokens) - 1, start + limit)
+    return torch.tensor(state.tokens[start:end], dtype=torch.long), torch.arange(start, end)
 
 
 class SpeculativeDecoder:
@@ -38,8 +67,7 @@ class SpeculativeDecoder:
         # 4. Accept: greedy match or recursive rejection sampling; always yields >= 1 token.
         result = accept(tree, logits, state.sampling, state.generator)
         # 5. Commit: keep the accepted path's KV, append tokens, feed back the verdict.
-        state.cache.commit([tree.base + i for i in result.path])
-        state.tokens += result.tokens
+        commit(state, tree, logits, result)
         state.log_forward("full", len(tree), t2 - t1, ctx_len=tree.base)
         self.scheduler.observe(tree, result, state)
         state.forward_log.clear()
@@ -53,29 +81,21 @@ class SpeculativeDecoder:
                                    key_positions=x.key_positions)
 
     def prefill(self, state: DecodeState) -> None:
-        """Cache the prompt except its last token (the first tree root)."""
-        n = len(state.tokens) - 1
-        if n > 0:
-            pos = torch.arange(n)
-            self.runner.forward(torch.tensor(state.tokens[:-1]), pos, pos, state.cache,
-                                logits_rows=torch.empty(0, dtype=torch.long), prefill=True)
-        state.cache.length = n
+        """Cache the prompt except its last token (the first tree root), chunk by chunk."""
+        t0 = time.perf_counter()
+        while state.cache.length < len(state.tokens) - 1:
+            ids, pos = prefill_segments(state)
+            self.runner.forward(ids, pos, pos, state.cache, logits_rows=torch.empty(0, dtype=torch.long))
+            state.cache.length += len(ids)
+        state.stats.prefill_time += time.perf_counter() - t0
 
     def run(self, state: DecodeState) -> Iterator[list[int]]:
         """Prefill, then yield the new tokens of each step until EOS or the token budget."""
-        t0 = time.perf_counter()
         self.prefill(state)
-        state.stats.prefill_time = time.perf_counter() - t0
         while state.remaining > 0:
-            new = self.step(state).tokens[:state.remaining]
-            eos = next((i for i, t in enumerate(new) if t in state.eos_ids), None)
-            if eos is not None:
-                new = new[:eos + 1]
-                state.stats.finish_reason = "stop"
-            state.remaining -= len(new)
-            state.stats.new_tokens += len(new)
+            new, done = take(state, self.step(state).tokens)
             yield new
-            if eos is not None:
+            if done:
                 return
 
     @staticmethod

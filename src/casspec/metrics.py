@@ -63,9 +63,13 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     stats: GenerationStats
+    logprobs: list | None = None  # [TokenLogprob] per token id when asked for (verify/logprobs.py)
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+        d = {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+        if self.logprobs is not None:
+            d["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        return d
 
 
 @dataclass
@@ -75,3 +79,4 @@ class StreamChunk:
     text: str
     token_ids: list[int]
     result: GenerationResult | None = None
+    logprobs: list | None = None  # [TokenLogprob] per token id when asked for

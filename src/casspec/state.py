@@ -7,7 +7,8 @@ import torch
 
 from casspec.config import SamplingConfig
 from casspec.metrics import GenerationStats
-from casspec.runtime.kv_cache import StaticKVCache
+from casspec.runtime.kv_cache import SeqCache
+from casspec.verify.logprobs import TokenLogprob
 
 
 @dataclass
@@ -15,7 +16,7 @@ class DecodeState:
     """Committed tokens, the shared cache, RNG and stats of one generation."""
 
     tokens: list[int]  # committed ids, prompt included; tokens[-1] is the next tree root (not yet cached)
-    cache: StaticKVCache  # holds KV for tokens[:-1]
+    cache: SeqCache  # holds KV for tokens[:-1]
     sampling: SamplingConfig
     stats: GenerationStats
     remaining: int  # new tokens still allowed
@@ -23,6 +24,8 @@ class DecodeState:
     eos_ids: frozenset[int] = field(default_factory=frozenset)
     forward_log: list[tuple[str, int, int, float]] = field(default_factory=list)  # (plan, n_query, ctx_len, s)
     vocab_seen: int = 0  # tokens[:vocab_seen] already added to a pruned draft head's vocabulary
+    logprobs: int | None = None  # None: no logprobs; k: each committed token's logprob and the top k
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed new token
 
     def log_forward(self, plan: str, n_query: int, seconds: float, ctx_len: int | None = None) -> None:
         """Record one forward's cost for the latency model (read by the scheduler, cleared after each step)."""

@@ -5,11 +5,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .report import OVERALL
+
+METHOD_COLOURS = matplotlib.colormaps["tab20"]
 
 
 def _save(fig: Figure, path: Path) -> str:
@@ -27,10 +30,11 @@ def plot_speedup(model_summary: dict[str, Any], model: str, path: Path) -> str:
     fig = Figure(figsize=(min(14.0, max(6.0, width)), 4.2))
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(methods))
+    colours = METHOD_COLOURS.colors  # 20 distinct colours: one per method, none repeated
     for i, m in enumerate(methods):
         ys = [model_summary["table"][m][c]["speedup"] or 0.0 for c in cats]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(cats))]
-        ax.bar(xs, ys, width=width, label=m)
+        ax.bar(xs, ys, width=width, label=m, color=colours[i % len(colours)])
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(cats)), cats, rotation=20)
     ax.set_ylabel("speedup over ar (Spec-Bench convention)")

@@ -48,7 +48,7 @@ class SelfDrafter:
         """
         t0 = time.perf_counter()
         stats = state.stats.drafter(self.name)
-        ids = self._token_ids(state)
+        ids = self.token_ids(state)
         new: list[int] = []
         frontier = [f for f in leaves if tree.depth[f] < state.max_depth()]
         for _ in range(k):
@@ -58,7 +58,7 @@ class SelfDrafter:
             stats.forwards += 1
             nxt = []
             for leaf, row in zip(frontier, logits):
-                children = self._expand(tree, state, leaf, row, ids, siblings, score, min_sibling_p_acc)
+                children = self.expand(tree, state, leaf, row, ids, siblings, score, min_sibling_p_acc)
                 new += children
                 main = children[0] if children else None
                 if (main is not None and tree.confidence[main] >= min_conf and tree.p_acc[main] >= min_p_acc
@@ -75,7 +75,7 @@ class SelfDrafter:
         not have drafted (greedy), and this plan's own token replaces it. Returns the new chain end.
         """
         t0 = time.perf_counter()
-        ids = self._token_ids(state)
+        ids = self.token_ids(state)
         parent = tree.parents[chain[0]]
         logits = self._forward(tree, state, [parent] + chain[:-1])  # [len(chain), V]
         state.stats.drafter(self.name).forwards += 1
@@ -90,7 +90,7 @@ class SelfDrafter:
         state.stats.drafter(self.name).time += time.perf_counter() - t0
         return end
 
-    def _token_ids(self, state: DecodeState) -> torch.Tensor | None:
+    def token_ids(self, state: DecodeState) -> torch.Tensor | None:
         """Token id per logit column under this plan (None: the full vocabulary, column j = token j).
         A pruned draft head learns the context's tokens first, so they can be drafted."""
         if not self.plan.vocab:
@@ -116,7 +116,7 @@ class SelfDrafter:
             tree.kv_layers[r] = tree.kv_layers[r] | self.kv_layers
         return logits
 
-    def _expand(self, tree: DraftTree, state: DecodeState, leaf: int, logits: torch.Tensor,
+    def expand(self, tree: DraftTree, state: DecodeState, leaf: int, logits: torch.Tensor,
                 ids: torch.Tensor | None, siblings: int, score: Callable[[float], float],
                 min_sibling_p_acc: float = 0.0) -> list[int]:
         """Add the drafted child of `leaf` (first) and `siblings` runner-up children."""

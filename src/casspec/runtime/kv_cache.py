@@ -28,23 +28,35 @@ class KVPool:
 
     def alloc(self, size: int) -> SeqCache | None:
         """A region of `size` slots (first fit), or None when no free run is that long."""
+        cache = self.reserve(size)
+        return cache if self.place(cache) else None
+
+    def reserve(self, size: int) -> SeqCache:
+        """A cache of `size` slots with no region yet (`place` gives it one when there is room)."""
         if size < 1:
             raise ValueError(f"region size must be >= 1, got {size}")
+        return SeqCache(self, -1, size)
+
+    def place(self, cache: SeqCache) -> bool:
+        """Give a reserved cache the first free run of its size; False when none is that long."""
+        if cache.placed:
+            return True
         with self._lock:
             start = 0
             for base, n in sorted(self._regions.items()):
-                if base - start >= size:
+                if base - start >= cache.capacity:
                     break
                 start = base + n
-            if start + size > self.capacity:
-                return None
-            self._regions[start] = size
-        return SeqCache(self, start, size)
+            if start + cache.capacity > self.capacity:
+                return False
+            self._regions[start] = cache.capacity
+        cache.base = start
+        return True
 
     def free(self, cache: SeqCache) -> None:
         """Return a region to the pool (idempotent)."""
         with self._lock:
-            if self._regions.get(cache.base) == cache.capacity:
+            if cache.placed and self._regions.get(cache.base) == cache.capacity:
                 del self._regions[cache.base]
         cache.released = True
 
@@ -67,6 +79,11 @@ class SeqCache:
         self.released = False
 
     @property
+    def placed(self) -> bool:
+        """Whether the cache holds a region of the pool (and has not released it)."""
+        return self.base >= 0 and not self.released
+
+    @property
     def keys(self) -> list[torch.Tensor]:
         """Every layer's key buffer [H_kv, S, D] of the whole pool (index with base + slot)."""
         return self.pool.keys
@@ -77,6 +94,8 @@ class SeqCache:
 
     def check_slots(self, slots: torch.Tensor) -> int:
         """Raise on a write outside the region; return kv_len = max slot + 1 (relative keys a forward sees)."""
+        if not self.placed:
+            raise RuntimeError("this sequence's KV cache has no region of the pool (not admitted, or freed)")
         end = int(slots.max()) + 1
         if end > self.capacity or int(slots.min()) < 0:
             raise RuntimeError(f"KV cache overflow: slot {end - 1} >= capacity {self.capacity}")

@@ -1,8 +1,9 @@
 """``casspec serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) around one casspec Engine.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with ``stream: true``
-SSE), GET /health, GET /metrics. One worker thread runs generations one at a time in FIFO order;
-see :mod:`casspec.server.app` and :mod:`casspec.server.worker`.
+SSE), GET /health, GET /metrics. One worker thread decodes up to ``--max-batch`` requests together
+(continuous batching, :mod:`casspec.server.batch_worker`), or one at a time in FIFO order
+(:mod:`casspec.server.worker`) for methods that do not batch.
 
     casspec serve --model smollm2 --port 8000 --api-key sk-local
     python -m casspec.server ...        # same, without the main CLI
@@ -61,8 +62,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="requests decoded together, continuous batching (default: 8; 1 = one at a time)")
     p.add_argument("--max-queue", type=_nonneg_int, default=32,
-                   help="requests that may wait for the engine besides the running one; more get 429 (default: 32)")
+                   help="requests that may wait besides the running batch; more get 429 (default: 32)")
     p.add_argument("--max-tokens-limit", type=_positive_int, default=2048,
                    help="largest max_tokens a request may ask for (default: 2048)")
     p.add_argument("--timeout", type=_positive_float, default=300.0,
@@ -98,7 +101,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(engine, method=args.method, api_key=args.api_key, max_queue=args.max_queue,
                          max_tokens_limit=args.max_tokens_limit, request_timeout=args.timeout,
-                         step_delay=args.step_delay)
+                         step_delay=args.step_delay, max_batch=args.max_batch)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,10 +7,13 @@ Every error, including FastAPI's validation errors (turned from 422 into 400), h
 """
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+
+from casspec.batching import BATCH_METHODS
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .errors import install_error_handlers
@@ -18,7 +21,10 @@ from .http import APIError, GateMiddleware, prometheus_text
 from .requests import chat_messages, completion_prompt, gen_request, reject_unsupported
 from .schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .service import MODEL_ALIAS, CompletionService, ServerConfig
+from .batch_worker import BatchScheduler
 from .worker import Metrics, Scheduler
+
+log = logging.getLogger("casspec.server")
 
 __all__ = ["MODEL_ALIAS", "APIError", "create_app"]
 
@@ -26,10 +32,12 @@ _ERR = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 504)}
 
 
 def create_app(engine: Any, *, method: str = "casspec", api_key: str | None = None, max_queue: int = 32,
-               max_tokens_limit: int = 2048, request_timeout: float = 300.0, step_delay: float = 0.0) -> FastAPI:
+               max_tokens_limit: int = 2048, request_timeout: float = 300.0, step_delay: float = 0.0,
+               max_batch: int = 8) -> FastAPI:
     """Build the server app around ``engine`` (not thread-safe: one worker thread runs it).
 
-    ``max_queue``: waiting requests allowed besides the running one (more -> 429). ``max_tokens_limit``:
+    ``max_batch``: requests decoded together (continuous batching; 1 = one at a time, FIFO).
+    ``max_queue``: waiting requests allowed besides the running ones (more -> 429). ``max_tokens_limit``:
     the largest ``max_tokens`` accepted. ``request_timeout``: seconds per request, queueing included
     (then the generation is cancelled and the client gets a 504 / a streamed error event).
     ``step_delay``: testing aid, seconds slept by the worker after each streamed chunk.
@@ -37,11 +45,11 @@ def create_app(engine: Any, *, method: str = "casspec", api_key: str | None = No
     methods = tuple(getattr(engine, "methods", ()) or ())
     if methods and method not in methods:
         raise ValueError(f"unknown method {method!r}; this engine has {', '.join(methods)}")
-    if max_queue < 0 or max_tokens_limit < 1 or not request_timeout > 0:
-        raise ValueError("max_queue must be >= 0, max_tokens_limit >= 1 and request_timeout > 0")
+    if max_queue < 0 or max_tokens_limit < 1 or not request_timeout > 0 or max_batch < 1:
+        raise ValueError("max_queue must be >= 0, max_tokens_limit >= 1, request_timeout > 0 and max_batch >= 1")
     cfg = ServerConfig(method, max_queue, max_tokens_limit, request_timeout)
     metrics = Metrics()
-    scheduler = Scheduler(engine, method, max_queue, metrics, step_delay=step_delay)
+    scheduler = _scheduler(engine, method, max_queue, metrics, step_delay, max_batch)
     service = CompletionService(engine, cfg, scheduler, metrics)
 
     @asynccontextmanager
@@ -66,6 +74,17 @@ def create_app(engine: Any, *, method: str = "casspec", api_key: str | None = No
     return app
 
 
+def _scheduler(engine: Any, method: str, max_queue: int, metrics: Metrics, step_delay: float,
+               max_batch: int) -> Scheduler | BatchScheduler:
+    """The batched worker where the engine and method batch; else requests run one at a time."""
+    if max_batch > 1 and hasattr(engine, "runner") and method in BATCH_METHODS:
+        return BatchScheduler(engine, method, max_queue, metrics, max_batch, step_delay)
+    if max_batch > 1 and hasattr(engine, "runner"):
+        log.warning("method %s does not batch (batched: %s): serving one request at a time", method,
+                    ", ".join(BATCH_METHODS))
+    return Scheduler(engine, method, max_queue, metrics, step_delay=step_delay)
+
+
 def _add_info_routes(app: FastAPI, service: CompletionService) -> None:
     scheduler, cfg = service.scheduler, service.cfg
 
@@ -79,7 +98,8 @@ def _add_info_routes(app: FastAPI, service: CompletionService) -> None:
     @app.get("/metrics", summary="Server counters: JSON, or Prometheus text with ?format=prometheus")
     async def get_metrics(request: Request, format: str | None = None):
         snap = {"model": service.model_name, "method": cfg.method,
-                "queue": {"waiting": scheduler.waiting, "running": int(scheduler.busy), "max_queue": cfg.max_queue},
+                "queue": {"waiting": scheduler.waiting, "running": getattr(scheduler, "running", int(scheduler.busy)),
+                          "max_queue": cfg.max_queue, "max_batch": getattr(scheduler, "max_batch", 1)},
                 **service.metrics.snapshot()}
         accept = request.headers.get("accept", "")
         if format == "prometheus" or (format is None and ("openmetrics" in accept or accept.startswith("text/plain"))):

@@ -18,8 +18,8 @@ def reject_unsupported(body: Any, chat: bool) -> None:
     if chat:
         rf = (body.response_format or {}).get("type", "text")
         bad += [
-            ("logprobs", bool(body.logprobs), "logprobs are not supported"),
-            ("top_logprobs", body.top_logprobs is not None, "top_logprobs is not supported"),
+            ("top_logprobs", body.top_logprobs is not None and not body.logprobs,
+             "top_logprobs needs logprobs: true"),
             ("tools", bool(body.tools) or bool(body.functions), "tools / function calling are not supported"),
             ("tool_choice", body.tool_choice not in (None, "none") or body.function_call not in (None, "none"),
              "tool_choice is not supported"),
@@ -27,7 +27,6 @@ def reject_unsupported(body: Any, chat: bool) -> None:
         ]
     else:
         bad += [
-            ("logprobs", body.logprobs is not None, "logprobs are not supported"),
             ("best_of", body.best_of not in (None, 1), "best_of > 1 is not supported"),
             ("echo", bool(body.echo), "echo is not supported"),
             ("suffix", bool(body.suffix), "suffix is not supported"),
@@ -61,8 +60,15 @@ def gen_request(body: Any, prompt: Any, chat: bool, max_tokens_limit: int) -> Ge
         top_p=1.0 if body.top_p is None else float(body.top_p),
         top_k=max(top_k, 0),
         seed=None if body.seed is None else body.seed % (2**32),
-        stop=stop, chat=chat,
+        stop=stop, chat=chat, logprobs=_logprobs(body, chat),
     )
+
+
+def _logprobs(body: Any, chat: bool) -> int | None:
+    """How many top alternatives per token to report, or None when logprobs are off."""
+    if chat:
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 def completion_prompt(body: Any) -> str:

@@ -2,7 +2,7 @@
 
 Types are strict (no "1" -> 1 or true -> 1 coercion, no NaN/inf) so that wrongly typed fields give a 400, as with
 OpenAI. Unknown fields are ignored, like OpenAI does. Parameters that are recognised but not supported
-(n>1, logprobs, best_of, echo, suffix, penalties, logit_bias, tools...) are declared so the schema shows
+(n>1, best_of, echo, suffix, penalties, logit_bias, tools...) are declared so the schema shows
 them, and are refused with a 400 that names them (see ``app._reject_unsupported``).
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ class CompletionRequest(_Sampling):
         ..., description="A non-empty string (or a list holding exactly one string). Token-id prompts are not supported."
     )
     max_tokens: StrictInt | None = Field(None, ge=1, description="Default 16 (as OpenAI); at most the server's limit.")
-    logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Not supported.")
+    logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Logprob of each token plus this many top "
+                                       "alternatives, from the target model's own logits.")
     echo: StrictBool | None = Field(None, description="Not supported.")
     best_of: StrictInt | None = Field(None, ge=1, le=128, description="Only 1 is supported.")
     suffix: StrictStr | None = Field(None, description="Not supported.")
@@ -70,8 +71,8 @@ class ChatCompletionRequest(_Sampling):
     )
     max_tokens: StrictInt | None = Field(None, ge=1, description="Default min(256, server limit).")
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Alias of max_tokens.")
-    logprobs: StrictBool | None = Field(None, description="Not supported.")
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Not supported.")
+    logprobs: StrictBool | None = Field(None, description="Return each token's logprob (the target model's own).")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Top alternatives per token (needs logprobs).")
     tools: list[Any] | None = Field(None, description="Not supported.")
     tool_choice: Any | None = Field(None, description="Not supported.")
     functions: list[Any] | None = Field(None, description="Not supported.")

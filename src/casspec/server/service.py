@@ -136,11 +136,12 @@ class CompletionService:
 
     def _completion_body(self, result: Any, job: Job, chat: bool, rid: str, now: int) -> dict:
         fr = finish_reason(result.stats)
+        lps = openai_logprobs(result.logprobs, chat, job.req.logprobs)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": lps,
                       "finish_reason": fr}
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": fr}
+            choice = {"index": 0, "text": result.text, "logprobs": lps, "finish_reason": fr}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
                 "model": self.model_name, "choices": [choice], "usage": usage(result.stats),
                 "casspec": extension(result, job)}
@@ -192,11 +193,14 @@ class CompletionService:
                 "model": self.model_name}
         if chat:
             yield sse({**base, "choices": [_choice(chat, "", None, role=True)]})
+        offset = 0  # characters streamed so far (completions' text_offset)
         while True:
             kind, payload = item
             if kind == "chunk":
-                if payload.text:
-                    yield sse({**base, "choices": [_choice(chat, payload.text, None)]})
+                if payload.text or payload.logprobs:
+                    lps = openai_logprobs(payload.logprobs, chat, job.req.logprobs, offset)
+                    yield sse({**base, "choices": [_choice(chat, payload.text, None, logprobs=lps)]})
+                    offset += len(payload.text)
             elif kind == "done":
                 job.finished = True
                 yield sse({**base, "choices": [_choice(chat, None, finish_reason(payload.stats))],
@@ -220,11 +224,30 @@ class CompletionService:
                 return
 
 
-def _choice(chat: bool, text: str | None, fr: str | None, role: bool = False) -> dict:
+def _choice(chat: bool, text: str | None, fr: str | None, role: bool = False, logprobs: dict | None = None) -> dict:
     """One streamed choice: a chat delta or a completion text piece."""
     if not chat:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": fr}
+        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": fr}
     delta = {} if text is None else {"content": text}
     if role:
         delta["role"] = "assistant"
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": fr}
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": fr}
+
+
+def openai_logprobs(lps: list | None, chat: bool, asked: int | None, offset: int = 0) -> dict | None:
+    """TokenLogprobs in OpenAI's shape: chat {"content": [...]}, completions {"tokens", "token_logprobs", ...}."""
+    if lps is None or asked is None:
+        return None
+    if chat:
+        def entry(text: str, lp: float) -> dict:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        content = [{**entry(t.text, t.logprob),
+                    "top_logprobs": [entry(s, lp) for s, (_, lp) in zip(t.top_text, t.top)]} for t in lps]
+        return {"content": content, "refusal": None}
+    offsets = []
+    for t in lps:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [t.text for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{s: lp for s, (_, lp) in zip(t.top_text, t.top)} for t in lps],
+            "text_offset": offsets}

@@ -39,12 +39,14 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] | None = None
     chat: bool = False
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
 
     def kwargs(self) -> dict:
-        return dict(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            seed=self.seed, stop=self.stop, chat=self.chat,
-        )
+        kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                  top_k=self.top_k, seed=self.seed, stop=self.stop, chat=self.chat)
+        if self.logprobs is not None:  # only then: engines without logprobs keep working
+            kw["logprobs"] = self.logprobs
+        return kw
 
 
 class Job:
