@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import casspec
@@ -500,6 +501,300 @@ def test_cli_subprocess_server_with_api_key():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- logprobs through the server ---------------------------------------------------------------------------------
+LP_CASES = [("The quick brown fox", False), ([{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Hello there"}], True)]
+
+
+def hf_logprobs(engine, prompt, chat: bool, new_ids: list[int]) -> torch.Tensor:
+    """log_softmax of the HF model's own logits at each new token's position: [len(new_ids), V]."""
+    ids = engine.encode_prompt(prompt, chat)
+    with torch.no_grad():
+        logits = engine.hf_model(torch.tensor([ids + new_ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[len(ids) - 1:len(ids) - 1 + len(new_ids)]
+
+
+def lp_request(prompt, chat: bool, stream: bool, n: int = 12) -> tuple[str, dict]:
+    if chat:
+        return "chat/completions", {"messages": prompt, "max_tokens": n, "temperature": 0, "logprobs": True,
+                                    "top_logprobs": 2, "stream": stream}
+    return "completions", {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 2, "stream": stream}
+
+
+def streamed_logprobs(url: str, endpoint: str, body: dict) -> tuple[str, object]:
+    """(text, logprobs) of a streamed answer: the chunks' logprobs concatenated in the non-streamed shape."""
+    r = httpx.post(f"{url}/v1/{endpoint}", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    events = sse_events(r.text.splitlines())
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), r.text[:500]
+    choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+    if "messages" in body:
+        text = "".join(c["delta"].get("content") or "" for c in choices)
+        return text, [entry for c in choices if c["logprobs"] for entry in c["logprobs"]["content"]]
+    text = "".join(c["text"] for c in choices)
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in choices:
+        if c["logprobs"]:
+            for k in out:
+                out[k] += c["logprobs"][k]
+    return text, out
+
+
+def same_json(a, b, abs_tol: float = 1e-5) -> bool:
+    """Equal structures, floats within abs_tol (tree shapes may differ between runs: tiny float noise)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= abs_tol
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_json(a[k], b[k], abs_tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_json(x, y, abs_tol) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("prompt,chat", LP_CASES, ids=["completions", "chat"])
+def test_logprobs_match_hf_model_and_openai_shape(tiny, ref, prompt, chat):
+    endpoint, body = lp_request(prompt, chat, stream=False)
+    r = httpx.post(f"{tiny.url}/v1/{endpoint}", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    want = ref.generate(prompt, "casspec", max_new_tokens=12, temperature=0.0, chat=chat)
+    text = choice["message"]["content"] if chat else choice["text"]
+    assert text == want.text
+    ids = want.token_ids
+    assert r.json()["usage"]["completion_tokens"] == len(ids)
+    lp = hf_logprobs(ref, prompt, chat, ids)  # the target model's own distribution, outside casspec
+    top = torch.topk(lp, 2, dim=-1)
+    tok = ref.tokenizer
+    token_texts = [tok.decode([i]) for i in ids]
+    if chat:
+        lps = choice["logprobs"]
+        assert set(lps) == {"content", "refusal"} and lps["refusal"] is None
+        content = lps["content"]
+        assert len(content) == len(ids)
+        for j, (e, i) in enumerate(zip(content, ids)):
+            assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
+            assert e["token"] == token_texts[j] and e["bytes"] == list(e["token"].encode("utf-8"))
+            assert e["logprob"] == pytest.approx(lp[j, i].item(), abs=1e-4)
+            assert len(e["top_logprobs"]) == 2
+            for alt, a_id, a_lp in zip(e["top_logprobs"], top.indices[j].tolist(), top.values[j].tolist()):
+                assert set(alt) == {"token", "logprob", "bytes"}
+                assert alt["token"] == tok.decode([a_id]) and alt["bytes"] == list(alt["token"].encode("utf-8"))
+                assert alt["logprob"] == pytest.approx(a_lp, abs=1e-4)
+            assert e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"], abs=1e-6)  # greedy: the argmax
+        tokens = [e["token"] for e in content]
+    else:
+        lps = choice["logprobs"]
+        assert set(lps) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+        assert all(len(lps[k]) == len(ids) for k in lps)
+        assert lps["tokens"] == token_texts
+        assert lps["token_logprobs"] == pytest.approx([lp[j, i].item() for j, i in enumerate(ids)], abs=1e-4)
+        for j, alts in enumerate(lps["top_logprobs"]):
+            expect: dict = {}
+            for a_id, a_lp in zip(top.indices[j].tolist(), top.values[j].tolist()):
+                expect.setdefault(tok.decode([a_id]), a_lp)  # same text twice (byte tokens): the likelier one
+            assert alts == pytest.approx(expect, abs=1e-4) and 1 <= len(alts) <= 2
+            assert alts[lps["tokens"][j]] == pytest.approx(lps["token_logprobs"][j], abs=1e-6)  # greedy: the argmax
+        offsets = lps["text_offset"]
+        assert offsets[0] == 0 and all(b > a for a, b in zip(offsets, offsets[1:]))
+        assert offsets == [sum(len(t) for t in token_texts[:j]) for j in range(len(ids))]
+        tokens = lps["tokens"]
+    # the token texts make up the answer (byte tokens of one character each decode to U+FFFD alone)
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    if "".join(token_texts) == tok.decode(ids):
+        assert "".join(tokens) == text
+    # streamed: the chunks' logprobs concatenate to the same list
+    s_text, s_lps = streamed_logprobs(tiny.url, *lp_request(prompt, chat, stream=True))
+    assert s_text == text
+    assert same_json(s_lps, lps["content"] if chat else lps), (s_lps, lps)
+
+
+def test_logprobs_off_and_zero_alternatives(tiny):
+    body = {"prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0}
+    assert httpx.post(f"{tiny.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"] is None
+    c = httpx.post(f"{tiny.url}/v1/completions", json={**body, "logprobs": 0}, timeout=60).json()["choices"][0]
+    assert len(c["logprobs"]["tokens"]) == 4 and c["logprobs"]["top_logprobs"] == [{}] * 4
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = httpx.post(f"{tiny.url}/v1/chat/completions", timeout=60,
+                   json={"messages": msgs, "max_tokens": 4, "temperature": 0, "logprobs": True}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(e["top_logprobs"] == [] for e in content)
+    r = httpx.post(f"{tiny.url}/v1/chat/completions", timeout=60,
+                   json={"messages": msgs, "max_tokens": 4, "temperature": 0, "logprobs": False}).json()
+    assert r["choices"][0]["logprobs"] is None
+
+
+def test_logprobs_with_openai_client(tiny, ref):
+    c = tiny.client()
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    want = ref.generate(msgs, "casspec", max_new_tokens=8, temperature=0.0)
+    content = r.choices[0].logprobs.content
+    lp = hf_logprobs(ref, msgs, True, want.token_ids)
+    assert r.choices[0].message.content == want.text and len(content) == len(want.token_ids)
+    assert [e.logprob for e in content] == pytest.approx([lp[j, i].item() for j, i in enumerate(want.token_ids)],
+                                                         abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
+    assert all(bytes(e.bytes).decode("utf-8") == e.token for e in content)
+    streamed = [e for ch in c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=8, temperature=0,
+                                                      logprobs=True, top_logprobs=2, stream=True)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content or []]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    comp = c.completions.create(model="tiny-llama", prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                logprobs=2)
+    assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens == 6
+    assert comp.choices[0].logprobs.text_offset[0] == 0
+
+
+# -- the batched worker ------------------------------------------------------------------------------------------
+def test_batch_worker_queue_full_outputs_and_metrics(ref):
+    """max_batch=4, max_queue=1: of 8 simultaneous streams, 5 are served (exactly the engine's greedy output), 3 get 429."""
+    from casspec.server.batch_worker import BatchScheduler
+    from casspec.testing import tiny_engine
+
+    app = create_app(tiny_engine(), max_batch=4, max_queue=1, step_delay=0.05, max_tokens_limit=64,
+                     request_timeout=60)
+    sched = app.state.scheduler
+    assert isinstance(sched, BatchScheduler) and sched.max_batch == 4
+    prompts = [f"Batch client {i} asks" for i in range(8)]
+    want = {p: ref.generate(p, "casspec", max_new_tokens=24, temperature=0.0, chat=False).text for p in prompts}
+    with ThreadServer(app) as srv:
+        gate = threading.Barrier(8)
+
+        def one(p: str):
+            gate.wait()
+            with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                              json={"prompt": p, "max_tokens": 24, "temperature": 0, "stream": True}) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return r.status_code, r
+                events = sse_events(r.iter_lines())
+            assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events
+            return 200, "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+
+        with ThreadPoolExecutor(8) as pool:
+            got = dict(zip(prompts, pool.map(one, prompts)))
+        served = {p: text for p, (status, text) in got.items() if status == 200}
+        refused = [r for status, r in got.values() if status != 200]
+        assert len(served) == 5 and len(refused) == 3, {p: s for p, (s, _) in got.items()}
+        for r in refused:
+            assert_error(r, 429, "queue_full")
+        assert served == {p: want[p] for p in served}
+        m = httpx.get(srv.url + "/metrics").json()
+        assert m["queue"]["max_batch"] == 4 and m["queue"]["max_queue"] == 1
+        assert m["requests"]["rejected_queue_full"] == 3 and m["generation"]["count"] == 5
+        wait_until(lambda: sched.batch.kv.used == 0 and sched.waiting == 0 and not sched.busy, 5, "batch drained")
+
+
+def test_batch_worker_disconnect_frees_slots_others_go_on(ref):
+    """A client gone mid-stream leaves the batch (its KV region freed); the request beside it is unaffected."""
+    from casspec.testing import tiny_engine
+
+    app = create_app(tiny_engine(), max_batch=4, max_queue=1, step_delay=0.05, max_tokens_limit=512,
+                     request_timeout=60)
+    sched = app.state.scheduler
+    want_b = ref.generate("Neighbour request", "casspec", max_new_tokens=30, temperature=0.0, chat=False).text
+    want_c = ref.generate("After the hang-up", "casspec", max_new_tokens=8, temperature=0.0, chat=False).text
+    with ThreadServer(app) as srv:
+        done = {}
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": "A long story", "max_tokens": 400, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            b = threading.Thread(target=lambda: done.setdefault("b", httpx.post(
+                srv.url + "/v1/completions", json={"prompt": "Neighbour request", "max_tokens": 30, "temperature": 0},
+                timeout=60)))
+            b.start()
+            wait_until(lambda: sched.running == 2, 10, "both in the batch")
+            assert sched.batch.kv.used > 0
+            for line in lines:
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                    break  # got text while B runs beside it; hang up
+        wait_until(lambda: app.state.metrics.cancelled == 1, 10, "cancel count")
+        b.join(30)
+        assert done["b"].status_code == 200 and done["b"].json()["choices"][0]["text"] == want_b
+        wait_until(lambda: sched.batch.kv.used == 0 and not sched.busy and sched.waiting == 0, 10, "slots freed")
+        assert not sched.batch.running and not sched.batch.waiting
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "After the hang-up", "max_tokens": 8,
+                                                         "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want_c
+        assert sched.batch.kv.used == 0 and sched._outstanding == 0
+
+
+def _jobs(n: int, loop, **kw):
+    from casspec.server.worker import GenRequest, Job
+
+    return [Job(GenRequest(prompt=f"job {i}", max_new_tokens=kw.get("max_new_tokens", 4), temperature=0.0), loop, 60)
+            for i in range(n)]
+
+
+def test_batch_scheduler_admission_counts_running_plus_queue(ref, monkeypatch):
+    """submit refuses exactly beyond max_batch running + max_queue waiting, however far the worker lags behind."""
+    import asyncio
+
+    from casspec.server.batch_worker import BatchScheduler
+    from casspec.server.worker import Metrics, QueueFullError
+
+    sched = BatchScheduler(ref, "casspec", max_queue=1, metrics=Metrics(), max_batch=4)
+    monkeypatch.setattr(sched, "start", lambda: None)  # the worker has not picked anything up yet
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = _jobs(6, loop)
+        for job in jobs[:5]:
+            sched.submit(job)
+        with pytest.raises(QueueFullError):
+            sched.submit(jobs[5])
+        assert sched.abandon(jobs[0]) and jobs[0].state == "dropped"
+        sched.submit(jobs[5])  # a dropped request gives its place back
+    finally:
+        loop.close()
+
+
+def test_batch_scheduler_abandon_while_starting_counts_once(ref, monkeypatch):
+    """A request abandoned while the worker is submitting it to the batch is counted out exactly once."""
+    import asyncio
+
+    from casspec.server.batch_worker import BatchScheduler
+    from casspec.server.worker import Metrics
+
+    sched = BatchScheduler(ref, "casspec", max_queue=2, metrics=Metrics(), max_batch=2)
+    submit = sched.batch.submit
+
+    def racing_submit(*a, tag=None, **kw):
+        sched.abandon(tag)  # the client goes away right now
+        return submit(*a, tag=tag, **kw)
+
+    monkeypatch.setattr(sched.batch, "submit", racing_submit)
+    loop = asyncio.new_event_loop()
+    try:
+        job, = _jobs(1, loop)
+        sched.submit(job)
+        wait_until(lambda: job.state == "done" and not sched.batch.busy, 10, "job retired")
+        assert sched._outstanding == 0 and sched.waiting == 0 and sched.batch.kv.used == 0
+    finally:
+        sched.stop()
+        loop.close()
+
+
+def test_serve_help_lists_max_batch_and_create_app_rejects_zero():
+    exe = Path(sys.executable).with_name("casspec")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "casspec"]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(cmd + ["serve", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "--max-batch" in out.stdout, out.stdout + out.stderr
+    from casspec.testing import tiny_engine
+
+    with pytest.raises(ValueError, match="max_batch"):
+        create_app(tiny_engine(), max_batch=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        create_app(FakeEngine(), max_batch=0)
+    # max_batch=1, or an engine without a runner: the one-at-a-time worker
+    from casspec.server.worker import Scheduler
+
+    assert isinstance(create_app(FakeEngine(), max_batch=4).state.scheduler, Scheduler)
 
 
 # -- property-based fuzzing against the published OpenAPI schema -------------------------------------------------

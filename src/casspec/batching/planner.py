@@ -45,6 +45,11 @@ class BatchPlanner:
 
     def __init__(self, latency: LatencyModel, self_plan: str, lookup_cost: float = 2e-5) -> None:
         self.latency, self.self_plan, self.lookup_cost = latency, self_plan, lookup_cost
+        self.overhead = 0.0  # seconds of a step outside its forwards (planning, masks, accept), learnt online
+
+    def observe_overhead(self, seconds: float) -> None:
+        """One step's time outside its forwards (EMA)."""
+        self.overhead = 0.9 * self.overhead + 0.1 * max(0.0, seconds)
 
     def plan(self, requests: list[Candidate], ctx_len: int, extra_rows: int = 0) -> list[Choice]:
         """A Choice per request; `extra_rows` are verify rows of prompt chunks riding in the same forward."""
@@ -134,7 +139,7 @@ class _Step:
     def _seconds(self, extra_rows: int = 0) -> float:
         drafting = sum(self._forward(self.p.self_plan, n) for n in self.depth if n)
         lookups = self.p.lookup_cost * len(self.choices)
-        return self._forward("full", self.rows + extra_rows) + drafting + lookups
+        return self._forward("full", self.rows + extra_rows) + drafting + lookups + self.p.overhead
 
     def _forward(self, plan: str, rows: int) -> float:
         key = (plan, rows)

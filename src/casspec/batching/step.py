@@ -39,6 +39,7 @@ class BatchDecoder:
         self.planner = BatchPlanner(self.pool.latency(), self.level)
         self.global_alpha = {s: AcceptanceEstimator(prior=PRIORS[s]) for s in (self.level, "pld")}
         self._alpha: dict[int, dict[str, AcceptanceEstimator]] = {}  # id(generation) -> source -> estimate
+        self._forward_seconds = 0.0  # forward time within the current step
 
     @staticmethod
     def check_method(method: str) -> None:
@@ -53,6 +54,7 @@ class BatchDecoder:
             return {g: SpeculativeDecoder(self.runner, self.engine.scheduler(g.method)).step(g.state).tokens}
         chunks = self._prefill_chunks([g for g in gens if g.prefilling], bool(decoding))
         t0 = time.perf_counter()
+        self._forward_seconds = 0.0
         # 1. Plan: each request's draft source and length, for the batch's goodput.
         choices, lookups = self.plan(decoding, sum(len(ids) for _, ids, _ in chunks))
         # 2. Draft: lookups per request, self-drafts one batched forward per depth.
@@ -70,6 +72,7 @@ class BatchDecoder:
             out[g] = result.tokens
         for g, ids, _ in chunks:
             g.state.cache.length += len(ids)
+        self.planner.observe_overhead(time.perf_counter() - t0 - self._forward_seconds)
         return out
 
     def forget(self, gen: Generation) -> None:
@@ -144,6 +147,7 @@ class BatchDecoder:
         logits = self.runner.forward_batch(segments, self.drafter.plan)  # [len(live), V] (pruned: V')
         self.runner.synchronize()
         seconds = time.perf_counter() - t0
+        self._forward_seconds += seconds
         self.planner.latency.observe(self.level, len(live), _mean_ctx(segments), seconds)
         for (g, tree), row in zip(live, logits):
             self.drafter.expand(tree, g.state, depth, row, ids, 0, lambda c: c)
@@ -164,8 +168,9 @@ class BatchDecoder:
         t0 = time.perf_counter()
         logits = self.runner.forward_batch(segments, FULL, torch.arange(n))  # [n, V]
         self.runner.synchronize()
-        self.planner.latency.observe("full", sum(len(s) for s in segments), _mean_ctx(segments),
-                                     time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._forward_seconds += seconds
+        self.planner.latency.observe("full", sum(len(s) for s in segments), _mean_ctx(segments), seconds)
         return list(torch.split(logits, [len(t) for t in trees])) if trees else []
 
     def _prefill_chunks(self, gens: list[Generation], others_decoding: bool

@@ -7,6 +7,13 @@ SSE), GET /health, GET /metrics. One worker thread decodes up to ``--max-batch``
 
     casspec serve --model smollm2 --port 8000 --api-key sk-local
     python -m casspec.server ...        # same, without the main CLI
+
+Scale-out: ``--replicas N`` (N > 1, needs ``pip install 'casspec[serve]'``) runs N engine replicas, each
+with its own engine and this same app, behind one endpoint on Ray Serve (:mod:`casspec.server.replicas`);
+``--threads`` sets torch threads per replica (default: cores // N). With the default ``--replicas 1``
+the server is this single process and Ray is never imported.
+
+    casspec serve --model smollm2 --replicas 4 --port 8000
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import sys
 
 from .app import MODEL_ALIAS, APIError, create_app
 
-__all__ = ["add_parser", "create_app", "serve", "main", "MODEL_ALIAS", "APIError", "load_engine"]
+__all__ = ["add_parser", "app_kwargs", "create_app", "serve", "main", "MODEL_ALIAS", "APIError", "load_engine"]
 
 
 def _positive_int(text: str) -> int:
@@ -72,12 +79,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="seconds per request, queueing included; then it is cancelled (default: 300)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # testing: slow the worker
+    p.add_argument("--replicas", type=_positive_int, default=1,
+                   help="engine replicas behind one endpoint on Ray Serve; > 1 needs pip install 'casspec[serve]' "
+                        "(default: 1 = this process, no Ray)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads per engine (default: torch's choice; with --replicas N, cores // N)")
+
+
+def app_kwargs(args: argparse.Namespace) -> dict:
+    """create_app's keyword arguments from the serve options (shared by the single server and replicas)."""
+    return dict(method=args.method, api_key=args.api_key, max_queue=args.max_queue,
+                max_tokens_limit=args.max_tokens_limit, request_timeout=args.timeout, step_delay=args.step_delay,
+                max_batch=args.max_batch)
 
 
 def add_parser(subparsers) -> None:
     """Register ``serve`` on an argparse subparsers object."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible streaming HTTP server",
-                              description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, SSE).")
+                              description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, SSE). "
+                                          "--replicas N (N > 1) runs N engine replicas behind the same endpoint on "
+                                          "Ray Serve (pip install 'casspec[serve]'); Ctrl-C stops them all.")
     configure_parser(p)
     p.set_defaults(func=serve)
 
@@ -91,17 +112,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _serve_replicas(args: argparse.Namespace) -> int:
+    """--replicas N > 1: hand over to casspec.server.replicas (Ray Serve), if Ray is installed."""
+    try:
+        from . import replicas
+    except ImportError as exc:
+        print(f"error: --replicas {args.replicas} needs Ray Serve ({exc}); install it with: "
+              "pip install 'casspec[serve]'", file=sys.stderr)
+        return 2
+    return replicas.serve_replicas(args)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: binding {args.host} without --api-key exposes the model to the network", file=sys.stderr)
+    if getattr(args, "replicas", 1) > 1:
+        return _serve_replicas(args)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     print("loading model...", file=sys.stderr, flush=True)
     engine = load_engine(args)
     try:
-        app = create_app(engine, method=args.method, api_key=args.api_key, max_queue=args.max_queue,
-                         max_tokens_limit=args.max_tokens_limit, request_timeout=args.timeout,
-                         step_delay=args.step_delay, max_batch=args.max_batch)
+        app = create_app(engine, **app_kwargs(args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -76,10 +76,9 @@ class BatchScheduler:
     def submit(self, job: Job) -> None:
         """Queue ``job`` or raise QueueFullError when the batch is full and ``max_queue`` requests wait."""
         self.start()
-        with self._lock:
-            waiting = self._outstanding - len(self._running)
-            if self._outstanding >= self.max_batch and waiting >= self.max_queue:
-                raise QueueFullError(waiting)
+        with self._lock:  # count queued + running, not what the worker has picked up yet (it may lag behind)
+            if self._outstanding >= self.max_batch + self.max_queue:
+                raise QueueFullError(self._outstanding - len(self._running))
             self._outstanding += 1
             job.state = "queued"
         self._inbox.put(job)
@@ -131,6 +130,12 @@ class BatchScheduler:
             self._start(job)
 
     def _start(self, job: Job) -> None:
+        with self._lock:  # running before anything else: an abandon from now on leaves the counting to _end
+            if job.state == "dropped":
+                return
+            job.state = "running"
+            job.started = time.monotonic()
+            self._running.add(job)
         if job.cancel.is_set() or time.monotonic() >= job.deadline:
             self._end(job, ("error", JobTimeoutError("cancelled or timed out before it started")))
             return
@@ -140,11 +145,6 @@ class BatchScheduler:
             if not isinstance(exc, ValueError):  # ValueError = casspec's bad-request errors (a 400)
                 self.metrics.bump("generation_errors")
             self._end(job, ("error", exc))
-            return
-        with self._lock:
-            job.state = "running"
-            job.started = time.monotonic()
-            self._running.add(job)
 
     def _deliver(self, job: Job, chunk: Any) -> None:
         if chunk.text or chunk.token_ids:

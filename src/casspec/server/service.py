@@ -193,14 +193,15 @@ class CompletionService:
                 "model": self.model_name}
         if chat:
             yield sse({**base, "choices": [_choice(chat, "", None, role=True)]})
-        offset = 0  # characters streamed so far (completions' text_offset)
+        offset = 0  # text_offset of the next token: token texts so far (as the non-streamed answer counts them;
+        # the streamed text may lag behind, held back while a stop string or a UTF-8 character may be forming)
         while True:
             kind, payload = item
             if kind == "chunk":
                 if payload.text or payload.logprobs:
                     lps = openai_logprobs(payload.logprobs, chat, job.req.logprobs, offset)
                     yield sse({**base, "choices": [_choice(chat, payload.text, None, logprobs=lps)]})
-                    offset += len(payload.text)
+                    offset += sum(len(t.text) for t in payload.logprobs or ())
             elif kind == "done":
                 job.finished = True
                 yield sse({**base, "choices": [_choice(chat, None, finish_reason(payload.stats))],
@@ -248,6 +249,11 @@ def openai_logprobs(lps: list | None, chat: bool, asked: int | None, offset: int
     for t in lps:
         offsets.append(offset)
         offset += len(t.text)
-    return {"tokens": [t.text for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [{s: lp for s, (_, lp) in zip(t.top_text, t.top)} for t in lps],
+    tops = []
+    for t in lps:  # keyed by text: where two alternatives read the same (byte tokens), keep the likelier
+        top: dict[str, float] = {}
+        for s, (_, lp) in zip(t.top_text, t.top):
+            top.setdefault(s, lp)
+        tops.append(top)
+    return {"tokens": [t.text for t in lps], "token_logprobs": [t.logprob for t in lps], "top_logprobs": tops,
             "text_offset": offsets}
