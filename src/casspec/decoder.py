@@ -17,7 +17,7 @@ from casspec.verify.accept import AcceptResult, accept
 from casspec.verify.logprobs import path_logprobs
 
 TREE_CAPACITY = 64  # draft-tree nodes per step, root included
-PREFILL_CHUNK = 64  # prompt tokens per prefill forward: the same chunks alone and in a batch, so same numbers
+PREFILL_CHUNK = 128  # prompt tokens per prefill forward (measured fastest of 64..900 on this CPU)
 
 
 def commit(state: DecodeState, tree: DraftTree, logits: torch.Tensor, result: AcceptResult) -> None:

@@ -13,7 +13,7 @@ import time
 import torch
 
 from casspec.batching.planner import MAX_DRAFT, BatchPlanner, Candidate, Choice
-from casspec.decoder import PREFILL_CHUNK, TREE_CAPACITY, SpeculativeDecoder, commit, prefill_segments
+from casspec.decoder import TREE_CAPACITY, SpeculativeDecoder, commit, prefill_segments
 from casspec.drafters.pool import PRIORS
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
@@ -26,6 +26,7 @@ from casspec.verify.accept import AcceptResult, accept
 
 BATCH_METHODS = ("ar", "pld", "self", "casspec")  # fixed policies, and the load-aware planner
 SELF_MIN_CONF = 0.3  # the `self` method's chain stops below this draft confidence (as SelfChain)
+PREFILL_CHUNK = 64  # prompt tokens riding in a step's verify forward while other requests stream
 
 
 class BatchDecoder:
