@@ -3,7 +3,9 @@
 A batched step costs one draft forward per depth (the rows of every request still drafting at that
 depth, in one forward of the self-draft plan) plus one verify forward over every request's tree:
 
-    T = t_verify(sum_i (k_i + 1) + prefill rows) + sum_d t_draft(#{i : k_i > d})
+    T = t_verify(sum_i (k_i + 1) + P) - t_verify(P) + sum_d t_draft(#{i : k_i > d}) + overhead
+
+(P = rows of prompt chunks riding in the same verify forward: their cost is paid whatever is drafted)
 
 and request i commits E_i = sum_{j=0..k_i} alpha_i^j tokens in expectation (its chain of k_i drafts
 with per-token acceptance alpha_i, plus the bonus token). The planner maximises the batch's goodput
@@ -93,13 +95,16 @@ class _Step:
     def __init__(self, planner: BatchPlanner, requests: list[Candidate], ctx_len: int, extra_rows: int,
                  choices: list[Choice], memo: dict[tuple[str, int], float] | None = None) -> None:
         self.p, self.requests, self.ctx, self.extra_rows = planner, requests, ctx_len, extra_rows
+        self._memo = {} if memo is None else memo
         self.choices = list(choices)
         self.tokens = sum(self._tokens(i, c) for i, c in enumerate(self.choices))
         self.rows = extra_rows + sum(c.k + 1 for c in self.choices)
         self.depth = [0] * (1 + max([MAX_DRAFT] + [c.k for c in self.choices]))  # chains drafting at depth d
         for c in self.choices:
             self._count(c, +1)
-        self._memo = {} if memo is None else memo
+        # prompt chunks riding in the verify forward are paid for whatever is drafted: only the time
+        # decoding adds on top of them counts against its tokens (else a big chunk makes drafting look free)
+        self._sunk = self._forward("full", extra_rows) if extra_rows else 0.0
 
     def with_choices(self, changes: list[tuple[int, Choice]]) -> _Step:
         """A copy with some requests' choices replaced."""
@@ -139,7 +144,8 @@ class _Step:
     def _seconds(self, extra_rows: int = 0) -> float:
         drafting = sum(self._forward(self.p.self_plan, n) for n in self.depth if n)
         lookups = self.p.lookup_cost * len(self.choices)
-        return self._forward("full", self.rows + extra_rows) + drafting + lookups + self.p.overhead
+        verify = self._forward("full", self.rows + extra_rows) - self._sunk
+        return verify + drafting + lookups + self.p.overhead
 
     def _forward(self, plan: str, rows: int) -> float:
         key = (plan, rows)
