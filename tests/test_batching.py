@@ -162,3 +162,12 @@ def test_planner_drafts_long_under_light_load_and_nothing_when_rows_cost_full_pr
     assert BatchPlanner(steep, "int8").plan(cands, 200) == [Choice()] * 4
     fixed = [Candidate({}, {}, Choice("int8", 8)), Candidate({"int8": 0.9}, {"int8": 8})]
     assert BatchPlanner(steep, "int8").plan(fixed, 200)[0] == Choice("int8", 8)
+
+
+def test_planner_terminates_when_the_latency_fit_is_not_monotone():
+    """A prompt chunk bigger than the decode rows with t(rows) < t(chunk) once hung the planner."""
+    bumpy = _latency({n: (30 if n == 64 else 20) + 0.1 * n for n in range(1, 80)}, {n: 6.0 for n in range(1, 80)})
+    fixed = [Candidate({}, {}, Choice()) for _ in range(4)]
+    assert BatchPlanner(bumpy, "int8").plan(fixed, 100, extra_rows=64) == [Choice()] * 4
+    free = [Candidate({"int8": 0.9}, {"int8": 8}) for _ in range(4)]
+    assert len(BatchPlanner(bumpy, "int8").plan(free, 100, extra_rows=64)) == 4

@@ -68,10 +68,9 @@ class BatchPlanner:
             for k in range(1, MAX_DRAFT + 1):
                 joint = [(i, Choice(self.self_plan, min(k, requests[i].limits.get(self.self_plan, 0)))) for i in free]
                 joint = [(i, c) for i, c in joint if c.k > 0 and c != step.choices[i]]
-                g = step.with_choices(joint).goodput() if joint else 0.0
-                if g > best * (1 + 1e-3):
+                if joint and (g := step.with_choices(joint).goodput()) > best * (1 + 1e-3):
                     best, move = g, joint
-            if move is None:
+            if not move:
                 return step.choices
             for i, c in move:
                 step.set(i, c)
@@ -144,7 +143,7 @@ class _Step:
     def _seconds(self, extra_rows: int = 0) -> float:
         drafting = sum(self._forward(self.p.self_plan, n) for n in self.depth if n)
         lookups = self.p.lookup_cost * len(self.choices)
-        verify = self._forward("full", self.rows + extra_rows) - self._sunk
+        verify = max(self._forward("full", self.rows + extra_rows) - self._sunk, 1e-4)  # the fit is not monotone
         return verify + drafting + lookups + self.p.overhead
 
     def _forward(self, plan: str, rows: int) -> float:
