@@ -50,7 +50,9 @@ def prompts(per_category: int) -> list[tuple[str, str]]:
 
 def continuation(engine, text: str, n: int) -> DecodeState:
     """The target's greedy continuation, left in a DecodeState whose cache holds every token's KV."""
-    gen = engine.start([{"role": "user", "content": text}], "ar", max_new_tokens=n, chat=engine.has_chat_template)
+    chat = engine.has_chat_template  # a base model gets the bench's plain Question/Answer framing
+    prompt = [{"role": "user", "content": text}] if chat else f"Question: {text}\nAnswer:"
+    gen = engine.start(prompt, "ar", max_new_tokens=n, chat=chat)
     decoder = SpeculativeDecoder(engine.runner, engine.scheduler("ar"))
     decoder.prefill(gen.state)
     while not gen.finished:
