@@ -23,7 +23,7 @@ import torch
 import casspec
 from casspec.bench.prompts import load_questions
 from casspec.decoder import SpeculativeDecoder
-from casspec.drafters.layer_search import SCRATCH_OFFSET, LayerSetSearch
+from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import find_ngram_continuation
 from casspec.runtime.plans import FULL, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
 from casspec.scheduler.calibrate import forward_breakdown
@@ -60,24 +60,11 @@ def continuation(engine, text: str, n: int) -> DecodeState:
     return gen.state
 
 
-@torch.inference_mode()
 def agreement(engine, state: DecodeState, plan: ExecutionPlan, window: int) -> float:
     """Teacher-forced top-1 agreement of `plan` over the last `window` committed tokens."""
-    search = LayerSetSearch(engine.runner, 0.0, window=window)
-    if not plan.vocab:
-        return search.score(state, plan)
-    engine.runner.draft_vocab().add(state.tokens)
-    cache, start = state.cache, state.cache.length - window
-    scratch = cache.length + SCRATCH_OFFSET
-    ids, pos = torch.tensor(state.tokens[start:cache.length]), torch.arange(start, cache.length)
-    allowed = torch.zeros(window, scratch + window, dtype=torch.bool)
-    allowed[:, :start] = True
-    allowed[:, scratch:] = torch.tril(torch.ones(window, window, dtype=torch.bool))
-    key_pos = torch.arange(scratch + window)
-    key_pos[scratch:] = pos
-    logits = engine.runner.forward(ids, pos, torch.arange(scratch, scratch + window), cache, plan, allowed, key_pos)
-    got = engine.runner.token_ids(plan)[logits.argmax(-1)]
-    return float((got == torch.tensor(state.tokens[start + 1:cache.length + 1])).float().mean())
+    if plan.vocab:
+        engine.runner.draft_vocab().add(state.tokens)  # as the drafter does: the context's tokens are draftable
+    return LayerSetSearch(engine.runner, 0.0, window=window).score(state, plan)
 
 
 def lookup_agreement(state: DecodeState, window: int) -> tuple[float, float]:

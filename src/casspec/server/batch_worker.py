@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from typing import Any
 
 from casspec.batching import BatchEngine
 
-from .worker import Job, JobTimeoutError, Metrics, QueueFullError
+from .worker import Job, JobTimeoutError, Metrics, QueueFullError, _Worker
 
 log = logging.getLogger("casspec.server")
 
 
-class BatchScheduler:
+class BatchScheduler(_Worker):
     """Admission + a single worker thread that owns a BatchEngine over the engine."""
+
+    thread_name = "casspec-batch"
 
     def __init__(self, engine: Any, method: str, max_queue: int, metrics: Metrics, max_batch: int = 8,
                  step_delay: float = 0.0, pool_tokens: int | None = None) -> None:
@@ -31,11 +32,8 @@ class BatchScheduler:
         self.method, self.max_queue, self.max_batch, self.metrics = method, max_queue, max_batch, metrics
         self.step_delay = step_delay  # testing aid: sleep after each step (simulates a slow model)
         self._inbox: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._outstanding = 0  # queued + running
         self._running: set[Job] = set()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        super().__init__()
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -50,17 +48,6 @@ class BatchScheduler:
     def waiting(self) -> int:
         with self._lock:
             return self._outstanding - len(self._running)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is None or self._thread.is_alive()
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._stopping = False
-                self._thread = threading.Thread(target=self._loop, name="casspec-batch", daemon=True)
-                self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -82,17 +69,6 @@ class BatchScheduler:
             self._outstanding += 1
             job.state = "queued"
         self._inbox.put(job)
-
-    def abandon(self, job: Job) -> bool:
-        """Stop ``job`` (it leaves the batch at the next step). Returns True if it had not finished."""
-        job.cancel.set()
-        job.drop_getter()
-        with self._lock:
-            if job.state == "queued":
-                job.state = "dropped"
-                self._outstanding -= 1
-                return True
-            return job.state == "running" and not job.finished
 
     # -- worker --------------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -190,8 +190,47 @@ class Metrics:
             }
 
 
-class Scheduler:
+class _Worker:
+    """What both workers share: the admission counter, the one worker thread, and abandoning a job."""
+
+    thread_name = "casspec-worker"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._outstanding = 0  # queued + running
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+                self._thread.start()
+
+    def abandon(self, job: Job) -> bool:
+        """Stop ``job`` (cancel it, or drop it from the queue). Returns True if it had not finished."""
+        job.cancel.set()
+        job.drop_getter()
+        with self._lock:
+            if job.state == "queued":
+                job.state = "dropped"
+                self._outstanding -= 1
+                return True
+            return job.state == "running" and not job.finished
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Scheduler(_Worker):
     """FIFO admission + a single worker thread that owns the engine."""
+
+    thread_name = "casspec-engine"
 
     def __init__(self, engine: Any, method: str, max_queue: int, metrics: Metrics, step_delay: float = 0.0):
         self.engine = engine
@@ -200,11 +239,8 @@ class Scheduler:
         self.metrics = metrics
         self.step_delay = step_delay  # testing aid: sleep after each streamed chunk (simulates a slow model)
         self._q: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._outstanding = 0  # queued + running
         self._running: Job | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        super().__init__()
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -215,17 +251,6 @@ class Scheduler:
     def waiting(self) -> int:
         with self._lock:
             return self._outstanding - (1 if self._running is not None else 0)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is None or self._thread.is_alive()
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._stopping = False
-                self._thread = threading.Thread(target=self._loop, name="casspec-engine", daemon=True)
-                self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -247,17 +272,6 @@ class Scheduler:
             self._outstanding += 1
             job.state = "queued"
             self._q.put(job)
-
-    def abandon(self, job: Job) -> bool:
-        """Stop ``job`` (cancel it, or drop it from the queue). Returns True if it had not finished."""
-        job.cancel.set()
-        job.drop_getter()
-        with self._lock:
-            if job.state == "queued":
-                job.state = "dropped"
-                self._outstanding -= 1
-                return True
-            return job.state == "running" and not job.finished
 
     # -- worker --------------------------------------------------------------------------------------------
     def _loop(self) -> None:
