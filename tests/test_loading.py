@@ -224,32 +224,63 @@ def test_garbage_gguf(tmp_path: Path) -> None:
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
-def test_gguf_converted_once_and_identical(
+def test_gguf_reference_converted_once_and_identical(
     gguf_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lm = load_model(str(gguf_file), cache_dir=str(tmp_path))
+    """The HF reference model of a GGUF file (the `hf` peers) is converted once and equals transformers'."""
+    lm = loading.load_gguf_converted(gguf_file, "tiny-model", tmp_path)
     converted = Path(lm.path)
     assert converted.parent == tmp_path / "models" and converted.name.startswith("tiny-model-")
-    assert lm.name == "tiny-model" and lm.has_chat_template
+    assert lm.name == "tiny-model" and lm.has_chat_template and lm.gguf_path == gguf_file
     assert lm.model.generation_config.eos_token_id == 2 and _is_tied(lm.model)
     ids = lm.tokenizer("a b ab c", return_tensors="pt").input_ids
     assert torch.equal(_logits(lm), _gguf_logits(gguf_file, ids))
     monkeypatch.setattr(loading, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
-    again = load_model(str(gguf_file), cache_dir=str(tmp_path))
+    again = loading.load_gguf_converted(gguf_file, "tiny-model", tmp_path)
     assert again.path == lm.path and torch.equal(_logits(again), _logits(lm))
     assert not list((tmp_path / "models").glob(".tmp-*"))
 
 
-def test_interrupted_conversion_leaves_no_cache(
+def test_gguf_loads_in_place_without_conversion(
     gguf_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU a GGUF file is read in place: only its config and tokenizer are cached, no weights."""
+    from casspec.api import Engine
+    from casspec.runtime import kernels
+
+    if not kernels.available():
+        pytest.skip("needs casspec's CPU kernels")
+    lm = load_model(str(gguf_file), cache_dir=str(tmp_path))
+    assert lm.source is not None and lm.gguf_path == gguf_file and lm.has_chat_template
+    assert lm.model.generation_config.eos_token_id == 2
+    assert all(p.device.type == "meta" for p in lm.model.parameters())  # no fp32 copy in memory
+    written = sorted(f.name for f in (tmp_path / "models").rglob("*") if f.is_file())
+    assert written and not [f for f in written if f.endswith((".safetensors", ".bin", ".pt", ".gguf"))]
+    assert sum(f.stat().st_size for f in (tmp_path / "models").rglob("*") if f.is_file()) < 1_000_000
+    engine = Engine(lm.model, lm.tokenizer, lm.name, source=lm.source, prepare=False)
+    ids = lm.tokenizer("a b ab c", return_tensors="pt").input_ids[0]
+    cache = engine.runner.new_cache(16)
+    n = torch.arange(len(ids))
+    logits = engine.runner.forward(ids, n, n, cache)
+    torch.testing.assert_close(logits, _gguf_logits(gguf_file, ids[None])[0], rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(loading, "_save_gguf_metadata", lambda *a: pytest.fail("metadata parsed twice"))
+    assert load_model(str(gguf_file), cache_dir=str(tmp_path)).source is not None
+
+
+@pytest.mark.parametrize("builder", ["_convert_gguf", "_save_gguf_metadata"])
+def test_interrupted_conversion_leaves_no_cache(
+    gguf_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, builder: str
 ) -> None:
     def broken(gguf: Path, out: Path) -> None:
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loading, "_convert_gguf", broken)
+    monkeypatch.setattr(loading, builder, broken)
     with pytest.raises(KeyboardInterrupt):
-        load_model(str(gguf_file), cache_dir=str(tmp_path))
+        if builder == "_convert_gguf":
+            loading.load_gguf_converted(gguf_file, "tiny-model", tmp_path)
+        else:
+            loading.load_gguf_native(gguf_file, "tiny-model", tmp_path)
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -261,16 +292,13 @@ def test_smollm2_real(tmp_path: Path) -> None:
     start = time.perf_counter()
     lm = load_model(None, cache_dir=str(tmp_path))
     first = time.perf_counter() - start
-    assert lm.name == "smollm2" and lm.has_chat_template and _is_tied(lm.model)
+    assert lm.name == "smollm2" and lm.has_chat_template and lm.source is not None
     assert lm.tokenizer.convert_ids_to_tokens(lm.model.generation_config.eos_token_id) == "<|im_end|>"
     start = time.perf_counter()
     again = load_model("smollm2", cache_dir=str(tmp_path))
     second = time.perf_counter() - start
-    print(f"\nsmollm2: first load + conversion {first:.1f} s, cached load {second:.2f} s")
+    print(f"\nsmollm2: first load {first:.1f} s, cached load {second:.2f} s")
     assert again.path == lm.path and second < 10
-    text = "The capital of France is"
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids
-    assert torch.equal(_logits(again, text), _gguf_logits(loading._smollm2_gguf(), ids))
 
 
 @pytest.mark.slow
@@ -278,11 +306,10 @@ def test_gemma3_real(tmp_path: Path) -> None:
     start = time.perf_counter()
     lm = load_model("gemma3-270m", cache_dir=str(tmp_path))
     first = time.perf_counter() - start
-    assert lm.name == "gemma3-270m" and not lm.has_chat_template and _is_tied(lm.model)
+    assert lm.name == "gemma3-270m" and not lm.has_chat_template and lm.source is not None
     assert lm.tokenizer.convert_ids_to_tokens(lm.model.generation_config.eos_token_id) == "<eos>"
     start = time.perf_counter()
     again = load_model("GEMMA3-270M", cache_dir=str(tmp_path))
     second = time.perf_counter() - start
-    print(f"\ngemma3-270m: first load + conversion {first:.1f} s, cached load {second:.2f} s")
+    print(f"\ngemma3-270m: first load {first:.1f} s, cached load {second:.2f} s")
     assert again.path == lm.path and second < 20
-    assert torch.equal(_logits(lm, "The capital of France is"), _logits(again, "The capital of France is"))

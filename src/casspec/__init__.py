@@ -18,7 +18,8 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
 
     t0 = time.perf_counter()
     loaded = load_model(model, device=device, dtype=dtype)
-    engine = Engine(loaded.model, loaded.tokenizer, name=loaded.name, cache_dir=model_cache_dir())
+    engine = Engine(loaded.model, loaded.tokenizer, name=loaded.name, cache_dir=model_cache_dir(), source=loaded.source,
+                    gguf_path=loaded.gguf_path)
     engine.load_seconds = time.perf_counter() - t0
     return engine
 

@@ -28,6 +28,7 @@ from casspec.scheduler.base import Scheduler
 from casspec.state import DecodeState
 from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner
+from casspec.runtime.sources import GGUFSource
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -38,10 +39,13 @@ class Engine:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "model", *,
                  hierarchy: tuple[str, ...] | None = None, cache_dir: Path | None = None, prepare: bool = True,
-                 progress: bool = True) -> None:
+                 progress: bool = True, source: GGUFSource | None = None, gguf_path: Path | None = None) -> None:
+        """`model`: an HF causal LM, or its meta-device skeleton with `source` holding a GGUF file's tensors."""
         t0 = time.perf_counter()
         self.hf_model, self.tokenizer, self.name = model, tokenizer, name
-        self.runner = TargetRunner(model, cache_dir=cache_dir)
+        self.gguf_path = gguf_path  # the GGUF file the model came from (peers such as llama.cpp read it)
+        self._reference: PreTrainedModel | None = None
+        self.runner = TargetRunner(model, cache_dir=cache_dir, source=source)
         self.pool = DrafterPool(self.runner, name, cache_dir, hierarchy, tokenizer)
         if prepare:  # draft weights and latency model now, so no generation pays for them
             self.pool.prepare(progress)
@@ -49,6 +53,18 @@ class Engine:
         self.context_length: int = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(model, tokenizer)
         self._schedulers: dict[str, Scheduler] = {}
+
+    def reference_model(self) -> PreTrainedModel:
+        """The HF transformers fp32 model of the same weights (the `hf` peers and equality checks); for a
+        GGUF file read in place, loaded on first use from its converted copy."""
+        if self.runner.source is None:
+            return self.hf_model
+        if self._reference is None:
+            from casspec.runtime.loading import load_gguf_converted, model_cache_dir
+
+            path = self.runner.source.file.path
+            self._reference = load_gguf_converted(path, self.name, model_cache_dir()).model
+        return self._reference
 
     @property
     def has_chat_template(self) -> bool:

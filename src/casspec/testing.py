@@ -26,11 +26,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(family: str = "llama", vocab_size: int = 260):
-    """A few-layer config of the given family with sizes that run in milliseconds."""
+def tiny_config(family: str = "llama", vocab_size: int = 260, **sizes: int):
+    """A few-layer config of the given family with sizes that run in milliseconds (`sizes` override them)."""
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
+    common.update(sizes)
     if family == "llama":
         return LlamaConfig(**common)
     if family == "qwen2":
@@ -42,10 +43,10 @@ def tiny_config(family: str = "llama", vocab_size: int = 260):
     raise ValueError(f"unknown tiny family {family!r}")
 
 
-def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 260) -> PreTrainedModel:
+def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 260, **sizes: int) -> PreTrainedModel:
     """Random-weight model (weights scaled up so logits are far from ties)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(family, vocab_size)
+    cfg = tiny_config(family, vocab_size, **sizes)
     cfg._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from casspec.errors import InvalidRequestError
-from casspec.runtime.weights import LayerWeights, ModelWeights, make_proj
+from casspec.runtime.sources import GGUFSource, ModuleSource
+from casspec.runtime.weights import LayerWeights, ModelWeights, Proj, make_proj
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
 GEMMA3_FAMILY = {"gemma3_text", "gemma3"}
@@ -30,8 +31,9 @@ class LlamaAdapter:
     """Adapter for Llama-style decoder stacks."""
 
     norm_offset = 0.0  # effective RMSNorm weight = offset + w (Gemma: 1 + w)
+    pre_mlp_norm = "post_attention_layernorm"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, source: ModuleSource | GGUFSource | None = None) -> None:
         self.config = cfg = getattr(model.config, "text_config", None) or model.config
         self.base = model.model
         self.lm_head = model.lm_head
@@ -49,6 +51,10 @@ class LlamaAdapter:
         self.sliding_window: int | None = getattr(cfg, "sliding_window", None)
         self.layer_types: list[str] = list(getattr(cfg, "layer_types", None) or self._default_layer_types())
         self.final_softcap: float | None = getattr(cfg, "final_logit_softcapping", None)
+        self.source = source or ModuleSource(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        self.prefix, self.head_name = names[id(self.base)], names[id(self.lm_head)]  # "model", "lm_head"
+        self.rotary = _cpu_rotary(self.base.rotary_emb)
 
     def _default_layer_types(self) -> list[str]:
         """Without `layer_types`, a set sliding window applies to every layer (Mistral)."""
@@ -60,40 +66,42 @@ class LlamaAdapter:
         return self.sliding_window if layer_type == SLIDING_ATTENTION else None
 
     # ---- weights --------------------------------------------------------------------------------
-    def norm(self, module: nn.Module) -> torch.Tensor:
-        return (module.weight.detach().float() + self.norm_offset).contiguous()
+    def norm(self, name: str) -> torch.Tensor:
+        return (self.source.vector(name).detach().float() + self.norm_offset).contiguous()
 
-    def layer_weights(self, layer: nn.Module, tile: bool) -> LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    def proj(self, names: list[str], tile: bool, glu: str | None = None) -> Proj:
+        weights, biases = zip(*(self.source.linear(n) for n in names))
+        return make_proj(list(weights), list(biases), glu=glu, tile=tile)
+
+    def layer_weights(self, i: int, tile: bool) -> LayerWeights:
+        at, mlp = f"{self.prefix}.layers.{i}.self_attn", f"{self.prefix}.layers.{i}.mlp"
         return LayerWeights(
-            qkv=make_proj([m.weight for m in qkv], [m.bias for m in qkv], tile=tile),
-            o=make_proj([attn.o_proj.weight], [attn.o_proj.bias], tile=tile),
-            gate_up=make_proj([mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias],
-                              glu=self.act, tile=tile),
-            down=make_proj([mlp.down_proj.weight], [mlp.down_proj.bias], tile=tile),
-            attn_norm=self.norm(layer.input_layernorm),
-            mlp_norm=self.norm(self._pre_mlp_norm(layer)),
-            q_norm=self.norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
-            k_norm=self.norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
+            qkv=self.proj([f"{at}.q_proj", f"{at}.k_proj", f"{at}.v_proj"], tile),
+            o=self.proj([f"{at}.o_proj"], tile),
+            gate_up=self.proj([f"{mlp}.gate_proj", f"{mlp}.up_proj"], tile, glu=self.act),
+            down=self.proj([f"{mlp}.down_proj"], tile),
+            attn_norm=self.norm(f"{self.prefix}.layers.{i}.input_layernorm"),
+            mlp_norm=self.norm(f"{self.prefix}.layers.{i}.{self.pre_mlp_norm}"),
+            q_norm=self.norm(f"{at}.q_norm") if self.source.has(f"{at}.q_norm") else None,
+            k_norm=self.norm(f"{at}.k_norm") if self.source.has(f"{at}.k_norm") else None,
         )
 
-    def _pre_mlp_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.post_attention_layernorm
-
     def weights(self, tile: bool) -> ModelWeights:
-        """fp32 weights of the whole stack; `tile` adds the kernels' layout."""
-        layers = [self.layer_weights(layer, tile) for layer in self.layers]
-        head = make_proj([self.lm_head.weight], [self.lm_head.bias], tile=tile)
-        return ModelWeights(layers, head, self.norm(self.base.norm))
+        """The whole stack's weights (fp32 parameters, or blocks as they ship); `tile` adds the kernels' layout."""
+        layers = [self.layer_weights(i, tile) for i in range(self.num_layers)]
+        return ModelWeights(layers, self.proj([self.head_name], tile), self.norm(f"{self.prefix}.norm"))
 
     # ---- per forward ----------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [M] -> [M, d]
-        return self.base.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [M] -> [M, d] fp32
+        if isinstance(self.source, GGUFSource):  # HF's scaled embedding: rows * float32(scale)
+            scale = getattr(self.base.embed_tokens, "scalar_embed_scale", None)
+            rows = self.source.embed_rows(input_ids)
+            return rows * torch.tensor(scale) if scale is not None else rows
+        return self.base.embed_tokens(input_ids).float()
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos, sin [M, D/2] per layer type, from the HF model's own rotary module."""
-        cos, sin = self.base.rotary_emb(h[None], positions[None])
+        cos, sin = self.rotary(h[None], positions[None])
         table = _half(cos, sin)
         return {t: table for t in set(self.layer_types)}
 
@@ -107,17 +115,24 @@ class Gemma3Adapter(LlamaAdapter):
 
     norm_offset = 1.0
 
-    def layer_weights(self, layer: nn.Module, tile: bool) -> LayerWeights:
-        lw = super().layer_weights(layer, tile)
-        lw.post_attn_norm = self.norm(layer.post_attention_layernorm)
-        lw.post_mlp_norm = self.norm(layer.post_feedforward_layernorm)
+    pre_mlp_norm = "pre_feedforward_layernorm"
+
+    def layer_weights(self, i: int, tile: bool) -> LayerWeights:
+        lw = super().layer_weights(i, tile)
+        lw.post_attn_norm = self.norm(f"{self.prefix}.layers.{i}.post_attention_layernorm")
+        lw.post_mlp_norm = self.norm(f"{self.prefix}.layers.{i}.post_feedforward_layernorm")
         return lw
 
-    def _pre_mlp_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.pre_feedforward_layernorm
-
     def rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {t: _half(*self.base.rotary_emb(h[None], positions[None], t)) for t in set(self.layer_types)}
+        return {t: _half(*self.rotary(h[None], positions[None], t)) for t in set(self.layer_types)}
+
+
+def _cpu_rotary(rotary: nn.Module) -> nn.Module:
+    """The model's rotary module, rebuilt on the CPU when the model is a skeleton on the meta device."""
+    if next(iter(rotary.buffers()), torch.empty(0)).device.type != "meta":
+        return rotary
+    with torch.device("cpu"):
+        return type(rotary)(rotary.config)
 
 
 def _half(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,12 +172,13 @@ def check_supported(cfg: object, layers: list[nn.Module]) -> None:
             refuse(f"mlp.{name}", type(getattr(mlp, name, None)).__name__, "expected a gated MLP of nn.Linear")
 
 
-def make_adapter(model: nn.Module) -> LlamaAdapter:
-    """Pick the adapter for an HF causal LM, or fail with the list of supported families."""
+def make_adapter(model: nn.Module, source: ModuleSource | GGUFSource | None = None) -> LlamaAdapter:
+    """Pick the adapter for an HF causal LM (its weights from `source`, default its own modules), or fail
+    with the list of supported families."""
     kind = getattr(model.config, "model_type", "")
     if kind in GEMMA3_FAMILY:
-        return Gemma3Adapter(model)
+        return Gemma3Adapter(model, source)
     if kind in LLAMA_FAMILY:
-        return LlamaAdapter(model)
+        return LlamaAdapter(model, source)
     raise UnsupportedModelError(f"unsupported architecture {kind!r}: casspec supports "
                                 f"{sorted(LLAMA_FAMILY | GEMMA3_FAMILY)}")

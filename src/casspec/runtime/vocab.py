@@ -62,9 +62,14 @@ class DraftVocab:
         if (kind, key) not in self._heads:
             if key:  # the context part changed: drop its older versions
                 self._heads = {k: v for k, v in self._heads.items() if k[1] == 0}
-            weight = self.full.weights()[0].index_select(0, rows)  # [n, d]; per-row quantization is row-local
             bias = None if self.full.bias is None else [self.full.bias[rows]]
-            proj = make_proj([weight], bias, tile=self.full.tiled is not None)
+            native = self.full.native[0] if self.full.native is not None else None
+            if native is not None and kind == "fp32":  # the target's own blocks, only these rows
+                self._heads[(kind, key)] = make_proj([native.rows(rows)], bias, tile=True)
+                return self._heads[(kind, key)]
+            # [n, d]; per-row quantization is row-local
+            weight = native.dequantize(rows) if native is not None else self.full.weights()[0].index_select(0, rows)
+            proj = make_proj([weight], bias, tile=self.full.tiled is not None or native is not None)
             self._heads[(kind, key)] = quantize(proj, kind) if kind != "fp32" else proj
         return self._heads[(kind, key)]
 

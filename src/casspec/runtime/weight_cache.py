@@ -16,15 +16,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from casspec.runtime.sources import GGUFSource
 from casspec.runtime.weights import ModelWeights, Proj
 
 FORMAT = "1"  # bump when the tiled layouts change
 _SAMPLES = 64  # values hashed per parameter
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short id of the weights: the config plus shape and strided samples of every parameter."""
+def fingerprint(model: nn.Module, source: GGUFSource | None = None) -> str:
+    """A short id of the weights: the config plus shape and strided samples of every parameter (a GGUF
+    file: its path, size and modification time)."""
     h = hashlib.sha1(model.config.to_json_string().encode())
+    if source is not None:
+        stat = source.file.path.stat()
+        h.update(f"{source.file.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLES)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from casspec.runtime.gguf_file import NativeTensor
+
 PROJ_NAMES = ("qkv", "o", "gate_up", "down")
 TILE_ROWS, TILE_K = 4, 8  # the kernels' tile: 4 weight rows x 8 columns per step (cpu_kernels.cpp)
 INT4_GROUP = 64  # columns per int4 scale; not the GGUF's 32, so the draft is not the target's own 4-bit blocks
@@ -29,48 +31,81 @@ class Proj:
     parts: tuple[torch.Tensor, ...] | None = None  # fp32: [N_i, K] HF parameters, shared
     bias: torch.Tensor | None = None  # [N] in the order of the parts
     glu: str | None = None  # two parts (gate, up): the output is act(gate) * up, act = "silu" | "gelu_tanh"
-    kind: str = "fp32"  # "fp32" | "int8" | "int4"
+    kind: str = "fp32"  # "fp32" | "int8" | "int4" | "native" (the blocks the model ships in, read in place)
     tiled: torch.Tensor | None = None  # the kernels' layout, or None where the kernels do not apply
     scale: torch.Tensor | None = None  # int8: [N] fp32 per kernel row; int4: [tiles, K/G, 4] fp16
     mins: torch.Tensor | None = None  # int4: [tiles, K/G, 4] fp16
     group: int = 0  # int4 columns per scale
+    native: tuple[NativeTensor, ...] | None = None  # "native": one block tensor per part
     _dense: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     n: int = field(init=False)  # output rows, sum(sizes)
 
     def __post_init__(self) -> None:
         self.n = sum(self.sizes)
+        if self.native is not None:  # what the kernel call takes, built once
+            self.blocks = [t.blocks for t in self.native]
+            self.qtypes = [t.qtype for t in self.native]
 
     @property
     def nbytes(self) -> int:
         """Bytes one forward reads for this projection through the kernels (or the torch path)."""
+        if self.native is not None:
+            return sum(t.nbytes for t in self.native)
         tensors = [self.tiled, self.scale, self.mins] if self.tiled is not None else list(self.weights())
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    @property
+    def formats(self) -> str:
+        """The weight format(s), e.g. "Q4_1", "Q5_0+Q8_0", "fp32", "int8"."""
+        names = dict.fromkeys(t.type_name for t in self.native) if self.native is not None else [self.kind]
+        return "+".join(names)
+
     def weights(self) -> tuple[torch.Tensor, ...]:
-        """Float [N_i, K] row blocks for the torch backend (quantized ones dequantized on first use)."""
+        """Float [N_i, K] row blocks for the torch backend (quantized ones dequantized on first use;
+        native blocks dequantized on every call, so no fp32 copy of the model stays in memory)."""
         if self.parts is not None:
             return self.parts
+        if self.native is not None:
+            return tuple(t.dequantize() for t in self.native)
         if self._dense is None:
             self._dense = _logical_rows(_dequantize(self), self.glu).split(self.sizes)
         return self._dense
 
 
-def make_proj(parts: list[torch.Tensor], bias: list[torch.Tensor | None] | None = None, glu: str | None = None,
-              tile: bool = False) -> Proj:
-    """A projection over `parts` (bias per part, None where a part has none), tiled for the kernels if asked."""
-    parts_t = tuple(p.detach() for p in parts)
+def make_proj(parts: list[torch.Tensor | NativeTensor], bias: list[torch.Tensor | None] | None = None,
+              glu: str | None = None, tile: bool = False) -> Proj:
+    """A projection over `parts` (bias per part, None where a part has none), tiled for the kernels if asked.
+    With `tile`, block tensors and bf16 / fp16 parameters stay as they are and the kernels read them."""
+    shapes = [p.shape if isinstance(p, NativeTensor) else tuple(p.shape) for p in parts]
     b = None
     if bias is not None and any(x is not None for x in bias):
-        b = torch.cat([x.detach() if x is not None else p.new_zeros(p.shape[0]) for x, p in zip(bias, parts_t)])
-    proj = Proj(tuple(int(p.shape[0]) for p in parts_t), int(parts_t[0].shape[1]), parts_t, b, glu)
+        b = torch.cat([x.detach().float() if x is not None else torch.zeros(s[0]) for x, s in zip(bias, shapes)])
+    sizes, k = tuple(int(s[0]) for s in shapes), int(shapes[0][1])
+    native = [p if isinstance(p, NativeTensor) else _as_blocks(p) for p in parts] if tile else []
+    if native and all(t is not None and k % 32 == 0 for t in native) and any(
+            isinstance(p, NativeTensor) or p.dtype != torch.float32 for p in parts):
+        return Proj(sizes, k, bias=b, glu=glu, kind="native", native=tuple(native))
+    parts_t = tuple(p.dequantize() if isinstance(p, NativeTensor) else p.detach() for p in parts)
+    proj = Proj(sizes, k, parts_t, b, glu)
     if tile and tileable(proj):
         proj.tiled = _tile(_kernel_rows(torch.cat(parts_t), glu))
     return proj
 
 
+def _as_blocks(w: torch.Tensor) -> NativeTensor | None:
+    """A CPU parameter as the kernels' blocks (a view, never a copy): bf16 / fp16 / fp32 rows."""
+    qtype = {torch.bfloat16: 30, torch.float16: 1, torch.float32: 0}.get(w.dtype)
+    if qtype is None or w.device.type != "cpu" or w.dim() != 2:
+        return None
+    w = w.detach().contiguous()
+    return NativeTensor(w.view(torch.uint8).reshape(w.shape[0], -1), qtype, (int(w.shape[0]), int(w.shape[1])))
+
+
 def tileable(p: Proj) -> bool:
     """The kernels read fp32 CPU weights with K a multiple of 8 (and an even gate width for gated MLPs)."""
+    if p.native is not None:
+        return p.k % TILE_K == 0 and (p.glu is None or (len(p.sizes) == 2 and p.sizes[0] % 2 == 0))
     w = p.parts[0] if p.parts is not None else p.tiled
     return (w.device.type == "cpu" and (p.kind != "fp32" or w.dtype == torch.float32) and p.k % TILE_K == 0
             and (p.glu is None or (len(p.sizes) == 2 and p.sizes[0] % 2 == 0)))
@@ -82,7 +117,7 @@ def quantize(p: Proj, kind: str = "int8", group: int = INT4_GROUP) -> Proj:
     rows = torch.cat(p.weights()).float()  # [N, K] logical order
     if kind == "int8":
         q8, scale = _quantize_int8(rows)
-        out = replace(p, parts=None, kind="int8", tiled=None, scale=None, mins=None, group=0, _dense=None)
+        out = replace(p, parts=None, kind="int8", tiled=None, scale=None, mins=None, group=0, native=None, _dense=None)
         if not tileable(p):
             return replace(out, parts=tuple((q8.float() * scale[:, None]).split(p.sizes)))
         out.tiled, out.scale = _tile(_kernel_rows(q8, p.glu)), _kernel_rows(scale[:, None], p.glu)[:, 0].contiguous()
@@ -91,7 +126,8 @@ def quantize(p: Proj, kind: str = "int8", group: int = INT4_GROUP) -> Proj:
         raise ValueError(f"unknown quantization {kind!r}; use 'int8' or 'int4'")
     group = next(g for g in (group, 32, 16, 8) if p.k % g == 0)  # the kernels need a multiple of 32
     q4, d, m = _quantize_int4(rows, group)
-    out = replace(p, parts=None, kind="int4", tiled=None, scale=None, mins=None, group=group, _dense=None)
+    out = replace(p, parts=None, kind="int4", tiled=None, scale=None, mins=None, group=group, native=None,
+                  _dense=None)
     if not tileable(p) or group % 32:
         return replace(out, parts=tuple(_dequant_groups(q4, d, m).split(p.sizes)))
     out.tiled, out.scale, out.mins = _tile_int4(_kernel_rows(q4, p.glu), group), _tile_groups(

@@ -18,8 +18,11 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_kernels.cpp", HERE / "native_linear.cpp"]
+HEADERS = [HERE / "common.h", HERE / "gguf_blocks.h", HERE / "native_linear.h"]
+# no fused multiply-adds but the explicit ones: block decoding must round as gguf-py does
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -34,7 +37,8 @@ def build_dir() -> Path:
     """Where the compiled library lives: one folder per source, flags and torch version."""
     from casspec.runtime.loading import model_cache_dir
 
-    key = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
+    code = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+    key = hashlib.sha1(code + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
     return model_cache_dir() / "kernels" / key
 
 
@@ -64,7 +68,7 @@ def _load() -> ModuleType | None:
         if not any(folder.glob("*.so")):
             print("casspec: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr,
                   flush=True)
-        return load(name="casspec_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        return load(name="casspec_kernels", sources=[str(f) for f in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                     build_directory=str(folder), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the torch backend
         warnings.warn(f"casspec CPU kernels unavailable, using stock torch ops ({type(exc).__name__}: "

@@ -1,0 +1,177 @@
+// Shared pieces of casspec's CPU kernels: tiles, dot products over them, the linear epilogue, norms.
+// Included by cpu_kernels.cpp (fp32/int8/int4 tiled weights, attention) and native_linear.cpp
+// (weights in their GGUF / bf16 blocks). See cpu_kernels.cpp for the layout and the numerics contract.
+#pragma once
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t NB = 4;  // weight rows per tile
+constexpr int64_t KS = 8;  // k per step (one AVX2 vector)
+
+enum Mode : int64_t { STORE = 0, ACCUMULATE = 1, GLU_SILU = 2, GLU_GELU_TANH = 3 };
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// [sum(a), sum(b), sum(c), sum(d)]: four horizontal sums in one vector, each by the same add tree.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// exp for a vector of floats: range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial.
+inline __m256 exp256(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));  // exp(-inf) = 0 exactly
+}
+
+// ---- weights: how one k-step of a tile row becomes 8 floats -----------------------------------
+struct F32 {
+  using T = float;
+  static inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+};
+struct I8 {
+  using T = int8_t;
+  static inline __m256 load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// acc[r][m] = sum_k w[r, k] * x[m, k] for one tile (4 rows) and MB input rows.
+template <class W, int MB>
+inline void tile_dot(const float* __restrict x, int64_t K, const typename W::T* __restrict w, float (&out)[NB][3]) {
+  __m256 acc[NB][MB];
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 3
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += KS) {
+    __m256 xv[MB];
+#pragma GCC unroll 3
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) {
+      __m256 wv = W::load(w + k * NB + r * KS);
+#pragma GCC unroll 3
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    alignas(16) float s[NB];
+    _mm_store_ps(s, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+    for (int r = 0; r < NB; ++r) out[r][m] = s[r];
+  }
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+inline float gelu_tanh(float g) {
+  return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+
+struct LinearArgs {
+  const float* x;      // [M, K] input rows (already normalized if the op had a norm prologue)
+  int64_t M, K, N;     // N = weight rows (before GLU halving)
+  const float* scale;  // [N] per-row weight scale or nullptr
+  const float* bias;   // [N] or nullptr (GLU: bias in weight-row order, gate then up)
+  float* y;            // [M, N] or [M, N/2] for GLU
+  int64_t ldy;
+  int64_t mode;
+  int64_t ffn;         // GLU: N / 2
+};
+
+// Finish one tile: per-row scale and bias, then store, accumulate or gate.
+inline void epilogue(const LinearArgs& a, int64_t tile, int64_t m0, int mb, float (&v)[NB][3]) {
+  for (int r = 0; r < NB; ++r) {
+    int64_t n = tile * NB + r;
+    float s = !a.scale ? 1.f : n < a.N ? a.scale[n] : 0.f;
+    for (int m = 0; m < mb; ++m) v[r][m] *= s;
+  }
+  if (a.mode == STORE || a.mode == ACCUMULATE) {
+    for (int r = 0; r < NB; ++r) {
+      int64_t n = tile * NB + r;
+      if (n >= a.N) break;
+      float b = a.bias ? a.bias[n] : 0.f;
+      for (int m = 0; m < mb; ++m) {
+        float* dst = a.y + (m0 + m) * a.ldy + n;
+        *dst = (a.mode == ACCUMULATE ? *dst : 0.f) + v[r][m] + b;
+      }
+    }
+    return;
+  }
+  for (int j = 0; j < 2; ++j) {  // tile rows: gate 2t+j at r=j, up 2t+j at r=2+j
+    int64_t f = tile * 2 + j;
+    if (f >= a.ffn) break;
+    float bg = a.bias ? a.bias[f] : 0.f, bu = a.bias ? a.bias[a.ffn + f] : 0.f;
+    for (int m = 0; m < mb; ++m) {
+      float g = v[j][m] + bg, u = v[2 + j][m] + bu;
+      a.y[(m0 + m) * a.ldy + f] = (a.mode == GLU_SILU ? silu(g) : gelu_tanh(g)) * u;
+    }
+  }
+}
+
+// Rows in blocks of 3 and 2 (never 1 unless M == 1: a lone row leaves the FMA units waiting on latency);
+// a tile's weights stay in L1 across the blocks. `dot.run<MB>(m0, v)` fills v for rows m0 .. m0 + MB.
+template <class Dot>
+void tile_rows(const LinearArgs& a, int64_t tile, const Dot& dot) {
+  float v[NB][3];
+  for (int64_t m = 0; m < a.M;) {
+    const int mb = a.M == 1 ? 1 : (a.M - m > 4 || a.M - m == 3) ? 3 : 2;
+    if (mb == 1) dot.template run<1>(m, v);
+    else if (mb == 2) dot.template run<2>(m, v);
+    else dot.template run<3>(m, v);
+    epilogue(a, tile, m, mb, v);
+    m += mb;
+  }
+}
+
+template <class W>
+struct DenseDot {  // fp32 or int8 tile
+  const LinearArgs& a;
+  const typename W::T* w;
+  template <int MB>
+  void run(int64_t m0, float (&v)[NB][3]) const { tile_dot<W, MB>(a.x + m0 * a.K, a.K, w, v); }
+};
+
+template <class W>
+void linear_tiles(const LinearArgs& a, const typename W::T* w) {
+  const int64_t tiles = (a.N + NB - 1) / NB, tile_len = NB * a.K;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) tile_rows(a, t, DenseDot<W>{a, w + t * tile_len});
+  });
+}
+
+// x * rsqrt(mean(x^2) + eps) * w, row by row (the HF RMSNorm, in fp32).
+inline void rms_rows(const float* x, int64_t M, int64_t K, const float* w, double eps, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float ss = 0.f;
+    for (int64_t k = 0; k < K; ++k) ss += xr[k] * xr[k];
+    float s = 1.f / std::sqrt(ss / static_cast<float>(K) + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) out[m * K + k] = xr[k] * s * w[k];
+  }
+}
+
+}  // namespace

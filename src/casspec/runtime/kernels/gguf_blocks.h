@@ -1,0 +1,194 @@
+// Weights in the block formats they ship in (GGUF's ggml types, and bf16 / fp16 checkpoints), decoded
+// in registers 32 at a time.
+//
+// `B::decode(row, c, w)` turns the c-th run of 32 weights of one row into four vectors of 8 floats,
+// bit-identical to what gguf-py's `dequantize` (and so HF transformers' GGUF loader) computes: the
+// same products and sums, in the same order, never fused (the kernels build with -ffp-contract=off).
+// A kernel that decodes here and then runs the fp32 dot product computes exactly what the fp32 kernel
+// computes on the dequantized model, so the native target's logits are those of the fp32 target.
+//
+// Layouts (ggml's, one row = K / QK blocks of BYTES bytes, fp16 scales little-endian):
+//   Q8_0  34 B / 32:  d, q[32] int8                          w = d * q
+//   Q4_0  18 B / 32:  d, 16 B nibbles (j: low of byte j, j + 16: high of byte j)   w = d * (q - 8)
+//   Q4_1  20 B / 32:  d, m, nibbles as Q4_0                  w = d * q + m
+//   Q5_0  22 B / 32:  d, qh (32 high bits), nibbles          w = d * ((q | h << 4) - 16)
+//   Q4_K 144 B / 256: d, dmin, 12 B of 6-bit (scale, min) x 8, 128 B nibbles (sub-block 2i: low nibbles
+//                     of bytes 32i.., 2i + 1: high)          w = (d sc) * q - (dmin m)
+//   Q6_K 210 B / 256: ql[128], qh[64], int8 scales[16], d    w = (d scale) * (q - 32)
+//   F32, F16, BF16:   plain values
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace gguf {
+
+enum Type : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline __m256 i8x8(const uint8_t* p) {  // 8 signed bytes -> 8 floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __m256 u8x8(__m128i v) {  // the low 8 unsigned bytes of v -> 8 floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+}
+
+// 16 bytes of nibbles -> q[0..15] (low nibbles) and q[16..31] (high nibbles) as bytes
+inline void nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low4 = _mm_set1_epi8(0x0F);
+  lo = _mm_and_si128(v, low4);
+  hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+}
+
+struct Q8_0B {
+  static constexpr int64_t QK = 32, BYTES = 34;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + c * BYTES;
+    const __m256 d = _mm256_set1_ps(f16(b));
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(i8x8(b + 2 + 8 * j), d);
+  }
+};
+
+struct Q4_0B {
+  static constexpr int64_t QK = 32, BYTES = 18;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + c * BYTES;
+    const __m256 d = _mm256_set1_ps(f16(b));
+    __m128i lo, hi;
+    nibbles(b + 2, lo, hi);
+    const __m128i eight = _mm_set1_epi8(8);
+    lo = _mm_sub_epi8(lo, eight);
+    hi = _mm_sub_epi8(hi, eight);
+    const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[j])));
+  }
+};
+
+struct Q4_1B {
+  static constexpr int64_t QK = 32, BYTES = 20;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + c * BYTES;
+    const __m256 d = _mm256_set1_ps(f16(b)), m = _mm256_set1_ps(f16(b + 2));
+    __m128i lo, hi;
+    nibbles(b + 4, lo, hi);
+    const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_add_ps(_mm256_mul_ps(d, u8x8(q[j])), m);
+  }
+};
+
+struct Q5_0B {
+  static constexpr int64_t QK = 32, BYTES = 22;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + c * BYTES;
+    const __m256 d = _mm256_set1_ps(f16(b));
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    __m128i lo, hi;
+    nibbles(b + 6, lo, hi);
+    const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    const __m256i bits = _mm256_set1_epi32(static_cast<int32_t>(qh)), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j = 0; j < 4; ++j) {  // value 8j + l takes bit 8j + l of qh as its 16s bit
+      const __m256i mask = _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(lane, _mm256_set1_epi32(8 * j)));
+      const __m256i h = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(bits, mask), mask), _mm256_set1_epi32(16));
+      const __m256i v = _mm256_sub_epi32(_mm256_or_si256(_mm256_cvtepu8_epi32(q[j]), h), _mm256_set1_epi32(16));
+      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(v));
+    }
+  }
+};
+
+struct Q4_KB {
+  static constexpr int64_t QK = 256, BYTES = 144;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + (c / 8) * BYTES;
+    const int j = static_cast<int>(c % 8);
+    const uint8_t* s = b + 4;
+    const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
+    const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+    const __m256 ds = _mm256_set1_ps(f16(b) * static_cast<float>(sc));
+    const __m256 dm = _mm256_set1_ps(f16(b + 2) * static_cast<float>(mn));
+    const uint8_t* q = b + 16 + (j / 2) * 32;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int h = 0; h < 2; ++h) {
+      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h));
+      v = _mm_and_si128(j % 2 ? _mm_srli_epi16(v, 4) : v, low4);
+      w[2 * h] = _mm256_sub_ps(_mm256_mul_ps(ds, u8x8(v)), dm);
+      w[2 * h + 1] = _mm256_sub_ps(_mm256_mul_ps(ds, u8x8(_mm_srli_si128(v, 8))), dm);
+    }
+  }
+};
+
+struct Q6_KB {
+  static constexpr int64_t QK = 256, BYTES = 210;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + (c / 8) * BYTES;
+    const int j = static_cast<int>(c % 8), half = j / 4, t = j % 4;
+    const float d = f16(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const uint8_t* ql = b + half * 64 + (t % 2) * 32;
+    const uint8_t* qh = b + 128 + half * 32;
+    const __m128i low4 = _mm_set1_epi8(0x0F), three = _mm_set1_epi8(3), bias = _mm_set1_epi8(32);
+    for (int h = 0; h < 2; ++h) {  // values 16h .. 16h + 15 share scale 2j + h
+      __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
+      l = _mm_and_si128(t / 2 ? _mm_srli_epi16(l, 4) : l, low4);
+      __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
+      u = _mm_and_si128(_mm_srl_epi16(u, _mm_cvtsi32_si128(2 * t)), three);
+      const __m128i q = _mm_sub_epi8(_mm_or_si128(l, _mm_slli_epi16(u, 4)), bias);
+      const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scales[2 * j + h]));
+      w[2 * h] = _mm256_mul_ps(ds, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+      w[2 * h + 1] = _mm256_mul_ps(ds, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
+    }
+  }
+};
+
+struct F32B {
+  static constexpr int64_t QK = 32, BYTES = 128;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const float* p = reinterpret_cast<const float*>(row + c * BYTES);
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_loadu_ps(p + 8 * j);
+  }
+};
+
+struct F16B {
+  static constexpr int64_t QK = 32, BYTES = 64;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* p = row + c * BYTES;
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
+  }
+};
+
+struct BF16B {
+  static constexpr int64_t QK = 32, BYTES = 64;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* p = row + c * BYTES;
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
+      w[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    }
+  }
+};
+
+// Call fn(B{}) with the decoder of `type`; false for a type without one.
+template <class Fn>
+inline bool dispatch(int64_t type, Fn&& fn) {
+  switch (type) {
+    case Q8_0: fn(Q8_0B{}); return true;
+    case Q4_0: fn(Q4_0B{}); return true;
+    case Q4_1: fn(Q4_1B{}); return true;
+    case Q5_0: fn(Q5_0B{}); return true;
+    case Q4_K: fn(Q4_KB{}); return true;
+    case Q6_K: fn(Q6_KB{}); return true;
+    case F32: fn(F32B{}); return true;
+    case F16: fn(F16B{}); return true;
+    case BF16: fn(BF16B{}); return true;
+    default: return false;
+  }
+}
+
+}  // namespace gguf

@@ -1,0 +1,195 @@
+// y = rmsnorm(x) W^T + b with W in the blocks it ships in (gguf_blocks.h), fp32 activations.
+//
+// Why hand-written: reading a 4-bit model as fp32 reads 4-6x its bytes every step, and no maintained
+// CPU kernel here multiplies fp32 activations by ggml blocks (torch's weight-only int4/int8 matmuls are
+// 4-9x slower than fp32 on AVX2; llama.cpp quantizes the activations to 8 bits, a different function).
+//
+// A tile is 4 weight rows, each row a pointer into its tensor's blocks (the GGUF file, memory-mapped).
+// Up to 3 input rows, the tile's weights are decoded in registers, 32 at a time; beyond, the tile is
+// decoded once into an L1 scratch in the fp32 kernel's tiled layout and the fp32 tile kernel runs over
+// it. Both paths accumulate every output in the fp32 kernel's order on bit-identical weights, so a
+// native linear equals the fp32 linear on the dequantized model, whatever the number of rows.
+// Fused projections: q|k|v run part by part (each part may be another type) into column ranges of one
+// output; gate|up with one type run as GLU tiles (gate 2t, 2t+1, up 2t, 2t+1), otherwise through a
+// temporary and a separate gating pass.
+#include "native_linear.h"
+
+#include "common.h"
+#include "gguf_blocks.h"
+
+namespace {
+
+struct Rows {  // the 4 row pointers of one tile
+  const uint8_t* r[NB];
+};
+
+template <class B>
+struct RegDot {  // decode in registers: for 1..3 input rows
+  const LinearArgs& a;
+  Rows w;
+  template <int MB>
+  void run(int64_t m0, float (&v)[NB][3]) const {
+    __m256 acc[NB][MB];
+    for (int r = 0; r < NB; ++r)
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+    const float* x = a.x + m0 * a.K;
+    for (int64_t c = 0; c < a.K / 32; ++c) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r) {
+        __m256 wv[4];
+        B::decode(w.r[r], c, wv);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 3
+          for (int m = 0; m < MB; ++m)
+            acc[r][m] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + m * a.K + c * 32 + j * KS), acc[r][m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      alignas(16) float s[NB];
+      _mm_store_ps(s, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+      for (int r = 0; r < NB; ++r) v[r][m] = s[r];
+    }
+  }
+};
+
+// The tile's 4 rows decoded into [K/8][4][8] fp32, the layout the fp32 tile kernel reads.
+template <class B>
+void decode_tile(const Rows& w, int64_t K, float* out) {
+  for (int64_t c = 0; c < K / 32; ++c)
+    for (int r = 0; r < NB; ++r) {
+      __m256 wv[4];
+      B::decode(w.r[r], c, wv);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + ((c * 4 + j) * NB + r) * KS, wv[j]);
+    }
+}
+
+// Row pointers of tile t: rows 4t.. of one tensor, or (GLU) gate rows 2t, 2t+1 and up rows 2t, 2t+1.
+// Rows past the end repeat the last one; the epilogue drops their outputs.
+Rows tile_rows_of(const uint8_t* w, const uint8_t* up, int64_t rows, int64_t row_bytes, int64_t t) {
+  Rows out;
+  for (int r = 0; r < NB; ++r) {
+    const bool gate_part = up == nullptr || r < 2;
+    const int64_t n = std::min(rows - 1, up ? 2 * t + r % 2 : NB * t + r);
+    out.r[r] = (gate_part ? w : up) + n * row_bytes;
+  }
+  return out;
+}
+
+template <class B>
+void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
+  const int64_t row_bytes = a.K / B::QK * B::BYTES;
+  const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(a.M > 3 ? NB * a.K : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Rows r = tile_rows_of(w, up, rows, row_bytes, t);
+      if (a.M <= 3) {
+        tile_rows(a, t, RegDot<B>{a, r});
+      } else {
+        decode_tile<B>(r, a.K, scratch.data());
+        tile_rows(a, t, DenseDot<F32>{a, scratch.data()});
+      }
+    }
+  });
+}
+
+void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint8_t* up) {
+  const bool ok = gguf::dispatch(type, [&](auto b) {
+    using B = decltype(b);
+    TORCH_CHECK(a.K % B::QK == 0, "K = ", a.K, " is not a multiple of the block size ", B::QK, " of type ", type);
+    TORCH_CHECK(w.size(1) == a.K / B::QK * B::BYTES, "weight rows hold ", w.size(1), " bytes, expected ",
+                a.K / B::QK * B::BYTES, " for K = ", a.K);
+    native_tiles<B>(a, w.data_ptr<uint8_t>(), up, w.size(0));
+  });
+  TORCH_CHECK(ok, "no kernel for ggml type ", type);
+}
+
+void gate(float* y, const float* gu, int64_t M, int64_t F, int64_t mode) {  // y[m, f] = act(gu[m, f]) * gu[m, F + f]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t f = 0; f < F; ++f) {
+      const float g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f];
+      y[m * F + f] = (mode == GLU_SILU ? silu(g) : gelu_tanh(g)) * u;
+    }
+}
+
+}  // namespace
+
+bool native_type_supported(int64_t type) {
+  return gguf::dispatch(type, [](auto) {});
+}
+
+at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& parts, const std::vector<int64_t>& types,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_w, double eps,
+                         int64_t mode, const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous [M, K] fp32");
+  TORCH_CHECK(!parts.empty() && parts.size() == types.size(), "one type per part");
+  int64_t n = 0;
+  for (const auto& p : parts) {
+    TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && p.scalar_type() == at::kByte, "parts must be uint8 [N, row bytes]");
+    n += p.size(0);
+  }
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xin = x;
+  if (norm_w) {
+    xin = at::empty_like(x);
+    rms_rows(x.data_ptr<float>(), M, K, norm_w->data_ptr<float>(), eps, xin.data_ptr<float>());
+  }
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  const bool glu = mode == GLU_SILU || mode == GLU_GELU_TANH;
+  if (glu) {
+    TORCH_CHECK(parts.size() == 2 && parts[0].size(0) == parts[1].size(0), "GLU needs gate and up of equal rows");
+    const int64_t F = parts[0].size(0);
+    at::Tensor y = at::empty({M, F}, x.options());
+    if (types[0] == types[1] && F % 2 == 0) {
+      LinearArgs a{xin.data_ptr<float>(), M, K, 2 * F, nullptr, b, y.data_ptr<float>(), F, mode, F};
+      run_part(a, types[0], parts[0], parts[1].data_ptr<uint8_t>());
+      return y;
+    }
+    at::Tensor gu = native_linear(xin, parts, types, bias, std::nullopt, eps, STORE, std::nullopt);
+    gate(y.data_ptr<float>(), gu.data_ptr<float>(), M, F, mode);
+    return y;
+  }
+  at::Tensor y;
+  if (mode == ACCUMULATE) {
+    TORCH_CHECK(out && out->is_contiguous() && out->size(0) == M && out->size(1) == n, "accumulate needs out [M, N]");
+    y = *out;
+  } else {
+    y = at::empty({M, n}, x.options());
+  }
+  int64_t col = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const int64_t rows = parts[i].size(0);
+    LinearArgs a{xin.data_ptr<float>(), M, K, rows, nullptr, b ? b + col : nullptr, y.data_ptr<float>() + col, n,
+                 mode, 0};
+    run_part(a, types[i], parts[i], nullptr);
+    col += rows;
+  }
+  return y;
+}
+
+// Rows `ids` (all rows when absent) of a block tensor [N, row bytes] as fp32 [len(ids), K].
+at::Tensor dequantize_rows(const at::Tensor& blocks, int64_t type, int64_t k, const std::optional<at::Tensor>& ids) {
+  TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte, "blocks must be uint8 [N, B]");
+  const int64_t N = blocks.size(0), M = ids ? ids->numel() : N;
+  const int64_t* id = ids ? ids->data_ptr<int64_t>() : nullptr;
+  at::Tensor y = at::empty({M, k}, at::kFloat);
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; id && m < M; ++m) TORCH_CHECK(id[m] >= 0 && id[m] < N, "row ", id[m], " out of range");
+  const bool ok = gguf::dispatch(type, [&](auto b) {
+    using B = decltype(b);
+    TORCH_CHECK(k % B::QK == 0 && blocks.size(1) == k / B::QK * B::BYTES, "blocks do not hold rows of ", k, " weights");
+    at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t row = id ? id[m] : m;
+        for (int64_t c = 0; c < k / 32; ++c) {
+          __m256 w[4];
+          B::decode(blocks.data_ptr<uint8_t>() + row * blocks.size(1), c, w);
+          for (int j = 0; j < 4; ++j) _mm256_storeu_ps(yp + m * k + c * 32 + j * KS, w[j]);
+        }
+      }
+    });
+  });
+  TORCH_CHECK(ok, "no kernel for ggml type ", type);
+  return y;
+}
