@@ -25,7 +25,7 @@ from casspec.bench.prompts import load_questions
 from casspec.decoder import SpeculativeDecoder
 from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import find_ngram_continuation
-from casspec.runtime.plans import FULL, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
+from casspec.runtime.plans import FULL, Act8, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
 from casspec.scheduler.calibrate import forward_breakdown
 from casspec.state import DecodeState
 
@@ -91,7 +91,12 @@ def levels(engine, calib: list[DecodeState], evals: int) -> dict[str, ExecutionP
     pool = engine.pool
     pool.get("int8v")  # builds the pruned draft vocabulary
     exit_at = max(1, round(0.6 * engine.runner.num_layers))
+    native = {}
+    if engine.runner.weights.head.native is not None:  # the target's own blocks: activation quantization, pruned head
+        native = {"a8": Act8(), "a8v": Act8() | PrunedVocab(), "vocab": PrunedVocab(),
+                  "a8+skip0.2": searched_skip(engine, calib, 0.2, Act8(), evals)}
     return {
+        **native,
         "int8": Int8(), "int8v": Int8() | PrunedVocab(), "int4": Int4(),
         "int8+skip0.2": searched_skip(engine, calib, 0.2, Int8(), evals),
         "int8+skip0.4": searched_skip(engine, calib, 0.4, Int8(), evals),

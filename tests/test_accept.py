@@ -87,3 +87,23 @@ def test_a_broken_acceptance_rule_is_detected():
 def test_residual_of_one_hot_removes_the_token():
     p = torch.tensor([0.5, 0.25, 0.25])
     torch.testing.assert_close(acc._residual(p, None, 0), torch.tensor([0.0, 0.5, 0.5]))
+
+
+def test_coupled_acceptance_commits_the_targets_own_samples():
+    """Rule "gumbel": along the accepted path each committed token is the target's coupled sample at that
+    node's position, whatever was drafted; a draft equal to it is kept."""
+    from casspec.verify.coupling import coupled_tokens
+
+    cfg = SamplingConfig(temperature=1.0, seed=3)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        logits = torch.randn(5, V, generator=g)
+        base = 10 + trial
+        first = coupled_tokens(logits[:1], cfg, [base + 1])[0]
+        t = DraftTree(0, base)
+        a = t.add(0, first, "d", 1, 1)  # the right token: kept
+        t.add(0, (first + 1) % V, "d", 1, 1)  # a wrong sibling
+        second = coupled_tokens(logits[1:2], cfg, [base + 2])[0]
+        t.add(a, (second + 1) % V, "d", 1, 1)  # a wrong grandchild: the bonus token replaces it
+        r = acc.accept(t, logits[:len(t)], cfg)
+        assert r.path == [0, a] and r.tokens == [first, second]

@@ -37,22 +37,43 @@ def _run(batch: BatchEngine, arrivals: dict[int, list[tuple]]) -> dict[int, list
 
 
 def test_mixed_batch_equals_each_request_alone(engine):
-    """Different prompts, budgets, methods, greedy and sampled, arriving at different steps."""
+    """Different prompts, budgets, methods, greedy and sampled (several settings), arriving at different
+    steps: every request produces what `ar` produces for it alone (sampled: for its seed)."""
+    settings = [dict(temperature=0.9, top_p=0.95), dict(temperature=1.2, top_k=30), dict(temperature=0.7, min_p=0.1)]
     requests = []
     for i, prompt in enumerate(PROMPTS):
         for j, method in enumerate(("ar", "pld", "self", "casspec")):
-            sampled = (i + j) % 3 == 0 and method != "casspec"  # adaptive casspec: greedy only (see below)
             kw = dict(max_new_tokens=8 + 5 * ((i + j) % 4))
-            if sampled:
-                kw.update(temperature=0.9, top_p=0.95, seed=10 * i + j)
+            if (i + j) % 2 == 0:
+                kw.update(seed=10 * i + j, **settings[(i + j) % 3])
             requests.append((f"{i}-{method}", prompt, method, kw))
     arrivals: dict[int, list[tuple]] = {}
     for n, r in enumerate(requests):
         arrivals.setdefault(n % 5, []).append(r)
     got = _run(BatchEngine(engine, max_batch=6), arrivals)
     for key, prompt, method, kw in requests:
-        want = _alone(engine, prompt, "ar" if "seed" not in kw else method, **kw)
-        assert got[key] == want, (key, kw)
+        assert got[key] == _alone(engine, prompt, "ar", **kw), (key, kw)
+
+
+def test_sampled_requests_equal_ar_after_cancellations(llama_engine):
+    """Cancelling requests mid-batch changes nothing for the seeded requests that go on."""
+    batch = BatchEngine(llama_engine, max_batch=4)
+    kw = dict(max_new_tokens=20, temperature=1.0, top_p=0.9)
+    victims = [batch.submit(p, "self", max_new_tokens=200, temperature=0.8, seed=9) for p in PROMPTS[3:]]
+    keep = [(batch.submit(p, m, seed=s, **kw), p, s) for p, m, s in  # two wait until a victim leaves
+            zip(PROMPTS, ("casspec", "self", "pld", "casspec"), (1, 2, 3, 4))]
+    results = {}
+    for step in range(200):
+        if step in (2, 4):
+            victims[step // 2 - 1].cancel.set()
+        for gen, chunk in batch.step():
+            if chunk.result is not None:
+                results[id(gen)] = chunk.result
+        if not batch.busy:
+            break
+    assert all(results[id(v)].stats.finish_reason == "cancelled" for v in victims)
+    for gen, prompt, seed in keep:
+        assert results[id(gen)].token_ids == _alone(llama_engine, prompt, "ar", seed=seed, **kw)
 
 
 def test_sampling_in_a_batch_follows_the_target_distribution(llama_engine):

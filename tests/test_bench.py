@@ -217,6 +217,24 @@ def test_broken_method_is_caught_at_its_position(bench_out: Path) -> None:
     assert summary["categories"] == ["mt_bench", "summarization"]
 
 
+def test_sampled_race_reports_same_tokens_as_ar_for_the_seed(engine: Any, prompts_file: Path,
+                                                             tmp_path: Path) -> None:
+    """--temperature/--top-p/--seed: engine methods sample exactly ar's tokens (coupled rule); a broken
+    method does not; the report has the column."""
+    args = _args(["bench", "--models", "tiny", "--methods", "ar,pld,casspec,broken", "--no-peers", "--limit", "1",
+                  "--max-new-tokens", "8", "--prompts", str(prompts_file), "--out", str(tmp_path),
+                  "--no-progress", "--temperature", "0.8", "--top-p", "0.95", "--seed", "5"])
+    assert bench_cli.bench_command(args, engines={"tiny": BrokenEngine(engine)}) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    same = {(r["method"], r["question_id"], r["turn"]): r["same_as_ar"] for r in rows}
+    assert all(same[(m, q, t)] is True for m in ("ar", "pld", "casspec") for q, t in [(81, 1), (81, 2), (241, 1)])
+    assert same[("broken", 81, 1)] is False and same[("broken", 241, 1)] is False
+    assert all(r["lossless"] is None for r in rows)  # greedy losslessness does not apply
+    table = json.loads((tmp_path / "summary.json").read_text())["models"]["tiny-llama"]["table"]
+    assert (table["casspec"]["overall"]["seeded_same"], table["casspec"]["overall"]["seeded_compared"]) == (3, 3)
+    assert "same tokens as ar (seeded)" in (tmp_path / "report.md").read_text()
+
+
 def test_strict_exit_code_flags_divergence(bench_out: Path) -> None:
     summary = json.loads((bench_out / "summary.json").read_text())
     assert bench_cli._failed(summary)

@@ -32,6 +32,21 @@ def test_real_model_greedy_is_lossless_for_every_main_method(smollm2):
             assert out.token_ids == ref.token_ids, (method, prompt[0]["content"][:30])
 
 
+def test_real_model_seeded_sampling_equals_ar_for_every_method(smollm2):
+    """Coupled sampling (default rule): for a seed, every method commits exactly `ar`'s sampled tokens."""
+    from casspec.methods import METHODS
+
+    kw = dict(max_new_tokens=40, temperature=0.7, top_p=0.95)
+    for prompt, seed in zip(PROMPTS, (1, 2, 3)):
+        ref = smollm2.generate(prompt, "ar", seed=seed, **kw)
+        assert len(ref.token_ids) > 5
+        for method in METHODS:
+            out = smollm2.generate(prompt, method, seed=seed, **kw)
+            assert out.token_ids == ref.token_ids, (method, seed)
+    batch = smollm2.generate_batch(PROMPTS, "casspec", seed=2, **kw)  # one batch, one seed per request
+    assert [b.token_ids for b in batch] == [smollm2.generate(p, "ar", seed=2, **kw).token_ids for p in PROMPTS]
+
+
 def test_real_model_chat_answer_is_sensible(smollm2):
     out = smollm2.generate(PROMPTS[1], "casspec", max_new_tokens=32)
     assert "Paris" in out.text

@@ -49,7 +49,7 @@ def test_native_linear_equals_fp32_linear_on_dequantized_weights(qtype, n):
     bias = torch.randn(n)
     for m in (1, 2, 3, 4, 7, 33, 64):
         x = torch.randn(m, k)
-        got = ops.native_linear(x, [blocks], [int(qtype)], bias, None, 0.0, 0, None)
+        got = ops.native_linear(x, [blocks], [int(qtype)], bias, None, 0.0, 0, None, False)
         want = ops.linear(x, tiled.tiled, None, None, 0, bias, None, 0.0, n, 0, None)
         assert torch.equal(got, want), f"rows {m}"  # bitwise: same weights, same accumulation order
         torch.testing.assert_close(got, x @ dense.T + bias, rtol=1e-4, atol=1e-4)
@@ -63,23 +63,23 @@ def test_fused_parts_of_different_formats_and_glu():
     dense = torch.cat([ops.dequantize_rows(b, t, k, None) for b, t in zip(parts, types)])
     x, norm = torch.randn(5, k), torch.rand(k) + 0.5
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm
-    torch.testing.assert_close(ops.native_linear(x, parts, types, None, norm, 1e-6, 0, None), xn @ dense.T,
+    torch.testing.assert_close(ops.native_linear(x, parts, types, None, norm, 1e-6, 0, None, False), xn @ dense.T,
                                rtol=1e-4, atol=1e-4)
     for gate_type in (T.Q4_1, T.Q8_0):  # same format: fused GLU tiles; different: through a temporary
         gu = [_blocks(gate_type, f, k, 4), _blocks(T.Q4_1, f, k, 5)]
         gd, ud = (ops.dequantize_rows(b, int(t), k, None) for b, t in zip(gu, (gate_type, T.Q4_1)))
-        y = ops.native_linear(x, gu, [int(gate_type), int(T.Q4_1)], None, None, 0.0, 2, None)  # silu
+        y = ops.native_linear(x, gu, [int(gate_type), int(T.Q4_1)], None, None, 0.0, 2, None, False)  # silu
         torch.testing.assert_close(y, torch.nn.functional.silu(x @ gd.T) * (x @ ud.T), rtol=1e-4, atol=1e-4)
 
 
 def test_rows_of_the_wrong_size_are_refused():
     blocks = _blocks(T.Q8_0, 4, 64)  # rows of 64 weights
     with pytest.raises(RuntimeError, match="bytes"):
-        kernels.module().native_linear(torch.randn(1, 96), [blocks], [int(T.Q8_0)], None, None, 0.0, 0, None)
+        kernels.module().native_linear(torch.randn(1, 96), [blocks], [int(T.Q8_0)], None, None, 0.0, 0, None, False)
     with pytest.raises(RuntimeError, match="multiple of the block size"):
-        kernels.module().native_linear(torch.randn(1, 48), [blocks], [int(T.Q8_0)], None, None, 0.0, 0, None)
+        kernels.module().native_linear(torch.randn(1, 48), [blocks], [int(T.Q8_0)], None, None, 0.0, 0, None, False)
     with pytest.raises(RuntimeError, match="no kernel"):
-        kernels.module().native_linear(torch.randn(1, 64), [blocks], [99], None, None, 0.0, 0, None)
+        kernels.module().native_linear(torch.randn(1, 64), [blocks], [99], None, None, 0.0, 0, None, False)
 
 
 def _native_engine(family: str, qtype: T, tmp_path) -> tuple[Engine, Engine, torch.nn.Module]:
@@ -130,3 +130,42 @@ def test_bf16_checkpoint_stays_at_two_bytes():
     want = Engine(ref, tiny_tokenizer(), name="fp32").generate("hello world", method="ar", max_new_tokens=16)
     for method in ("ar", "casspec", "pld"):
         assert engine.generate("hello world", method=method, max_new_tokens=16).token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_activation_quantized_linear_is_int8_rows_times_the_blocks(qtype):
+    """act8: each input row quantized per 32 values (scale max|x| / 127), then the exact block weights."""
+    ops = kernels.module()
+    n, k = 37, 512
+    blocks = _blocks(qtype, n, k, seed=3)
+    dense = ops.dequantize_rows(blocks, int(qtype), k, None)
+    x = torch.randn(5, k)
+    groups = x.reshape(5, k // 32, 32)
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    xq = (torch.round(groups / d) * d).reshape(5, k)  # what the integer dot products see
+    float_format = qtype in (T.F16, T.BF16)  # no integer view: the exact path
+    want = x @ dense.T if float_format else xq @ dense.T
+    for gate in (0, 2):
+        if gate:
+            parts, types = [blocks, blocks], [int(qtype)] * 2
+            want_g = torch.nn.functional.silu(want) * want
+            got = ops.native_linear(x, parts, types, None, None, 0.0, 2, None, True)
+            torch.testing.assert_close(got, want_g, rtol=1e-4, atol=1e-4)
+        else:
+            got = ops.native_linear(x, [blocks], [int(qtype)], None, None, 0.0, 0, None, True)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_native_draft_levels_are_lossless_and_read_the_targets_blocks(tmp_path):
+    """a8 / a8v / vocab drafts reuse the target's own blocks (no copy) and never change the output."""
+    model = tiny_model("llama")
+    skeleton, source = load_native(model, write_gguf(model, tmp_path / "m.gguf", T.Q4_1))
+    engine = Engine(skeleton, tiny_tokenizer(), name="native", source=source, hierarchy=("a8v", "vocab", "a8", "pld"))
+    assert engine.pool.hierarchy == ("a8v", "vocab", "a8", "pld")
+    a8 = engine.runner.weights_for(engine.pool.get("a8").plan)
+    assert a8.head.act8 and a8.head.blocks[0].data_ptr() == engine.runner.weights.head.blocks[0].data_ptr()
+    assert engine.plan_weights("a8") == {"formats": "Q4_1 a8", "bytes": engine.runner.weights.nbytes}
+    prompt = "abc abc abd abc abc abd abc"
+    want = engine.generate(prompt, method="ar", max_new_tokens=20).token_ids
+    for method in ("casspec", "casspec-chain", "self", "vc", "hc", "vchc", "tree"):
+        assert engine.generate(prompt, method=method, max_new_tokens=20).token_ids == want, method

@@ -233,12 +233,18 @@ def test_chat_stream_equals_nonstream_equals_engine(tiny, ref):
 def test_sampling_seed_and_stop(tiny, ref):
     c = tiny.client()
     kw = dict(model="tiny-llama", prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.95, seed=7)
-    # (seeded sampling is lossless in distribution; the exact sample also depends on the drafts the
-    # scheduler chose, which depend on its learned state, so no cross-engine equality is asserted)
+    # coupled sampling (default): a seed gives the tokens plain `ar` decoding samples, whatever the drafts
     a = c.completions.create(**kw)
     assert a.choices[0].finish_reason in ("length", "stop") and 1 <= a.usage.completion_tokens <= 10
-    b = [ch for ch in c.completions.create(stream=True, extra_body={"top_k": 50}, **kw)]
+    assert a.choices[0].text == ref.generate("Once upon a time", "ar", max_new_tokens=10, temperature=0.9, top_p=0.95,
+                                             seed=7, chat=False).text
+    b = [ch for ch in c.completions.create(stream=True, extra_body={"top_k": 50, "min_p": 0.05}, **kw)]
     assert b[-1].choices[0].finish_reason in ("length", "stop")
+    assert "".join(ch.choices[0].text for ch in b) == ref.generate(
+        "Once upon a time", "ar", max_new_tokens=10, temperature=0.9, top_p=0.95, top_k=50, min_p=0.05, seed=7,
+        chat=False).text
+    r = c.completions.create(extra_body={"sampling_rule": "rejection"}, **kw)  # the other rule is served too
+    assert 1 <= r.usage.completion_tokens <= 10
     full = expected(ref, "Once upon a time", 12, temperature=0.0, chat=False)
     stop = next((full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].isprintable()
                  and full[i:i + 2] not in full[:i]), None)
@@ -293,6 +299,9 @@ BAD = [  # (endpoint, raw body, status, error code, param)
     ("completions", '{"prompt": "hi", "temperature": NaN}', 400, "invalid_value", "temperature"),
     ("completions", '{"prompt": "hi", "top_p": 0}', 400, "invalid_value", "top_p"),
     ("completions", '{"prompt": "hi", "top_p": 1.5}', 400, "invalid_value", "top_p"),
+    ("completions", '{"prompt": "hi", "min_p": -0.5}', 400, "invalid_value", "min_p"),
+    ("completions", '{"prompt": "hi", "min_p": 2}', 400, "invalid_value", "min_p"),
+    ("completions", '{"prompt": "hi", "sampling_rule": "metropolis"}', 400, "invalid_value", "sampling_rule"),
     ("completions", '{"prompt": "hi", "seed": 1e400}', 400, "invalid_value", "seed"),
     ("completions", '{"prompt": "hi", "seed": 99999999999999999999999}', 400, "invalid_value", "seed"),
     ("completions", '{"prompt": "hi", "stop": ""}', 400, "invalid_value", "stop"),

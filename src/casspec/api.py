@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from pathlib import Path
 
@@ -125,16 +126,21 @@ class Engine:
         yield gen.finish("cancelled" if gen.cancel.is_set() and not gen.finished else None)
 
     def start(self, prompt: Prompt, method: str | Scheduler = "casspec", *, max_new_tokens: int = 256,
-              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+              seed: int | None = None, sampling_rule: str = "gumbel",
               stop: str | list[str] | None = None, chat: bool | None = None, logprobs: int | None = None,
               cancel: threading.Event | None = None, kv_pool: KVPool | None = None) -> Generation:
         """Validate a request and set up its generation (nothing runs yet).
 
+        Sampling (temperature > 0): top_k / top_p / min_p filter the target's distribution (SamplingConfig).
+        `seed` fixes the output: under `sampling_rule="gumbel"` (default) every method produces, for a seed,
+        exactly the tokens `ar` produces; "rejection" is recursive rejection sampling (same distribution,
+        per-method output). Without a seed one is drawn per request.
         `logprobs`: None for none, k >= 0 for each token's logprob plus the k most likely alternatives.
         `kv_pool`: reserve the cache in this shared pool (batched decoding: placed on admission);
         default a private cache.
         """
-        sampling = SamplingConfig(temperature, top_p, top_k, seed)
+        sampling = SamplingConfig(temperature, top_p, top_k, seed, min_p, sampling_rule)
         self.scheduler(method)  # unknown method: an error before any work
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
@@ -163,8 +169,9 @@ class Engine:
                    kv_pool: KVPool | None = None) -> DecodeState:
         gen = None
         if not sampling.is_greedy:
-            gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else
-                                                int(torch.randint(0, 2**62, ()).item()))
+            if sampling.seed is None:  # one seed per request: the coupled noise and the generator derive from it
+                sampling = replace(sampling, seed=int(torch.randint(0, 2**62, ()).item()))
+            gen = torch.Generator().manual_seed(sampling.seed)
         need = self.cache_size(len(ids), max_new)
         if kv_pool is None:
             cache = self.runner.new_cache(need)
@@ -179,6 +186,12 @@ class Engine:
     def plan_names(self) -> tuple[str, ...]:
         """Execution plans `profile_forward` can time: the target and every self-draft level."""
         return ("full",) + tuple(d for d in self.pool.hierarchy if d != "pld")
+
+    def plan_weights(self, plan_name: str) -> dict[str, object]:
+        """What a forward under a plan reads: {"formats": "Q4_1+Q8_0", "bytes": weight bytes per step}."""
+        plan = FULL if plan_name == "full" else self.pool.get(plan_name).plan
+        formats, nbytes = self.runner.plan_weights(plan)
+        return {"formats": formats, "bytes": nbytes}
 
     def profile_forward(self, plan_name: str, n_query: int, ctx_len: int, repeats: int = 3) -> dict[str, float]:
         """Median seconds of one forward of `n_query` tokens over `ctx_len` cached tokens under a plan:

@@ -6,6 +6,7 @@ import importlib
 import json
 import sys
 
+from casspec.config import SAMPLING_RULES
 from casspec.errors import CasspecError
 
 # subcommands owned by other modules: module path -> its add_parser(subparsers)
@@ -21,7 +22,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: the same tokens for every method")
+    p.add_argument("--sampling-rule", choices=SAMPLING_RULES, default="gumbel",
+                   help="how drafts are verified when sampling: gumbel (seed-stable, default) or rejection")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
@@ -33,7 +37,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     engine = casspec.load(args.model)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, stop=args.stop, chat=args.chat)
+                  top_k=args.top_k, min_p=args.min_p, seed=args.seed, sampling_rule=args.sampling_rule,
+                  stop=args.stop, chat=args.chat)
     if args.json:
         out = engine.generate(args.prompt, args.method, **kwargs).to_dict()
         print(json.dumps({**out, "load_time": engine.load_seconds}))

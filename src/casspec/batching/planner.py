@@ -45,8 +45,9 @@ class Candidate:
 class BatchPlanner:
     """Chooses every request's draft so that expected committed tokens per second of the step is largest."""
 
-    def __init__(self, latency: LatencyModel, self_plan: str, lookup_cost: float = 2e-5) -> None:
-        self.latency, self.self_plan, self.lookup_cost = latency, self_plan, lookup_cost
+    def __init__(self, latency: LatencyModel, self_plan: str, lookup: object = None) -> None:
+        """`lookup`: the prompt-lookup drafter, whose measured `cost` (seconds per lookup) the plan charges."""
+        self.latency, self.self_plan, self.lookup = latency, self_plan, lookup
         self.overhead = 0.0  # seconds of a step outside its forwards (planning, masks, accept), learnt online
 
     def observe_overhead(self, seconds: float) -> None:
@@ -142,7 +143,7 @@ class _Step:
 
     def _seconds(self, extra_rows: int = 0) -> float:
         drafting = sum(self._forward(self.p.self_plan, n) for n in self.depth if n)
-        lookups = self.p.lookup_cost * len(self.choices)
+        lookups = (self.p.lookup.cost if self.p.lookup is not None else 2e-5) * len(self.choices)
         verify = max(self._forward("full", self.rows + extra_rows) - self._sunk, 1e-4)  # the fit is not monotone
         return verify + drafting + lookups + self.p.overhead
 

@@ -3,8 +3,11 @@
 Self-drafts of all requests run together, one forward per depth (each request's chain node at that
 depth is one row); prompt lookups are per request; every request's tree, plus a chunk of a newly
 arrived prompt, is verified in one target forward; acceptance and commit are per request, with its
-own sampling settings and generator. A lone running request takes the single-stream step of its
-method's scheduler (the DyTC tree for casspec), so one client is served exactly as `generate` serves.
+own sampling settings and seed. Sampled draft rows of one depth are drawn in one call per sampling
+setting (drafters/self_draft.pick_drafts); under the default coupled rule each request's output is
+token-identical to its `ar` output for the seed, whatever the batch. A lone running request takes the
+single-stream step of its method's scheduler (the DyTC tree for casspec), so one client is served exactly
+as `generate` serves.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from casspec.batching.planner import MAX_DRAFT, BatchPlanner, Candidate, Choice
 from casspec.decoder import TREE_CAPACITY, SpeculativeDecoder, commit, prefill_segments
 from casspec.drafters.pool import PRIORS
+from casspec.drafters.self_draft import pick_drafts
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
 from casspec.runtime.batch import Segment
@@ -37,7 +41,7 @@ class BatchDecoder:
         self.prefill_chunk = prefill_chunk
         self.level = self.pool.self_names()[0]  # the self-draft level batched chains use
         self.drafter = self.pool.get(self.level)
-        self.planner = BatchPlanner(self.pool.latency(), self.level)
+        self.planner = BatchPlanner(self.pool.latency(), self.level, self.pool.ngram)
         self.global_alpha = {s: AcceptanceEstimator(prior=PRIORS[s]) for s in (self.level, "pld")}
         self._alpha: dict[int, dict[str, AcceptanceEstimator]] = {}  # id(generation) -> source -> estimate
         self._forward_seconds = 0.0  # forward time within the current step
@@ -150,8 +154,10 @@ class BatchDecoder:
         seconds = time.perf_counter() - t0
         self._forward_seconds += seconds
         self.planner.latency.observe(self.level, len(live), _mean_ctx(segments), seconds)
-        for (g, tree), row in zip(live, logits):
-            self.drafter.expand(tree, g.state, depth, row, ids, 0, lambda c: c)
+        picks = pick_drafts(logits, [g.state for g, _ in live], [t.base + depth + 1 for _, t in live], ids, 0,
+                            self.runner.vocab_size)
+        for (g, tree), pick in zip(live, picks):
+            self.drafter.expand(tree, depth, pick, ids, 0, lambda c: c)
             stats = g.state.stats.drafter(self.level)
             stats.forwards += 1
             stats.time += seconds / len(live)

@@ -32,7 +32,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "results.jsonl, summary.json, report.md and PNG plots to --out.")
     p.add_argument("--models", default="smollm2", help="comma list of models (default: smollm2)")
     p.add_argument("--methods", default=None,
-                   help="comma list (default: all engine methods plus hf,hf_pld,hf_assist); ar is always run")
+                   help="comma list (default: all engine methods plus the peers hf,hf_pld,hf_assist,"
+                        "llama.cpp,llama.cpp-pld); ar is always run")
     p.add_argument("--categories", default=None,
                    help="comma list of Spec-Bench groups (mt_bench,translation,summarization,qa,"
                         "math_reasoning,rag) or MT-bench labels (writing,coding,...); default all")
@@ -44,12 +45,16 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling: prompt q, turn t uses seed + 10 q + t for every method (default 0)")
+    p.add_argument("--sampling-rule", choices=("gumbel", "rejection"), default="gumbel",
+                   help="engine methods at temperature > 0: gumbel (seed-stable, the same tokens as ar) "
+                        "or rejection (recursive rejection sampling)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt; median wall time")
     p.add_argument("--out", default=None, help="output dir (default bench_out/<timestamp>)")
-    p.add_argument("--no-peers", action="store_true", help="skip the HF generate peers")
+    p.add_argument("--no-peers", action="store_true", help="skip the peers (HF generate, llama.cpp)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice, one per core)")
+                   help="torch intra-op threads, and llama.cpp's (default: torch's choice, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 if any greedy mismatch is not a near-tie (or any generation failed)")
@@ -100,11 +105,12 @@ def _meta(args: argparse.Namespace, prompts_path: str, n_questions: int) -> dict
 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "models": args.models,
-        "methods": args.methods or "all engine methods" + ("" if args.no_peers else " + hf peers"),
+        "methods": args.methods or "all engine methods" + ("" if args.no_peers else " + peers"),
         "categories": args.categories or "all", "limit per category": args.limit or "all",
         "questions": n_questions, "prompts": prompts_path, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-        "repeats": args.repeats, "seed": args.seed, "torch": torch.__version__,
+        "repeats": args.repeats, "seed": args.seed, "sampling rule": args.sampling_rule if args.temperature > 0
+        else "greedy", "torch": torch.__version__,
         "transformers": transformers.__version__, "torch threads": torch.get_num_threads(),
         "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
         "cpu cores": os.cpu_count(),
@@ -137,7 +143,8 @@ def bench_command(args: argparse.Namespace, *, engines: dict[str, Any] | None = 
         return 2
     cfg = BenchConfig(methods=_split(args.methods), peers=not args.no_peers,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, repeats=args.repeats, seed=args.seed)
+                      top_p=args.top_p, top_k=args.top_k, repeats=args.repeats, seed=args.seed,
+                      sampling_rule=args.sampling_rule, threads=args.threads)
     cfg.validate()
     out = Path(args.out or Path("bench_out") / _stamp())
     out.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ class HFPeers:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.model = engine.hf_model
+        self.model = engine.reference_model() if hasattr(engine, "reference_model") else engine.hf_model
         self.device = model_device(self.model)
         self.eos = sorted(eos_ids(engine))
         self._assistant: Any = None

@@ -54,7 +54,8 @@ def run_profile(engine: Any, *, ctx_len: int = 512, max_query: int = 32, repeats
     if "full" in curves:
         full = curves["full"]["total"]
         c = {plan: [t / f if f > 0 else 0.0 for t, f in zip(cur["total"], full)] for plan, cur in curves.items()}
-    return {"model": engine.name, "ctx_len": ctx_len, "repeats": repeats, "n_query": queries, "plans": curves,
+    weights = {plan: engine.plan_weights(plan) for plan in names} if hasattr(engine, "plan_weights") else {}
+    return {"model": engine.name, "ctx_len": ctx_len, "weights": weights, "repeats": repeats, "n_query": queries, "plans": curves,
             "c": c, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "torch": torch.__version__}
 
@@ -103,6 +104,14 @@ def print_profile(result: dict[str, Any], console: Any = None) -> None:
 
     console = console or Console()
     t = Table(title=f"{result['model']}: forward cost at context {result['ctx_len']} (median ms)")
+    weights = result.get("weights", {})
+    if weights:
+        w = Table(title="weights each plan reads per step")
+        for col in ("plan", "formats", "MB"):
+            w.add_column(col, justify="right" if col == "MB" else "left")
+        for plan, info in weights.items():
+            w.add_row(plan, str(info["formats"]), f"{info['bytes'] / 1e6:.1f}")
+        console.print(w)
     for col in ("plan", "n_query", "total", "matmul", "rest", "c vs full"):
         t.add_column(col, justify="left" if col == "plan" else "right")
     for plan, cur in result["plans"].items():

@@ -22,6 +22,10 @@ How to read these numbers:
   reference: `ref (n)` means its later repeats reproduced its first (a determinism check).
   `n/a` when nothing could be compared (sampling, or turn 2 after a turn-1 answer that already
   differed).
+- **same tokens as ar (seeded)**: sampled runs only. Every method gets the same seed per prompt and
+  turn; `k/n`: k of n generations produced exactly `ar`'s tokens (all of them under the default
+  coupled sampling rule, whatever the drafts; few under `--sampling-rule rejection`). The HF and
+  llama.cpp peers use their own random streams and are not compared.
 """
 
 
@@ -37,6 +41,19 @@ def lossless_cell(cell: dict[str, Any], method: str) -> str:
         return f"ref ({n})" if method == "ar" else f"yes ({n})"
     ties = f", {t} near-tie" if t else ""
     return f"NO {k}/{n}{ties}"
+
+
+def seeded_cell(cell: dict[str, Any], method: str) -> str:
+    """"k/n": sampled generations with the same tokens as `ar` for the same seed; "n/a" if none compared."""
+    n = cell.get("seeded_compared", 0)
+    if not n:
+        return "n/a"
+    return f"ref ({n})" if method == "ar" else f"{cell.get('seeded_same', 0)}/{n}"
+
+
+def _sampled(s: dict[str, Any]) -> bool:
+    """Whether a model's race was sampled with seeds compared (adds the "same tokens as ar" column)."""
+    return any(s["table"][m][OVERALL].get("seeded_compared") for m in s["methods"])
 
 
 def _row(method: str, cell: dict[str, Any]) -> list[str]:
@@ -63,8 +80,14 @@ def render_markdown(summary: dict[str, Any], images: dict[str, list[str]] | None
     head = ["method", "questions", "new tokens", "wall", "tok/s", "speedup", "speedup Σ", "MAT", "lossless"]
     for model, s in summary["models"].items():
         cats, table = s["categories"], s["table"]
+        sampled = _sampled(s)
+        mhead = head + ["same tokens as ar (seeded)"] if sampled else head
+
+        def row(m: str, cell: dict[str, Any], sampled: bool = sampled) -> list[str]:
+            return _row(m, cell) + ([seeded_cell(cell, m)] if sampled else [])
+
         out += [f"## {model}", "", "### overall", ""]
-        out += _table(head, [_row(m, table[m][OVERALL]) for m in s["methods"]]) + [""]
+        out += _table(mhead, [row(m, table[m][OVERALL]) for m in s["methods"]]) + [""]
         out += ["### speedup over ar by category (Spec-Bench convention)", ""]
         out += _table(["method"] + cats + [OVERALL],
                       [[m] + [fmt(table[m][c]["speedup"], ".2f", "x") for c in cats + [OVERALL]]
@@ -73,7 +96,7 @@ def render_markdown(summary: dict[str, Any], images: dict[str, list[str]] | None
             out += [f"![{img}]({img})", ""]
         for cat in cats:
             out += [f"### {cat}", ""]
-            out += _table(head, [_row(m, table[m][cat]) for m in s["methods"]]) + [""]
+            out += _table(mhead, [row(m, table[m][cat]) for m in s["methods"]]) + [""]
         out += _mismatch_section(s) + _error_section(s)
     return "\n".join(out) + "\n"
 
@@ -120,11 +143,14 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
         cats = s["categories"]
         t = Table(title=f"casspec bench: {model}, speedup over ar (Spec-Bench convention)",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ["method", "tok/s", "overall"] + [SHORT.get(c, c) for c in cats] + ["MAT", "lossless"]:
+        sampled = _sampled(s)
+        extra = ["same as ar (seed)"] if sampled else []
+        for col in ["method", "tok/s", "overall"] + [SHORT.get(c, c) for c in cats] + ["MAT", "lossless"] + extra:
             t.add_column(col, justify="left" if col in ("method", "lossless") else "right")
         for m in s["methods"]:
             row = s["table"][m]
             t.add_row(m, fmt(row[OVERALL]["tokens_per_s"], ".1f"), fmt(row[OVERALL]["speedup"], ".2f", "x"),
                       *[fmt(row[c]["speedup"], ".2f", "x") for c in cats],
-                      fmt(row[OVERALL]["mean_accepted_length"]), lossless_cell(row[OVERALL], m))
+                      fmt(row[OVERALL]["mean_accepted_length"]), lossless_cell(row[OVERALL], m),
+                      *([seeded_cell(row[OVERALL], m)] if sampled else []))
         console.print(t)

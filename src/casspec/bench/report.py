@@ -6,6 +6,10 @@ category's questions; speedup = method mean tok/s / "ar" mean tok/s, over the qu
 finished. We also give `speedup_total` = (sum tokens / sum time) / (same for "ar"), the
 throughput ratio, which weighs long answers more. With repeats, each turn's wall time is the
 median over repeats. Mean accepted length counts the bonus token (1.00 for plain decoding).
+Sampled runs (temperature > 0): `seeded_same` / `seeded_compared` count the generations of engine
+methods whose tokens equal "ar"'s for the same seed (all of them under the coupled "gumbel" rule).
+Approximate peers (llama.cpp) are not judged lossless; their cells count the prompts whose greedy
+output was identical to "ar"'s and give the median index of the first departure over the others.
 """
 from __future__ import annotations
 
@@ -64,6 +68,14 @@ def per_question(records: list[Record]) -> dict[tuple[str, str], dict[int, tuple
     return out
 
 
+def departures(recs: list[Record]) -> dict[str, Any]:
+    """Departure from "ar" of approximate peers' records: compared, identical, median first index."""
+    compared = [r for r in recs if r.get("identical_to_ar") is not None]
+    first = [r["first_departure"] for r in compared if not r["identical_to_ar"]]
+    return {"departure_compared": len(compared), "identical": len(compared) - len(first),
+            "first_departure_median": statistics.median(first) if first else None}
+
+
 def _cell(recs: list[Record], mq: dict[int, tuple], bq: dict[int, tuple] | None) -> dict[str, Any]:
     """Metrics of one (model, method, category) over questions `mq` (paired with baseline `bq`)."""
     shared = sorted(set(mq) & set(bq)) if bq is not None else sorted(mq)
@@ -83,7 +95,9 @@ def _cell(recs: list[Record], mq: dict[int, tuple], bq: dict[int, tuple] | None)
         "mean_accepted_length": sum(accept) / len(accept) if accept else None,
         "compared": len(compared), "mismatches": len(bad), "near_ties": len(ties),
         "errors": sum(1 for r in recs if r.get("error")),
-    }
+        "seeded_compared": sum(1 for r in recs if r.get("same_as_ar") is not None),
+        "seeded_same": sum(1 for r in recs if r.get("same_as_ar")),
+    } | departures(recs)
 
 
 def summarize(records: list[Record], baseline: str = "ar") -> dict[str, Any]:
@@ -113,6 +127,35 @@ def summarize(records: list[Record], baseline: str = "ar") -> dict[str, Any]:
             "errors": [_brief(r) | {"error": r["error"]} for r in recs if r.get("error")],
         }
     return models
+
+
+def departure_text(cell: dict[str, Any]) -> str:
+    """"12 (1/5 identical)": median first-departure index and identical count; "n/a" if none compared."""
+    n = cell.get("departure_compared", 0)
+    if not n:
+        return "n/a"
+    median = cell.get("first_departure_median")
+    return f"{'–' if median is None else f'{median:g}'} ({cell.get('identical', 0)}/{n} identical)"
+
+
+def departure_section(models: dict[str, Any]) -> str:
+    """report.md addendum: per model, each approximate peer's first departure from "ar" by category."""
+    out: list[str] = []
+    for model, s in models.items():
+        peers = [m for m in s["methods"] if s["table"][m][OVERALL].get("departure_compared")]
+        if not peers:
+            continue
+        cols = [OVERALL] + s["categories"]
+        out += [f"## {model}: first departure from ar (median token index; n identical)", "",
+                "llama.cpp computes with quantized activations, so its greedy output is not expected "
+                "to equal `ar`'s and is not judged lossless. Per cell: the median new-token index "
+                "where it first differs, over the prompts where it does, and how many compared "
+                "prompts were identical.", "",
+                "| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        out += [f"| {m} | " + " | ".join(departure_text(s["table"][m][c]) for c in cols) + " |"
+                for m in peers]
+        out.append("")
+    return "\n".join(out)
 
 
 def _brief(r: Record) -> dict[str, Any]:
@@ -184,5 +227,7 @@ def write_reports(records: list[Record], out_dir: str | Path, *, meta: dict[str,
     summary = {"meta": meta or {}, "models": models}
     with open(out / "summary.json", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
-    (out / "report.md").write_text(render_markdown(summary, images), encoding="utf-8")
+    departed = departure_section(models)
+    report = render_markdown(summary, images) + ("\n" + departed if departed else "")
+    (out / "report.md").write_text(report, encoding="utf-8")
     return summary

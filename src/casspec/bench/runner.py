@@ -8,10 +8,13 @@ Fairness rules (STYLE.md 3(c) example 12, Spec-Bench `evaluation/eval.py`):
   the call, device synced, prefill included;
 - MT-bench turn 2 is asked after the method's *own* turn-1 answer.
 Greedy losslessness: each method's token ids are compared with "ar"'s for the same prompt/turn;
-a mismatch is explained by a teacher-forced target forward (see `compare.py`).
+a mismatch is explained by a teacher-forced target forward (see `compare.py`). The llama.cpp
+peers are approximate (quantized activations): for them the race reports the first departure from
+"ar" instead, and they are skipped, with one message, when llama_cpp or the model's GGUF is missing.
 """
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -21,6 +24,7 @@ from typing import Any
 from casspec.errors import InvalidRequestError
 
 from .compare import compare_to_reference
+from .llamacpp import LLAMACPP_PEERS, LlamaCppPeers, skip_message, unavailable_reason
 from .peers import HF_PEERS, HFPeers, Outcome, eos_ids, model_device, sync
 from .prompts import Question
 
@@ -32,16 +36,18 @@ Record = dict[str, Any]
 class BenchConfig:
     """Everything that must be equal across methods in one race."""
 
-    methods: list[str] | None = None  # None: engine.methods + HF_PEERS (if peers)
+    methods: list[str] | None = None  # None: engine.methods + HF_PEERS + LLAMACPP_PEERS (if peers)
     peers: bool = True
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     repeats: int = 1
-    seed: int = 0
+    seed: int = 0  # sampling: prompt q, turn t uses seed + 10 q + t, the same for every method
+    sampling_rule: str = "gumbel"  # engine methods at temperature > 0: "gumbel" (seed-stable) or "rejection"
     warmup_tokens: int = 8
     near_tie_eps: float = 1e-3  # |logit(ar tok) - logit(method tok)| at or below this: a near-tie
+    threads: int | None = None  # llama.cpp threads; None: torch's intra-op thread count
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -54,10 +60,11 @@ class BenchConfig:
 
 def resolve_methods(engine: Any, cfg: BenchConfig) -> list[str]:
     """The racers, baseline "ar" first (added if missing: every speedup is relative to it)."""
-    known = list(engine.methods) + list(HF_PEERS)
+    peers = list(HF_PEERS) + list(LLAMACPP_PEERS)
+    known = list(engine.methods) + peers
     methods = list(cfg.methods) if cfg.methods else known
     if not cfg.peers:
-        methods = [m for m in methods if m not in HF_PEERS]
+        methods = [m for m in methods if m not in peers]
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise InvalidRequestError(f"unknown method(s) {unknown}; {engine.name} has: {', '.join(known)}")
@@ -99,27 +106,57 @@ class Race:
         self.cfg = cfg
         self.methods = resolve_methods(engine, cfg)
         self.chat = bool(engine.has_chat_template)
-        self.device = model_device(engine.hf_model)
+        self.rule = {"sampling_rule": cfg.sampling_rule} if cfg.temperature > 0 else {}  # greedy: nothing to pass
+        self.device = engine.runner.device if hasattr(engine, "runner") else model_device(engine.hf_model)
         self.peers = HFPeers(engine) if any(m in HF_PEERS for m in self.methods) else None
         self.eos = sorted(eos_ids(engine))
+        self.llamacpp: LlamaCppPeers | None = None
+        self.skipped: list[str] = []  # one message per reason a requested peer cannot race
+        wanted = [m for m in self.methods if m in LLAMACPP_PEERS]
+        reason = unavailable_reason(engine) if wanted else None
+        if reason:
+            self.skipped.append(skip_message(wanted, reason))
+            self.methods = [m for m in self.methods if m not in wanted]
+        elif wanted:
+            self.llamacpp = LlamaCppPeers(engine, threads=cfg.threads)
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         return list(self.engine.encode_prompt(prompt, chat=self.chat))
 
+    def reserve(self, questions: list[Question]) -> None:
+        """Size the llama.cpp context once: longest prompt (earlier answers at full budget) + budget."""
+        if self.llamacpp is None:
+            return
+        budget = self.cfg.max_new_tokens + 16  # +16: a re-encoded answer may take a few more tokens
+        need = 0
+        for q in questions:
+            for t in range(len(q.turns)):
+                try:
+                    n = len(self.prompt_ids(build_prompt(q, t, [""] * t, self.chat)))
+                except ValueError:  # the timed call reports it; a larger prompt rebuilds the Llama
+                    continue
+                need = max(need, n + t * budget)
+        self.llamacpp.reserve(need + budget)
+
     def generate(self, method: str, prompt: str | list[dict], ids: list[int],
                  max_new_tokens: int, seed: int | None) -> Outcome:
-        """One timed generation by `method` (an engine method or an HF peer)."""
+        """One timed generation by `method` (an engine method, an HF peer or a llama.cpp peer)."""
         cfg = self.cfg
         if method in HF_PEERS:
             assert self.peers is not None
             return self.peers.generate(method, ids, max_new_tokens=max_new_tokens,
                                        temperature=cfg.temperature, top_p=cfg.top_p,
                                        top_k=cfg.top_k, seed=seed)
+        if method in LLAMACPP_PEERS:
+            assert self.llamacpp is not None
+            return self.llamacpp.generate(method, ids, max_new_tokens=max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p,
+                                          top_k=cfg.top_k, seed=seed)
         sync(self.device)
         t0 = time.perf_counter()
         res = self.engine.generate(prompt, method=method, max_new_tokens=max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                   seed=seed, chat=self.chat)
+                                   seed=seed, chat=self.chat, **self.rule)
         sync(self.device)
         wall = time.perf_counter() - t0
         st = res.stats
@@ -166,7 +203,8 @@ def _record(engine: Any, q: Question, method: str, turn: int, repeat: int,
         "drafters": {} if out is None else out.drafters,
         "text": "" if out is None else out.text,
         "token_ids": [] if out is None else out.token_ids,
-        "lossless": None, "mismatch": None, "error": error,
+        "lossless": None, "mismatch": None, "identical_to_ar": None, "first_departure": None,
+        "error": error,
         "answer_id": uuid.uuid4().hex[:22], "tstamp": time.time(),
         "choices": [{"index": 0, "turns": ["" if out is None else out.text],
                      "decoding_steps": [steps], "new_tokens": [0 if out is None else out.new_tokens],
@@ -181,9 +219,12 @@ def run_model(engine: Any, questions: list[Question], cfg: BenchConfig, *,
     from tqdm.auto import tqdm
 
     race = Race(engine, cfg)
+    for msg in race.skipped:  # shown even without a progress bar: the user asked for that peer
+        (log or _warn)(f"[bench] {msg}")
     records: list[Record] = []
     if not questions:
         return records
+    race.reserve(questions)
     total = sum(len(q.turns) for q in questions) * len(race.methods) * cfg.repeats
     bar = tqdm(total=total, desc=f"bench {engine.name}", unit="gen", disable=not progress,
                dynamic_ncols=True)
@@ -201,7 +242,13 @@ def run_model(engine: Any, questions: list[Question], cfg: BenchConfig, *,
                     on_record(rec)
             records += block
     bar.close()
+    if race.llamacpp is not None:
+        race.llamacpp.close()
     return records
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _run_turn(race: Race, q: Question, turn: int, history: dict[str, list[str]],
@@ -229,9 +276,10 @@ def _run_turn(race: Race, q: Question, turn: int, history: dict[str, list[str]],
     for m in race.methods:  # turn 2 follows each method's own (first-repeat) answer
         out = first.get(m)
         history[m].append(out.text if out is not None else "")
-    compare_to_reference(block, engine.hf_model, eos=race.eos,
+    reference = getattr(engine, "reference_model", None) or engine.hf_model  # HF fp32 model, for logit gaps
+    compare_to_reference(block, reference, eos=race.eos,
                          greedy=cfg.temperature == 0, near_tie_eps=cfg.near_tie_eps,
-                         baseline=BASELINE)
+                         baseline=BASELINE, approximate=LLAMACPP_PEERS, seeded=engine.methods)
     for rec in block:
         rec.pop("_prompt_ids", None)
     return block

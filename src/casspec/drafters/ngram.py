@@ -31,23 +31,27 @@ class NgramDrafter:
 
     def __init__(self, max_n: int = 3, min_n: int = 1, name: str = "pld") -> None:
         self.max_n, self.min_n, self.name = max_n, min_n, name
+        self.cost = 1e-4  # seconds per lookup: an EMA of every lookup's measured time (DyTC, the batch planner)
 
     def lookup(self, tree: DraftTree, state: DecodeState, leaf: int, k: int) -> tuple[list[int], int]:
-        """The continuation for `leaf` and its match length, without touching the tree."""
+        """The continuation for `leaf` and its match length, without touching the tree (timed)."""
+        t0 = time.perf_counter()
         ctx = np.asarray(state.tokens + tree.path_tokens(leaf), dtype=np.int64)
         draft, n = find_ngram_continuation(ctx, self.max_n, self.min_n, k)
         for i, t in enumerate(draft):  # nothing after EOS can be accepted
             if t in state.eos_ids:
-                return draft[:i + 1], n
+                draft = draft[:i + 1]
+                break
+        seconds = time.perf_counter() - t0
+        self.cost = 0.9 * self.cost + 0.1 * min(seconds, 1e-2)
+        state.stats.drafter(self.name).time += seconds
         return draft, n
 
     def propose(self, tree: DraftTree, state: DecodeState, leaves: list[int], k: int) -> list[int]:
-        t0 = time.perf_counter()
         new: list[int] = []
         for leaf in leaves:
             draft, n = self.lookup(tree, state, leaf, k)
             new += self.extend(tree, leaf, draft, n)
-        state.stats.drafter(self.name).time += time.perf_counter() - t0
         return new
 
     def extend(self, tree: DraftTree, leaf: int, draft: list[int], n: int, p_token: float = 1.0) -> list[int]:

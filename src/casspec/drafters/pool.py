@@ -16,7 +16,7 @@ import torch
 from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
-from casspec.runtime.plans import FULL, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
+from casspec.runtime.plans import FULL, Act8, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
 from casspec.runtime.runner import TargetRunner
 from casspec.runtime.vocab import DraftVocab, corpus_texts, rank_tokens
 from casspec.scheduler.acceptance import AcceptanceEstimator
@@ -27,13 +27,16 @@ from casspec.scheduler.latency import LatencyModel
 # Default draft hierarchies, strongest first, prompt lookup last. On CPU the int8 copy (acceptance ~0.98 at
 # 0.4 of a target step) and prompt lookup pay; layer sparsity breaks these small models (README, "Draft
 # levels"). On GPU, where a forward is launch-bound, layer sparsity is the paper's DSIA.
-DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld")}
+# A native target (GGUF blocks read in place) is bound by decoding its blocks, not by bytes: an int8 copy
+# reads more than it does, so its draft is the same blocks with int8 activations ("a8").
+DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld"), "native": ("a8", "pld")}
+FLOAT_BLOCKS = {0, 1, 30}  # F32, F16, BF16: no integer view, so no activation-quantized draft
 LARGE_VOCAB = 131072  # from here on the CPU default drafts with a pruned head ("int8v"): the head dominates
-DRAFTERS = ("int8", "int8v", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
+DRAFTERS = ("a8", "a8v", "vocab", "int8", "int8v", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
 # Starting acceptance estimates (the EMA takes over after one window of verified tokens). A level is only
 # tried while its estimate says it pays, so a pessimistic prior would never be corrected: these are the
 # teacher-forced top-1 agreements measured on both models (README, "Draft levels"), rounded down.
-PRIORS = {"int8": 0.95, "int8v": 0.93, "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
+PRIORS = {"a8": 0.9, "a8v": 0.88, "vocab": 0.95, "int8": 0.95, "int8v": 0.93, "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
 _SKIP_LEVELS = {"skip0.4": (0.4, FULL), "skip0.6": (0.6, FULL), "int8+skip": (0.2, Int8())}
 
 
@@ -63,9 +66,11 @@ class DrafterPool:
     def _plan(self, name: str) -> ExecutionPlan:
         if name in ("int8", "int4"):
             return Int8() if name == "int8" else Int4()
-        if name == "int8v":
+        if name in ("int8v", "a8v", "vocab"):
             self._draft_vocab()
-            return Int8() | PrunedVocab()
+            return {"int8v": Int8(), "a8v": Act8(), "vocab": FULL}[name] | PrunedVocab()
+        if name == "a8":
+            return Act8()
         if name == "exit":
             return EarlyExit(max(1, round(0.6 * self.runner.num_layers)))
         sparsity, base = _SKIP_LEVELS[name]
@@ -115,12 +120,12 @@ class DrafterPool:
         return None if key is None or self.cache_dir is None else self.cache_dir / "vocab" / f"{key}.pt"
 
     def _pending(self) -> list[str]:
-        kinds = {self.get(d).plan.weights for d in self.self_names()} - {"fp32"}
+        kinds = {self.get(d).plan.weights for d in self.self_names()} - {"fp32", "a8"}
         out = [f"{k} weights" for k in sorted(kinds)
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
         if not is_calibrated(self._latency_path(), list(self._latency_plans())):
             out.append("a latency model")
-        if "int8v" in self.self_names() and ((path := self._vocab_path()) is None or not path.exists()):
+        if {"int8v", "a8v", "vocab"} & set(self.self_names()) and ((path := self._vocab_path()) is None or not path.exists()):
             out.append("a draft vocabulary")
         return out
 
@@ -150,6 +155,8 @@ class DrafterPool:
 def default_hierarchy(runner: TargetRunner) -> tuple[str, ...]:
     """The measured best levels for the device; large vocabularies draft with a pruned head on CPU."""
     device = runner.device.type if runner.device.type in DEFAULT_HIERARCHY else "cpu"
+    if device == "cpu" and runner.weights.head.native is not None and set(runner.weights.head.qtypes) - FLOAT_BLOCKS:
+        return ("a8v", "pld") if runner.vocab_size >= LARGE_VOCAB else DEFAULT_HIERARCHY["native"]
     if device == "cpu" and runner.vocab_size >= LARGE_VOCAB:
         return ("int8v", "pld")
     return DEFAULT_HIERARCHY[device]

@@ -4,11 +4,17 @@ Draft forwards share the target's KV cache: they write into the tree's own slots
 length, which verification later overwrites. Each node records which layers' KV it has, so a drafter
 re-feeds only the path nodes it lacks (e.g. tokens proposed by prompt lookup, or by a plan that skipped
 layers this plan runs) in the same forward as its first draft step.
+
+At temperature > 0 a draft samples in its own (possibly pruned) vocabulary, all rows of a depth in one
+call (`pick_drafts`). Under the "gumbel" rule the draft token is the coupled sample of the draft's
+logits with the target's noise for that position (verify/coupling.py), and runner-up siblings are the
+next best perturbed scores; under "rejection" it is a multinomial draw whose distribution q is recorded.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -16,11 +22,61 @@ from casspec.state import DecodeState
 from casspec.runtime.plans import ExecutionPlan
 from casspec.runtime.runner import TargetRunner
 from casspec.tree import DraftTree
-from casspec.verify.sampling import logits_to_probs, sample
+from casspec.verify.coupling import coupled_choice, noise_keys
+from casspec.verify.sampling import candidates, logits_to_probs, sample
 
 
 def _identity(conf: float) -> float:
     return conf
+
+
+@dataclass
+class DraftPick:
+    """A draft's choice below one leaf: its token, then runner-ups, as columns of the draft's logits."""
+
+    cols: list[int]  # drafted column first, then runner-ups best first
+    probs: list[float]  # each one's probability under the draft's (filtered) distribution
+    q: torch.Tensor | None = None  # [V] full-vocabulary distribution the drafted token was drawn from (rejection)
+
+
+def pick_drafts(logits: torch.Tensor, states: list[DecodeState], positions: list[int], ids: torch.Tensor | None,
+                runners: int, vocab_size: int) -> list[DraftPick]:
+    """Each row's drafted column and up to `runners` runner-ups.
+
+    logits: [R, V'] draft logits (V' = len(ids) for a pruned head, whose column j is token ids[j]); row r
+    belongs to states[r] and drafts the token at position positions[r]. Rows with the same sampling filters
+    are sampled in one batched call.
+    """
+    picks: list[DraftPick] = [DraftPick([], [])] * len(states)
+    groups: dict[tuple, list[int]] = {}
+    for r, st in enumerate(states):
+        groups.setdefault((st.sampling.is_greedy, st.sampling.rule, st.sampling.filters), []).append(r)
+    for rows in groups.values():
+        lg = logits if len(rows) == len(states) else logits[rows]  # [len(rows), V']
+        cfg = states[rows[0]].sampling
+        if cfg.is_greedy:
+            probs = torch.softmax(lg.float(), dim=-1)
+            top = torch.topk(probs, min(runners + 1, probs.shape[-1]))
+            for r, p, j, tv, ti in zip(rows, probs, probs.argmax(-1).tolist(), top.values.tolist(),
+                                       top.indices.tolist()):
+                runner = [(v, i) for v, i in zip(tv, ti) if i != j][:runners]
+                picks[r] = DraftPick([j] + [i for _, i in runner], [float(p[j])] + [v for v, _ in runner])
+        elif cfg.is_coupled:
+            c = candidates(lg, cfg)
+            keys = torch.cat([noise_keys(states[r].sampling.seed, [positions[r]]) for r in rows])
+            cols = coupled_choice(c, keys, ids, runners + 1)  # [len(rows), 1 + runners], -1: none
+            probs = c.probs_of(cols)
+            for r, cr, pr in zip(rows, cols.tolist(), probs.tolist()):
+                picks[r] = DraftPick([j for j in cr if j >= 0], [p for j, p in zip(cr, pr) if j >= 0])
+        else:
+            probs = logits_to_probs(lg, cfg)  # [len(rows), V']
+            for r, p in zip(rows, probs):
+                j = sample(p, states[r].generator)
+                top = torch.topk(p, min(runners + 1, len(p)))
+                runner = [(v, i) for v, i in zip(top.values.tolist(), top.indices.tolist()) if i != j][:runners]
+                q = p if ids is None else p.new_zeros(vocab_size).index_copy_(0, ids, p)
+                picks[r] = DraftPick([j] + [i for _, i in runner], [float(p[j])] + [v for v, _ in runner], q)
+    return picks
 
 
 class SelfDrafter:
@@ -57,8 +113,10 @@ class SelfDrafter:
             logits = self._forward(tree, state, frontier)  # [len(frontier), V] (pruned head: V')
             stats.forwards += 1
             nxt = []
-            for leaf, row in zip(frontier, logits):
-                children = self.expand(tree, state, leaf, row, ids, siblings, score, min_sibling_p_acc)
+            picks = pick_drafts(logits, [state] * len(frontier), [tree.base + tree.depth[f] + 1 for f in frontier],
+                                ids, siblings, self.runner.vocab_size)
+            for leaf, pick in zip(frontier, picks):
+                children = self.expand(tree, leaf, pick, ids, siblings, score, min_sibling_p_acc)
                 new += children
                 main = children[0] if children else None
                 if (main is not None and tree.confidence[main] >= min_conf and tree.p_acc[main] >= min_p_acc
@@ -72,20 +130,27 @@ class SelfDrafter:
         """Vertical cascade: check a cheaper drafter's chain (node ids, parent first) with this plan.
 
         One forward scores every node of the chain; the chain is cut at the first token this plan would
-        not have drafted (greedy), and this plan's own token replaces it. Returns the new chain end.
+        not have drafted (greedy: its argmax; coupled sampling: its coupled sample for that position), and
+        this plan's own token replaces it. Returns the new chain end.
         """
         t0 = time.perf_counter()
         ids = self.token_ids(state)
         parent = tree.parents[chain[0]]
-        logits = self._forward(tree, state, [parent] + chain[:-1])  # [len(chain), V]
+        rows = [parent] + chain[:-1]
+        logits = self._forward(tree, state, rows)  # [len(chain), V]
         state.stats.drafter(self.name).forwards += 1
-        best = logits.argmax(-1)
-        mine = (best if ids is None else ids[best]).tolist()
+        if state.sampling.is_coupled:
+            picks = pick_drafts(logits, [state] * len(rows), [tree.base + tree.depth[n] + 1 for n in rows], ids, 0,
+                                self.runner.vocab_size)
+        else:  # greedy, and the rejection rule (a deterministic correction is a one-hot draft)
+            probs = torch.softmax(logits.float(), -1)
+            picks = [DraftPick([j], [float(p[j])]) for p, j in zip(probs, logits.argmax(-1).tolist())]
+        mine = [p.cols[0] if ids is None else int(ids[p.cols[0]]) for p in picks]
         keep = next((j for j, node in enumerate(chain) if tree.tokens[node] != mine[j]), len(chain))
         end = chain[keep - 1] if keep else parent
         if keep < len(chain):
             tree.truncate(chain[keep])
-            conf = float(torch.softmax(logits[keep].float(), -1)[best[keep]])
+            conf = picks[keep].probs[0]
             end = tree.add(end, mine[keep], self.name, conf, tree.p_acc[end] * conf)
         state.stats.drafter(self.name).time += time.perf_counter() - t0
         return end
@@ -116,29 +181,19 @@ class SelfDrafter:
             tree.kv_layers[r] = tree.kv_layers[r] | self.kv_layers
         return logits
 
-    def expand(self, tree: DraftTree, state: DecodeState, leaf: int, logits: torch.Tensor,
-                ids: torch.Tensor | None, siblings: int, score: Callable[[float], float],
-                min_sibling_p_acc: float = 0.0) -> list[int]:
-        """Add the drafted child of `leaf` (first) and `siblings` runner-up children."""
-        if tree.is_full:
+    def expand(self, tree: DraftTree, leaf: int, pick: DraftPick, ids: torch.Tensor | None, siblings: int,
+               score: Callable[[float], float], min_sibling_p_acc: float = 0.0) -> list[int]:
+        """Add the drafted child of `leaf` (first) and up to `siblings` runner-up children from `pick`."""
+        if tree.is_full or not pick.cols:
             return []
         token_of = (lambda j: j) if ids is None else (lambda j: int(ids[j]))
-        if state.sampling.is_greedy:
-            q, probs = None, torch.softmax(logits.float(), dim=-1)  # [V] (or [V'])
-            j = int(probs.argmax())
-        else:
-            probs = logits_to_probs(logits, state.sampling)
-            j = sample(probs, state.generator)
-            q = probs if ids is None else probs.new_zeros(self.runner.vocab_size).index_copy_(0, ids, probs)
-        conf = float(probs[j])
+        conf = pick.probs[0]
         main = score(conf)  # calibrated P(drafted token accepted)
-        out = [tree.add(leaf, token_of(j), self.name, conf, tree.p_acc[leaf] * main, q)]
-        if siblings:
-            top = torch.topk(probs, siblings + 1)
-            for p, i in zip(top.values.tolist(), top.indices.tolist()):
-                # a runner-up is accepted only when the drafted token is not, then as often as the
-                # drafter puts it among the remaining mass: P = (1 - main) * p / (1 - conf)
-                p_acc = tree.p_acc[leaf] * (1.0 - main) * min(1.0, p / max(1.0 - conf, 1e-6))
-                if i != j and len(out) <= siblings and not tree.is_full and p > 0 and p_acc >= min_sibling_p_acc:
-                    out.append(tree.add(leaf, token_of(i), self.name, p, p_acc))
+        out = [tree.add(leaf, token_of(pick.cols[0]), self.name, conf, tree.p_acc[leaf] * main, pick.q)]
+        for i, p in zip(pick.cols[1:siblings + 1], pick.probs[1:siblings + 1]):
+            # a runner-up is accepted only when the drafted token is not, then as often as the
+            # drafter puts it among the remaining mass: P = (1 - main) * p / (1 - conf)
+            p_acc = tree.p_acc[leaf] * (1.0 - main) * min(1.0, p / max(1.0 - conf, 1e-6))
+            if not tree.is_full and p > 0 and p_acc >= min_sibling_p_acc:
+                out.append(tree.add(leaf, token_of(i), self.name, p, p_acc))
         return out

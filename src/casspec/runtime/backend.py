@@ -104,7 +104,7 @@ class KernelBackend(TorchBackend):
                out: torch.Tensor | None = None) -> torch.Tensor:
         mode = _GLU_MODE[p.glu] if p.glu else (_ACCUMULATE if out is not None else 0)
         if p.native is not None:
-            return self.ops.native_linear(x, p.blocks, p.qtypes, p.bias, norm, eps, mode, out)
+            return self.ops.native_linear(x, p.blocks, p.qtypes, p.bias, norm, eps, mode, out, p.act8)
         if p.tiled is None:
             return super().linear(x, p, norm, eps, out)
         return self.ops.linear(x, p.tiled, p.scale, p.mins, p.group, p.bias, norm, eps, p.n, mode, out)

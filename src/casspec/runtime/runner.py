@@ -9,6 +9,7 @@ weight traffic plus a few hundred microseconds, not a thousand small ops.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -81,6 +82,8 @@ class TargetRunner:
         """The projections a plan reads; quantized copies are made once (`load()` makes them up front)."""
         if not plan.quantized:
             return self.weights
+        if plan.weights == "a8" and "a8" not in self._quantized:  # the same blocks, no copy
+            self._quantized["a8"] = self.weights.map_projections(lambda _key, p: replace(p, act8=p.native is not None))
         if plan.weights not in self._quantized:
             self._quantized[plan.weights] = self._load_or_quantize(plan.weights)
         return self._quantized[plan.weights]
@@ -177,6 +180,16 @@ class TargetRunner:
             ops.linear(g, lw.down, out=h)
         else:
             ops.add_rms_norm(h, ops.linear(g, lw.down), lw.post_mlp_norm, a.eps)
+
+    def plan_weights(self, plan: ExecutionPlan) -> tuple[str, int]:
+        """The weight formats a forward under `plan` reads and its bytes of weights per step."""
+        w = self.weights_for(plan)
+        projs = [p for i, lw in enumerate(w.layers) for p, runs in
+                 ((lw.qkv, plan.runs_attn(i)), (lw.o, plan.runs_attn(i)), (lw.gate_up, plan.runs_mlp(i)),
+                  (lw.down, plan.runs_mlp(i))) if runs]
+        projs += self.draft_vocab().heads(plan.weights) if plan.vocab else [w.head]
+        formats = "+".join(sorted({f for p in projs for f in p.formats.split("+")}))
+        return (formats + (" a8" if plan.weights == "a8" else "")), sum(p.nbytes for p in projs)
 
     def draft_vocab(self) -> DraftVocab:
         if self.vocab is None:

@@ -37,6 +37,7 @@ class Proj:
     mins: torch.Tensor | None = None  # int4: [tiles, K/G, 4] fp16
     group: int = 0  # int4 columns per scale
     native: tuple[NativeTensor, ...] | None = None  # "native": one block tensor per part
+    act8: bool = False  # native: int8 activations and integer dot products (a draft; kernels/native_a8.h)
     _dense: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     n: int = field(init=False)  # output rows, sum(sizes)

@@ -83,7 +83,6 @@ class DyTC:
         self.levels, self.latency, self.cfg = levels, latency, config
         self.by_name = {lv.name: lv for lv in levels}
         self.bottom = levels[-1]
-        self._lookup_cost = 1e-4  # seconds per prompt-lookup expansion (EMA of measurements)
 
     # ---- plan + draft -------------------------------------------------------------------------------
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
@@ -200,7 +199,10 @@ class DyTC:
         return FIXED_COST["self"] * self._t_verify(1, ctx)
 
     def _t_lookup(self) -> float:
-        return self._lookup_cost if self.cfg.use_latency else FIXED_COST["lookup"] * self._t_verify(1, 0)
+        """Seconds per prompt lookup: the drafter's own measured EMA."""
+        if self.cfg.use_latency and self.bottom.is_lookup:
+            return self.bottom.drafter.cost
+        return FIXED_COST["lookup"] * self._t_verify(1, 0)
 
     # ---- learn --------------------------------------------------------------------------------------
     def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
@@ -216,10 +218,6 @@ class DyTC:
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
                 level.drafter.set_plan(level.search.plan)
-        lookup_time = state.stats.drafters.get(self.bottom.name)
-        if self.bottom.is_lookup and lookup_time is not None and lookup_time.time > 0:
-            self._lookup_cost = 0.9 * self._lookup_cost + 0.1 * min(lookup_time.time, 1e-2) / max(
-                1, len(state.stats.accept_lengths))
 
 
 def _is_first_choice(tree: DraftTree, node: int) -> bool:

@@ -61,6 +61,7 @@ def gen_request(body: Any, prompt: Any, chat: bool, max_tokens_limit: int) -> Ge
         top_k=max(top_k, 0),
         seed=None if body.seed is None else body.seed % (2**32),
         stop=stop, chat=chat, logprobs=_logprobs(body, chat),
+        min_p=0.0 if body.min_p is None else float(body.min_p), sampling_rule=body.sampling_rule,
     )
 
 

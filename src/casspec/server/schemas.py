@@ -31,6 +31,11 @@ class _Sampling(_Base):
     temperature: Float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy. Default 1.0 (as OpenAI).")
     top_p: Float | None = Field(None, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(None, ge=-1, le=1_000_000, description="Extension: 0 or -1 = disabled.")
+    min_p: Float | None = Field(None, ge=0.0, le=1.0, description="Extension: keep tokens with p >= min_p * p_max; "
+                                "0 = disabled.")
+    sampling_rule: Literal["gumbel", "rejection"] | None = Field(
+        None, description="Extension: how drafts are verified when sampling. 'gumbel' (default): a seed gives the "
+        "same tokens as plain decoding; 'rejection': recursive rejection sampling.")
     seed: Int64 | None = None
     stop: StopType = Field(None, description="Up to 4 non-empty stop strings (not included in the output).")
     n: StrictInt | None = Field(None, ge=1, le=128, description="Only n=1 is supported.")

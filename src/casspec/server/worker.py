@@ -40,12 +40,17 @@ class GenRequest:
     stop: list[str] | None = None
     chat: bool = False
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
+    min_p: float = 0.0
+    sampling_rule: str | None = None  # None: the engine's default ("gumbel")
 
     def kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   top_k=self.top_k, seed=self.seed, stop=self.stop, chat=self.chat)
-        if self.logprobs is not None:  # only then: engines without logprobs keep working
-            kw["logprobs"] = self.logprobs
+        # only when set: engines without these options keep working
+        for name, value in (("logprobs", self.logprobs), ("min_p", self.min_p or None),
+                            ("sampling_rule", self.sampling_rule)):
+            if value is not None:
+                kw[name] = value
         return kw
 
 

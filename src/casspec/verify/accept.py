@@ -2,19 +2,25 @@
 
 Letters follow Leviathan et al. / SpecInfer: p = target distribution, q = draft distribution.
 Greedy: follow the target's argmax down the tree; the first miss yields the bonus token.
-Sampling: recursive rejection sampling over each node's children (SpecInfer): child x drawn from q is
+Sampling, rule "gumbel" (the default): the target's token at each node is its seed-stable coupled sample
+(verify/coupling.py: argmax of the filtered, tempered logits plus Gumbel noise fixed by (seed, position)),
+and the walk is the greedy one with that token in place of the argmax. The committed tokens are exactly
+what `ar` samples for the seed, whatever the tree; q plays no part.
+Sampling, rule "rejection": recursive rejection sampling over each node's children (SpecInfer): child x drawn from q is
 accepted with prob min(1, p(x)/q(x)); on rejection p <- norm(max(0, p - q)). A deterministic draft
 (prompt lookup, argmax) has one-hot q. When every child is rejected, the final token is sampled from
 the residual p (recovered token); past the last accepted leaf it is the bonus token.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from casspec.config import SamplingConfig
 from casspec.tree import DraftTree
+from casspec.verify.coupling import coupled_tokens
 from casspec.verify.sampling import logits_to_probs, sample, uniform
 
 
@@ -34,19 +40,41 @@ def accept(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
            generator: torch.Generator | None = None) -> AcceptResult:
     """Walk the tree with the target's logits [N, V]."""
     if cfg.is_greedy:
-        return _accept_greedy(tree, logits)
+        return _walk(tree, logits.argmax(-1).tolist().__getitem__)
+    if cfg.is_coupled:
+        return _accept_coupled(tree, logits, cfg)
     return _accept_sampling(tree, logits, cfg, generator)
 
 
-def _accept_greedy(tree: DraftTree, logits: torch.Tensor) -> AcceptResult:
-    target = logits.argmax(-1).tolist()  # [N]
+def _walk(tree: DraftTree, target: Callable[[int], int]) -> AcceptResult:
+    """Follow the child whose token is the target's token at each node; the first miss adds the target's
+    token there (the bonus token)."""
     node, path = 0, [0]
     while True:
-        nxt = next((c for c in tree.children[node] if tree.tokens[c] == target[node]), None)
+        token = target(node)
+        nxt = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
         if nxt is None:
-            return AcceptResult(path, [tree.tokens[i] for i in path[1:]] + [target[node]])
+            return AcceptResult(path, [tree.tokens[i] for i in path[1:]] + [token])
         node = nxt
         path.append(node)
+
+
+def _accept_coupled(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig) -> AcceptResult:
+    """The greedy walk over coupled samples. Node i samples position base + depth[i] + 1; every node with
+    children is sampled in one batched call, a leaf only if the path reaches it."""
+    def position(node: int) -> int:
+        return tree.base + tree.depth[node] + 1
+
+    rows = [i for i in range(len(tree)) if tree.children[i]] or [0]
+    target = dict(zip(rows, coupled_tokens(logits if len(rows) == len(logits) else logits[rows], cfg,
+                                           [position(i) for i in rows])))
+
+    def token(node: int) -> int:
+        if node not in target:
+            target[node] = coupled_tokens(logits[node:node + 1], cfg, [position(node)])[0]
+        return target[node]
+
+    return _walk(tree, token)
 
 
 def _accept_sampling(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,

@@ -1,32 +1,159 @@
-"""logits -> probabilities and sampling, shared by plain and speculative decoding."""
+"""logits -> filtered candidates, probabilities and samples, shared by plain and speculative decoding.
+
+One sampled position costs a partial selection and at most one pass of exp over the vocabulary, never a
+sort: `candidates` applies temperature, top-k, top-p and min-p (in that order; see SamplingConfig) to a
+batch of rows at once.
+- It ranks only the best K_PREFIX columns of each row (`rank`: a block-max prefilter, then topk over the
+  few blocks that can hold them), on the raw logits (dividing by T > 0 keeps the order); only the ranked
+  values are tempered.
+- top-k narrows that prefix to k. top-p needs the row's normaliser (one logsumexp pass; over the k
+  survivors when top-k is set) and is computed inside the prefix once the prefix provably holds the
+  nucleus (its mass reaches top_p), else the prefix of that row widens WIDEN times. min-p is a threshold
+  on the best tempered logit.
+- Only a row with no top-k / top-p cut can have survivors past the prefix (temperature alone, or a
+  permissive min-p): that row is "open", and its survivors past the prefix are every other column whose
+  tempered logit is >= its floor. The coupled sampler (verify/coupling.py) takes them as one aggregate and
+  looks at them only when the aggregate could win; `logits_to_probs` (the rejection rule's dense
+  distribution) gives them their softmax share with one masked softmax.
+
+Exactness: the survivors are the ones the textbook sort-and-cumsum definition gives; ties between equal
+logits at a top-k / top-p boundary are broken by topk's order.
+"""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from casspec.config import SamplingConfig
 
+K_PREFIX = 64  # columns ranked individually per row
+WIDEN = 16  # growth factor of the ranked prefix while top-p's nucleus is not inside it
+BLOCK = 64  # columns per block of the block-max prefilter in `rank`
+
+
+def rank(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) of rows x [N, V], faster for k << V: the k best values lie in the k blocks of BLOCK
+    columns with the best maxima (ties included), so one cheap max pass narrows topk to k * BLOCK columns."""
+    n, v = x.shape
+    blocks = v // BLOCK
+    if k * BLOCK * 4 > v:
+        return torch.topk(x, k, dim=-1)
+    best = torch.topk(x[:, :blocks * BLOCK].reshape(n, blocks, BLOCK).amax(-1), k, dim=-1).indices  # [N, k]
+    cols = (best[:, :, None] * BLOCK + torch.arange(BLOCK, device=x.device)).reshape(n, k * BLOCK)
+    if blocks * BLOCK < v:  # the columns past the last whole block take part as they are
+        cols = torch.cat([cols, torch.arange(blocks * BLOCK, v, device=x.device).expand(n, -1)], 1)
+    vals, idx = torch.topk(x.gather(1, cols), k, dim=-1)
+    return vals, cols.gather(1, idx)
+
+
+@dataclass
+class Candidates:
+    """The columns of each row that survive the filters, best first (one row per sampled position)."""
+
+    x: torch.Tensor  # [N, V] raw logits
+    temperature: float
+    logits: torch.Tensor  # [N, K] tempered logits of the ranked survivors, best first; -inf past a row's last
+    cols: torch.Tensor  # [N, K] their columns
+    floor: torch.Tensor  # [N] min-p threshold on tempered logits (-inf: none)
+    open: torch.Tensor  # [N] bool: survivors go on past the K ranked columns (every column with z >= floor)
+
+    def z(self, rows: torch.Tensor) -> torch.Tensor:
+        """Tempered logits [len(rows), V] of some rows, non-survivors of an open row at -inf."""
+        z = self.x[rows].float() / self.temperature
+        floor = self.floor[rows, None]
+        return z.masked_fill_(z < floor, -math.inf) if bool((floor > -math.inf).any()) else z
+
+    def log_norm(self) -> torch.Tensor:
+        """[N] log of the survivors' total unnormalised mass: probability = exp(z - log_norm)."""
+        out = torch.logsumexp(self.logits, -1)
+        rows = self.open.nonzero()[:, 0]
+        if len(rows):
+            out[rows] = torch.logsumexp(self.z(rows), -1)
+        return out
+
+    def probs_of(self, cols: torch.Tensor) -> torch.Tensor:
+        """Filtered probabilities [N, C] of columns cols [N, C] (-1 reads as probability 0)."""
+        z = self.x.gather(1, cols.clamp(min=0)).float() / self.temperature
+        return torch.exp(z - self.log_norm()[:, None]).masked_fill_(cols < 0, 0.0)
+
+
+def candidates(logits: torch.Tensor, cfg: SamplingConfig) -> Candidates:
+    """Temperature, top-k, top-p and min-p applied to logits [N, V] (see the module docstring)."""
+    x = logits.float()
+    t = max(cfg.temperature, 1e-5)
+    n, v = x.shape
+    k = min(cfg.top_k, v) if cfg.top_k > 0 else 0
+    vals, cols = rank(x, k or min(K_PREFIX, v))  # [N, width], best first
+    vals = vals / t
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    closed = k > 0 or vals.shape[1] == v  # the prefix holds every survivor
+    if cfg.top_p < 1.0:  # the nucleus is a share of the top-k survivors' mass, or of the whole row's
+        lse = torch.logsumexp(vals, -1, keepdim=True) if k else _logsumexp(x, t)  # [N, 1]
+        vals, cols, keep = _nucleus(x, t, vals, cols, lse, cfg.top_p, closed)
+        closed = True
+    floor = torch.full((n,), -math.inf, device=x.device)
+    if cfg.min_p > 0:
+        floor = vals[:, 0] + math.log(cfg.min_p)
+        keep &= vals >= floor[:, None]
+    is_open = keep[:, -1] if not closed else torch.zeros(n, dtype=torch.bool, device=x.device)
+    last = int(keep.sum(1).max())  # survivors are a prefix of each row: drop columns no row keeps
+    return Candidates(x, t, vals[:, :last].masked_fill(~keep[:, :last], -math.inf), cols[:, :last], floor, is_open)
+
+
+def _logsumexp(x: torch.Tensor, t: float) -> torch.Tensor:
+    """logsumexp(x / t) over rows [N, V] -> [N, 1], with one temporary."""
+    m = x.amax(-1, keepdim=True)
+    e = torch.sub(x, m).mul_(1.0 / t).exp_()
+    return m / t + e.sum(-1, keepdim=True).log_()
+
+
+def _nucleus(x: torch.Tensor, t: float, vals: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor, top_p: float,
+             closed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-p inside ranked prefixes vals/cols [N, W] (tempered values) of rows x [N, V] with log-normalisers
+    lse [N, 1]: the smallest prefix with mass >= top_p. A row whose prefix holds less mass (and is not the
+    whole row, `closed`) is ranked again WIDEN times wider. Returns vals, cols, keep [N, W'] (rows padded with
+    -inf and their top column)."""
+    p = torch.exp(vals.double() - lse.double())
+    cum = p.cumsum(-1)
+    keep = cum - p < top_p
+    short = (cum[:, -1] < top_p).nonzero()[:, 0] if not closed else []
+    if len(short) == 0:
+        return vals, cols, keep
+    width = min(x.shape[1], vals.shape[1] * WIDEN)
+    xs = x[short]
+    v2, c2 = rank(xs, width)
+    v2, c2, k2 = _nucleus(xs, t, v2 / t, c2, lse[short], top_p, width == x.shape[1])
+    pad = v2.shape[1] - vals.shape[1]
+    vals = torch.cat([vals, vals.new_full((len(vals), pad), -math.inf)], 1)
+    cols = torch.cat([cols, cols[:, :1].expand(-1, pad)], 1)
+    keep = torch.cat([keep, keep.new_zeros(len(keep), pad)], 1)
+    vals[short], cols[short], keep[short] = v2, c2, k2
+    return vals, cols, keep
+
 
 def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to logits [..., V]; returns probabilities [..., V]."""
-    logits = logits.float() / max(cfg.temperature, 1e-5)
-    if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p  # keep the smallest prefix with mass >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    """The filtered distribution of logits [..., V] as dense probabilities [..., V]."""
+    shape = logits.shape
+    c = candidates(logits.reshape(-1, shape[-1]), cfg)
+    probs = torch.zeros_like(c.x).scatter_add_(1, c.cols, torch.softmax(c.logits, -1))  # padding adds 0
+    rows = c.open.nonzero()[:, 0]
+    if len(rows):
+        probs[rows] = torch.softmax(c.z(rows), -1)
+    return probs.reshape(shape)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one token id from probs [V]."""
+    """Draw one token id from probs [V] (unnormalised is fine): inverse CDF with one uniform, one pass.
+    (torch.multinomial draws V exponentials: ~4 ms on a 262k vocabulary.) The cumsum accumulates in
+    double on the CPU, so each token's probability is exact to float32 rounding."""
     if generator is not None and probs.device != generator.device:
         probs = probs.to(generator.device)  # the seeded stream lives on the CPU on every device
-    return int(torch.multinomial(probs, 1, generator=generator))
+    cdf = probs.float().cumsum(-1)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * float(cdf[-1])
+    i = int(torch.searchsorted(cdf, u.float()[None], right=True))
+    return i if i < len(cdf) and probs[i] > 0 else int((probs > 0).nonzero()[-1])
 
 
 def uniform(generator: torch.Generator | None) -> float:

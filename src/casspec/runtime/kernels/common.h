@@ -174,4 +174,28 @@ inline void rms_rows(const float* x, int64_t M, int64_t K, const float* w, doubl
   }
 }
 
+// ---- tiles over rows of blocks (native_linear.cpp, native_a8.cpp) ----
+struct Rows {  // the 4 row pointers of one tile
+  const uint8_t* r[NB];
+};
+
+// Row pointers of tile t: rows 4t.. of one tensor, or (GLU) gate rows 2t, 2t+1 and up rows 2t, 2t+1.
+// Rows past the end repeat the last one; the epilogue drops their outputs.
+inline Rows tile_rows_of(const uint8_t* w, const uint8_t* up, int64_t rows, int64_t row_bytes, int64_t t) {
+  Rows out;
+  for (int r = 0; r < NB; ++r) {
+    const bool gate_part = up == nullptr || r < 2;
+    const int64_t n = std::min(rows - 1, up ? 2 * t + r % 2 : NB * t + r);
+    out.r[r] = (gate_part ? w : up) + n * row_bytes;
+  }
+  return out;
+}
+
+// Ask for a tile's rows ahead of use: a tile is computed in a few hundred ns, about the latency of a
+// DRAM read, so the next tile's bytes are requested while this one is computed.
+inline void prefetch_rows(const Rows& w, int64_t row_bytes) {
+  for (int r = 0; r < NB; ++r)
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w.r[r] + b), _MM_HINT_T0);
+}
+
 }  // namespace

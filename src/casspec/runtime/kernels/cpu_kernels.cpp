@@ -373,7 +373,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv", &rope_kv, "RoPE on q and k, k and v written to the caches at slots; returns q [M, H, D]");
   m.def("attention", &attention, "decode attention: row m over keys lo[m] .. lo[m] + len[m] - 1, optional [M, W] mask");
   m.def("add_rms_norm", &add_rms_norm, "h += rmsnorm(x) * w, in place");
-  m.def("native_linear", &native_linear, "y = rmsnorm(x) W^T + b over weights in GGUF / bf16 / fp16 blocks, per part");
+  m.def("native_linear", &native_linear, "y = rmsnorm(x) W^T + b over weights in GGUF / bf16 / fp16 blocks, per part; act8: int8 activations");
   m.def("dequantize_rows", &dequantize_rows, "rows of a block tensor as fp32 (bit-identical to gguf-py)");
   m.def("native_type_supported", &native_type_supported, "whether a ggml type has a kernel");
 }

@@ -47,12 +47,36 @@ inline void nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {
   hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
 }
 
+// ---- integer view for the activation-quantized kernels (native_a8.h) -----------------------------
+// `B::ints(row, c, a0, a1, b)`: the c-th run of 32 weights as 32 int8 q with w = a * q + b, where a is a0
+// for values 0..15 and a1 for 16..31 (they differ only for Q6_K's 16-value sub-blocks). SIGNED says
+// whether q may be negative (unsigned q feed `maddubs` directly; signed ones need the sign trick).
+inline __m256i nibbles32(const uint8_t* p) {  // 16 bytes of nibbles -> 32 bytes q[0..31]
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low4 = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+}
+
+inline __m256i bits32(uint32_t bits) {  // byte j = 0xFF where bit j of `bits` is set
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                                0x0303030303030303LL));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);  // byte j tests bit j % 8
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
 struct Q8_0B {
   static constexpr int64_t QK = 32, BYTES = 34;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
     const __m256 d = _mm256_set1_ps(f16(b));
     for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(i8x8(b + 2 + 8 * j), d);
+  }
+  static constexpr bool INTS = true, SIGNED = true;
+  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
+    const uint8_t* b = row + c * BYTES;
+    a0 = a1 = f16(b);
+    off = 0.f;
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
   }
 };
 
@@ -69,6 +93,13 @@ struct Q4_0B {
     const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[j])));
   }
+  static constexpr bool INTS = true, SIGNED = true;
+  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
+    const uint8_t* b = row + c * BYTES;
+    a0 = a1 = f16(b);
+    off = 0.f;
+    return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
+  }
 };
 
 struct Q4_1B {
@@ -80,6 +111,13 @@ struct Q4_1B {
     nibbles(b + 4, lo, hi);
     const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     for (int j = 0; j < 4; ++j) w[j] = _mm256_add_ps(_mm256_mul_ps(d, u8x8(q[j])), m);
+  }
+  static constexpr bool INTS = true, SIGNED = false;
+  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
+    const uint8_t* b = row + c * BYTES;
+    a0 = a1 = f16(b);
+    off = f16(b + 2);
+    return nibbles32(b + 4);
   }
 };
 
@@ -101,6 +139,16 @@ struct Q5_0B {
       w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(v));
     }
   }
+  static constexpr bool INTS = true, SIGNED = true;
+  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
+    const uint8_t* b = row + c * BYTES;
+    a0 = a1 = f16(b);
+    off = 0.f;
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const __m256i high = _mm256_and_si256(bits32(qh), _mm256_set1_epi8(16));
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), high), _mm256_set1_epi8(16));
+  }
 };
 
 struct Q4_KB {
@@ -121,6 +169,18 @@ struct Q4_KB {
       w[2 * h] = _mm256_sub_ps(_mm256_mul_ps(ds, u8x8(v)), dm);
       w[2 * h + 1] = _mm256_sub_ps(_mm256_mul_ps(ds, u8x8(_mm_srli_si128(v, 8))), dm);
     }
+  }
+  static constexpr bool INTS = true, SIGNED = false;
+  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
+    const uint8_t* b = row + (c / 8) * BYTES;
+    const int j = static_cast<int>(c % 8);
+    const uint8_t* s = b + 4;
+    const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
+    const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+    a0 = a1 = f16(b) * static_cast<float>(sc);
+    off = -(f16(b + 2) * static_cast<float>(mn));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + (j / 2) * 32));
+    return _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
   }
 };
 
@@ -145,9 +205,26 @@ struct Q6_KB {
       w[2 * h + 1] = _mm256_mul_ps(ds, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
     }
   }
+  static constexpr bool INTS = true, SIGNED = true;
+  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
+    const uint8_t* b = row + (c / 8) * BYTES;
+    const int j = static_cast<int>(c % 8), half = j / 4, t = j % 4;
+    const float d = f16(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    a0 = d * static_cast<float>(scales[2 * j]);
+    a1 = d * static_cast<float>(scales[2 * j + 1]);
+    off = 0.f;
+    __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + half * 64 + (t % 2) * 32));
+    l = _mm256_and_si256(t / 2 ? _mm256_srli_epi16(l, 4) : l, _mm256_set1_epi8(0x0F));
+    __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + half * 32));
+    u = _mm256_and_si256(_mm256_srl_epi16(u, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(l, _mm256_slli_epi16(u, 4)), _mm256_set1_epi8(32));
+  }
 };
 
 struct F32B {
+  static constexpr bool INTS = false, SIGNED = true;
+  static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 128;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const float* p = reinterpret_cast<const float*>(row + c * BYTES);
@@ -156,6 +233,8 @@ struct F32B {
 };
 
 struct F16B {
+  static constexpr bool INTS = false, SIGNED = true;
+  static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* p = row + c * BYTES;
@@ -164,6 +243,8 @@ struct F16B {
 };
 
 struct BF16B {
+  static constexpr bool INTS = false, SIGNED = true;
+  static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* p = row + c * BYTES;

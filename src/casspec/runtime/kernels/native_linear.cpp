@@ -5,9 +5,10 @@
 // 4-9x slower than fp32 on AVX2; llama.cpp quantizes the activations to 8 bits, a different function).
 //
 // A tile is 4 weight rows, each row a pointer into its tensor's blocks (the GGUF file, memory-mapped).
-// Up to 3 input rows, the tile's weights are decoded in registers, 32 at a time; beyond, the tile is
-// decoded once into an L1 scratch in the fp32 kernel's tiled layout and the fp32 tile kernel runs over
-// it. Both paths accumulate every output in the fp32 kernel's order on bit-identical weights, so a
+// Up to 3 input rows, the tile's 4 rows are decoded in registers, 32 at a time, interleaved (4 M
+// independent FMA chains); 4 to 8 input rows, each weight row is decoded once and meets every input
+// row in registers; beyond, the tile is decoded once into an L1 scratch in the fp32 kernel's tiled layout and
+// the fp32 tile kernel runs over it. Both paths accumulate every output in the fp32 kernel's order on bit-identical weights, so a
 // native linear equals the fp32 linear on the dequantized model, whatever the number of rows.
 // Fused projections: q|k|v run part by part (each part may be another type) into column ranges of one
 // output; gate|up with one type run as GLU tiles (gate 2t, 2t+1, up 2t, 2t+1), otherwise through a
@@ -16,15 +17,12 @@
 
 #include "common.h"
 #include "gguf_blocks.h"
+#include "native_a8.h"
 
 namespace {
 
-struct Rows {  // the 4 row pointers of one tile
-  const uint8_t* r[NB];
-};
-
 template <class B>
-struct RegDot {  // decode in registers: for 1..3 input rows
+struct RegDot {  // decode in registers, 4 weight rows interleaved: for 1..3 input rows (4 M FMA chains)
   const LinearArgs& a;
   Rows w;
   template <int MB>
@@ -53,6 +51,52 @@ struct RegDot {  // decode in registers: for 1..3 input rows
   }
 };
 
+// Decode in registers, one weight row at a time, for up to MAX_REG_ROWS input rows: each weight is
+// decoded once and meets every input row while in registers (M accumulators and 4 decoded vectors fit
+// the 16 AVX2 registers).
+constexpr int64_t MAX_REG_ROWS = 8;
+
+template <class B, int M>
+void row_dots(const float* x, int64_t K, const uint8_t* row, __m256 (&acc)[M]) {
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K / 32; ++c) {
+    __m256 wv[4];
+    B::decode(row, c, wv);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + m * K + c * 32 + j * KS), acc[m]);
+  }
+}
+
+// One tile for all M <= 8 input rows, then the epilogue in blocks of up to 3 rows.
+template <class B, int M>
+void tile_in_registers(const LinearArgs& a, int64_t t, const Rows& w) {
+  __m256 acc[NB][M];
+  for (int r = 0; r < NB; ++r) row_dots<B, M>(a.x, a.K, w.r[r], acc[r]);
+  for (int m0 = 0; m0 < M; m0 += 3) {
+    const int mb = std::min<int>(3, M - m0);
+    float v[NB][3];
+    for (int m = 0; m < mb; ++m) {
+      alignas(16) float s[NB];
+      _mm_store_ps(s, hsum4(acc[0][m0 + m], acc[1][m0 + m], acc[2][m0 + m], acc[3][m0 + m]));
+      for (int r = 0; r < NB; ++r) v[r][m] = s[r];
+    }
+    epilogue(a, t, m0, mb, v);
+  }
+}
+
+template <class B>
+void tile_small_m(const LinearArgs& a, int64_t t, const Rows& w) {
+  switch (a.M) {
+    case 4: tile_in_registers<B, 4>(a, t, w); break;
+    case 5: tile_in_registers<B, 5>(a, t, w); break;
+    case 6: tile_in_registers<B, 6>(a, t, w); break;
+    case 7: tile_in_registers<B, 7>(a, t, w); break;
+    default: tile_in_registers<B, 8>(a, t, w); break;
+  }
+}
+
 // The tile's 4 rows decoded into [K/8][4][8] fp32, the layout the fp32 tile kernel reads.
 template <class B>
 void decode_tile(const Rows& w, int64_t K, float* out) {
@@ -64,28 +108,19 @@ void decode_tile(const Rows& w, int64_t K, float* out) {
     }
 }
 
-// Row pointers of tile t: rows 4t.. of one tensor, or (GLU) gate rows 2t, 2t+1 and up rows 2t, 2t+1.
-// Rows past the end repeat the last one; the epilogue drops their outputs.
-Rows tile_rows_of(const uint8_t* w, const uint8_t* up, int64_t rows, int64_t row_bytes, int64_t t) {
-  Rows out;
-  for (int r = 0; r < NB; ++r) {
-    const bool gate_part = up == nullptr || r < 2;
-    const int64_t n = std::min(rows - 1, up ? 2 * t + r % 2 : NB * t + r);
-    out.r[r] = (gate_part ? w : up) + n * row_bytes;
-  }
-  return out;
-}
-
 template <class B>
 void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
   const int64_t row_bytes = a.K / B::QK * B::BYTES;
   const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(a.M > 3 ? NB * a.K : 0);
+    std::vector<float> scratch(a.M > MAX_REG_ROWS ? NB * a.K : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const Rows r = tile_rows_of(w, up, rows, row_bytes, t);
+      if (t + 1 < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, t + 1), row_bytes);
       if (a.M <= 3) {
         tile_rows(a, t, RegDot<B>{a, r});
+      } else if (a.M <= MAX_REG_ROWS) {
+        tile_small_m<B>(a, t, r);
       } else {
         decode_tile<B>(r, a.K, scratch.data());
         tile_rows(a, t, DenseDot<F32>{a, scratch.data()});
@@ -94,13 +129,16 @@ void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int6
   });
 }
 
-void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint8_t* up) {
+// One part (or a gate|up pair) over every tile; `xq` set: activations quantized (native_a8.h) where the
+// format has an integer view.
+void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint8_t* up, const QuantRows* xq) {
   const bool ok = gguf::dispatch(type, [&](auto b) {
     using B = decltype(b);
     TORCH_CHECK(a.K % B::QK == 0, "K = ", a.K, " is not a multiple of the block size ", B::QK, " of type ", type);
     TORCH_CHECK(w.size(1) == a.K / B::QK * B::BYTES, "weight rows hold ", w.size(1), " bytes, expected ",
                 a.K / B::QK * B::BYTES, " for K = ", a.K);
-    native_tiles<B>(a, w.data_ptr<uint8_t>(), up, w.size(0));
+    if (B::INTS && xq) a8_tiles<B>(a, *xq, w.data_ptr<uint8_t>(), up, w.size(0));
+    else native_tiles<B>(a, w.data_ptr<uint8_t>(), up, w.size(0));
   });
   TORCH_CHECK(ok, "no kernel for ggml type ", type);
 }
@@ -121,7 +159,7 @@ bool native_type_supported(int64_t type) {
 
 at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& parts, const std::vector<int64_t>& types,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_w, double eps,
-                         int64_t mode, const std::optional<at::Tensor>& out) {
+                         int64_t mode, const std::optional<at::Tensor>& out, bool act8) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous [M, K] fp32");
   TORCH_CHECK(!parts.empty() && parts.size() == types.size(), "one type per part");
   int64_t n = 0;
@@ -136,6 +174,9 @@ at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& par
     rms_rows(x.data_ptr<float>(), M, K, norm_w->data_ptr<float>(), eps, xin.data_ptr<float>());
   }
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  TORCH_CHECK(!act8 || K % 32 == 0, "activation quantization needs K a multiple of 32");
+  const QuantRows xq = act8 ? quantize_rows(xin.data_ptr<float>(), M, K) : QuantRows{};
+  const QuantRows* xqp = act8 ? &xq : nullptr;
   const bool glu = mode == GLU_SILU || mode == GLU_GELU_TANH;
   if (glu) {
     TORCH_CHECK(parts.size() == 2 && parts[0].size(0) == parts[1].size(0), "GLU needs gate and up of equal rows");
@@ -143,10 +184,10 @@ at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& par
     at::Tensor y = at::empty({M, F}, x.options());
     if (types[0] == types[1] && F % 2 == 0) {
       LinearArgs a{xin.data_ptr<float>(), M, K, 2 * F, nullptr, b, y.data_ptr<float>(), F, mode, F};
-      run_part(a, types[0], parts[0], parts[1].data_ptr<uint8_t>());
+      run_part(a, types[0], parts[0], parts[1].data_ptr<uint8_t>(), xqp);
       return y;
     }
-    at::Tensor gu = native_linear(xin, parts, types, bias, std::nullopt, eps, STORE, std::nullopt);
+    at::Tensor gu = native_linear(xin, parts, types, bias, std::nullopt, eps, STORE, std::nullopt, act8);
     gate(y.data_ptr<float>(), gu.data_ptr<float>(), M, F, mode);
     return y;
   }
@@ -162,7 +203,7 @@ at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& par
     const int64_t rows = parts[i].size(0);
     LinearArgs a{xin.data_ptr<float>(), M, K, rows, nullptr, b ? b + col : nullptr, y.data_ptr<float>() + col, n,
                  mode, 0};
-    run_part(a, types[i], parts[i], nullptr);
+    run_part(a, types[i], parts[i], nullptr, xqp);
     col += rows;
   }
   return y;

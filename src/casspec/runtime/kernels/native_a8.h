@@ -1,0 +1,96 @@
+// The activation-quantized linear: the paper's DSIA "activation quantization" draft over the target's
+// own blocks. Each input row is quantized per 32 values to int8 (scale d = max|x| / 127), and each
+// block's dot product runs on integers (maddubs + madd: 32 multiply-adds in two instructions), scaled
+// once per block: sum_i (a q_i + b) (d x_i) = a d (q . xq) + b d sum(xq). This is how llama.cpp computes
+// its whole model; here it is a draft, a different function from the target (fp32 activations), so
+// every token it proposes is still verified by the target. About 3x fewer instructions per weight than
+// decoding blocks to fp32, which is what a CPU step is bound by once the weights are 4-6 bits.
+#pragma once
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "gguf_blocks.h"
+
+namespace {
+
+struct QuantRows {  // input rows as int8 per 32 values
+  std::vector<int8_t> q;  // [M, K]
+  std::vector<float> d;   // [M, K / 32] scale
+  std::vector<float> s;   // [M, K / 32] d * sum(q)
+};
+
+inline QuantRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t blocks = K / 32;
+  QuantRows out{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
+  for (int64_t i = 0; i < M * blocks; ++i) {
+    const float* xb = x + i * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int q = static_cast<int>(std::nearbyint(xb[j] * id));
+      out.q[i * 32 + j] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    out.d[i] = d;
+    out.s[i] = d * static_cast<float>(sum);
+  }
+  return out;
+}
+
+template <class B>
+struct A8Dot {
+  const LinearArgs& a;
+  const QuantRows& x;
+  Rows w;
+  template <int MB>
+  void run(int64_t m0, float (&v)[NB][3]) const {
+    const int64_t blocks = a.K / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NB][MB];
+    float off[NB][MB] = {};
+    for (int r = 0; r < NB; ++r)
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < blocks; ++c) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r) {
+        float a0, a1, b;
+        const __m256i q = B::ints(w.r[r], c, a0, a1, b);
+        const __m256i uq = B::SIGNED ? _mm256_sign_epi8(q, q) : q;
+#pragma GCC unroll 3
+        for (int m = 0; m < MB; ++m) {
+          const int64_t i = (m0 + m) * blocks + c;
+          __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + i * 32));
+          if (B::SIGNED) xq = _mm256_sign_epi8(xq, q);
+          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, xq), ones);  // [8] int32, 4 values each
+          const float dx = x.d[i];
+          const __m256 scale = a0 == a1 ? _mm256_set1_ps(a0 * dx)
+                                        : _mm256_set_m128(_mm_set1_ps(a1 * dx), _mm_set1_ps(a0 * dx));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r][m]);
+          off[r][m] += b * x.s[i];
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      alignas(16) float s[NB];
+      _mm_store_ps(s, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+      for (int r = 0; r < NB; ++r) v[r][m] = s[r] + off[r][m];
+    }
+  }
+};
+
+template <class B>
+void a8_tiles(const LinearArgs& a, const QuantRows& x, const uint8_t* w, const uint8_t* up, int64_t rows) {
+  const int64_t row_bytes = a.K / B::QK * B::BYTES;
+  const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + 1 < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, t + 1), row_bytes);
+      tile_rows(a, t, A8Dot<B>{a, x, tile_rows_of(w, up, rows, row_bytes, t)});
+    }
+  });
+}
+
+}  // namespace

@@ -1,0 +1,145 @@
+"""The sampler: filters equal the sort-based definition, coupled samples follow the filtered softmax,
+and the coupled noise depends only on (seed, position, token)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from casspec.config import SamplingConfig
+from casspec.errors import InvalidRequestError
+from casspec.verify.coupling import coupled_tokens
+from casspec.verify.sampling import K_PREFIX, logits_to_probs, rank
+
+
+def _reference_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Textbook filters in float64 with a full sort: temperature, top-k, top-p, min-p."""
+    z = logits.double() / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(z, min(cfg.top_k, z.shape[-1]), -1).values[..., -1:]
+        z = z.masked_fill(z < kth, -math.inf)
+    p = torch.softmax(z, -1)
+    if cfg.top_p < 1:
+        sp, order = torch.sort(p, -1, descending=True)
+        sp = sp.masked_fill(sp.cumsum(-1) - sp >= cfg.top_p, 0.0)
+        p = torch.zeros_like(p).scatter_(-1, order, sp)
+    if cfg.min_p:
+        p = p.masked_fill(p < cfg.min_p * p.max(-1, keepdim=True).values, 0.0)
+    return p / p.sum(-1, keepdim=True)
+
+
+def _logits(v: int, scale: float, rows: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, v, generator=g) * scale
+
+
+CONFIGS = [
+    SamplingConfig(temperature=0.7),
+    SamplingConfig(temperature=1.0, top_p=0.9),
+    SamplingConfig(temperature=1.5, top_k=40),
+    SamplingConfig(temperature=0.5, top_k=100, top_p=0.8),
+    SamplingConfig(temperature=1.0, min_p=0.05),
+    SamplingConfig(temperature=2.0, top_p=0.95, min_p=0.01),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [SamplingConfig(temperature=3.0, top_p=0.99)])
+@pytest.mark.parametrize("v,scale", [(50, 2.0), (300, 3.0), (5000, 1.0), (20000, 2.0)])
+def test_filters_equal_the_sort_based_definition(cfg, v, scale):
+    """Partial selection (topk prefix, widened for a big nucleus) keeps exactly the textbook survivors."""
+    logits = _logits(v, scale, rows=4)
+    got = logits_to_probs(logits, cfg).double()
+    want = _reference_probs(logits, cfg)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("v,k", [(70000, 64), (20000, 64), (20032, 300), (49152, 1024)])
+def test_block_ranking_equals_topk(v, k):
+    """Integer logits (many ties): the block-max prefilter finds the same top values as a full topk."""
+    x = torch.randint(-50, 50, (3, v), generator=torch.Generator().manual_seed(v)).float()
+    vals, cols = rank(x, k)
+    assert torch.equal(vals, torch.topk(x, k).values)
+    assert torch.equal(x.gather(1, cols), vals) and all(len(set(r)) == k for r in cols.tolist())
+
+
+def _coupled_counts(logits: torch.Tensor, cfg: SamplingConfig, n: int, seed: int = 1) -> torch.Tensor:
+    """Counts of n coupled samples of one row: positions 0..n-1 under one seed are independent draws."""
+    counts = torch.zeros(logits.shape[-1], dtype=torch.float64)
+    for start in range(0, n, 4000):
+        m = min(4000, n - start)
+        tokens = coupled_tokens(logits.expand(m, -1), SamplingConfig(**{**cfg.__dict__, "seed": seed}),
+                                list(range(start, start + m)))
+        counts += torch.bincount(torch.tensor(tokens), minlength=len(counts)).double()
+    return counts
+
+
+def _chi_square(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic over bins of expected count >= 5 (the small ones pooled) and its degrees of freedom."""
+    n = float(counts.sum())
+    big = p * n >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([p[big] * n, (p[~big].sum() * n)[None]])
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    return stat, int(keep.sum()) - 1
+
+
+def _passes(stat: float, df: int) -> bool:
+    return stat < df + 6 * math.sqrt(2 * df)  # far tail of chi-square(df): a wrong sampler lands way above
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_coupled_samples_follow_the_filtered_softmax(cfg):
+    logits = _logits(300, 1.0)
+    want = _reference_probs(logits, cfg)[0]
+    counts = _coupled_counts(logits, cfg, 40000)
+    assert counts[want == 0].sum() == 0  # never a filtered-out token
+    stat, df = _chi_square(counts, want)
+    assert df >= 5 and _passes(stat, df), (stat, df)
+    hotter = _reference_probs(logits, SamplingConfig(**{**cfg.__dict__, "temperature": cfg.temperature * 1.15}))[0]
+    assert not _passes(*_chi_square(counts, hotter))  # the test can tell a wrong temperature
+
+
+def test_coupled_samples_past_the_ranked_prefix_are_exact():
+    """A flat row at high temperature: most samples come from the aggregate of tokens past the ranked prefix."""
+    cfg = SamplingConfig(temperature=2.0)
+    logits = _logits(5000, 1.0)
+    want = _reference_probs(logits, cfg)[0]
+    assert float(torch.topk(want, K_PREFIX).values.sum()) < 0.2
+    counts = _coupled_counts(logits, cfg, 30000)
+    order = torch.argsort(want, descending=True)  # bins: ranked tokens one by one, then 40 groups by rank
+    groups = [order[:K_PREFIX]] + list(torch.tensor_split(order[K_PREFIX:], 40))
+    got = torch.cat([counts[order[:K_PREFIX]]] + [counts[g].sum()[None] for g in groups[1:]])
+    p = torch.cat([want[order[:K_PREFIX]]] + [want[g].sum()[None] for g in groups[1:]])
+    assert _passes(*_chi_square(got, p)), _chi_square(got, p)
+
+
+def test_coupled_token_depends_only_on_seed_position_and_logits():
+    """The batch, the row order and the other rows change nothing; seeds and positions do."""
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, seed=11)
+    logits = _logits(300, 2.0, rows=6, seed=3)
+    positions = [5, 9, 9, 40, 41, 7]
+    together = coupled_tokens(logits, cfg, positions)
+    alone = [coupled_tokens(logits[i:i + 1], cfg, [t])[0] for i, t in enumerate(positions)]
+    flipped = coupled_tokens(logits.flip(0), cfg, positions[::-1])[::-1]
+    assert together == alone == flipped
+    assert len({coupled_tokens(logits[:1], SamplingConfig(temperature=1.0, seed=s), [5])[0] for s in range(20)}) > 3
+
+
+def test_pruned_vocabulary_shares_the_noise_of_its_tokens():
+    """A draft over a subset of columns holding every survivor draws the same token as the full row."""
+    cfg = SamplingConfig(temperature=0.8, top_k=10, seed=4)
+    logits = _logits(300, 2.0, rows=20, seed=5)
+    for row, t in zip(logits, range(20)):
+        keep = torch.cat([torch.topk(row, 10).indices, torch.randperm(300)[:30]]).unique()
+        ids = keep[torch.randperm(len(keep))]
+        assert coupled_tokens(row[ids][None], cfg, [t], token_ids=ids) == coupled_tokens(row[None], cfg, [t])
+
+
+@pytest.mark.parametrize("kw", [dict(min_p=-0.1), dict(min_p=1.5), dict(min_p=float("nan")), dict(rule="nope"),
+                                dict(top_p=0.0), dict(temperature=-1.0), dict(seed=1.5)])
+def test_bad_sampling_settings_are_refused(kw):
+    with pytest.raises(InvalidRequestError):
+        SamplingConfig(**{"temperature": 1.0, **kw})
