@@ -21,9 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from casspec.errors import ContextOverflowError, InvalidRequestError
+from casspec.errors import InvalidRequestError
 
-from .peers import Outcome, eos_ids
+from .peers import Outcome, clipped_budget, eos_ids
 
 LLAMACPP_PEERS: tuple[str, ...] = ("llama.cpp", "llama.cpp-pld")
 PLD_NUM_PRED_TOKENS = 10  # llama-cpp-python prompt lookup: tokens drafted per match
@@ -128,11 +128,7 @@ class LlamaCppPeers:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None) -> Outcome:
         """One timed llama.cpp generation from a fresh KV state; the budget is clipped like the engine's."""
-        room = int(self.engine.context_length) - len(prompt_ids)
-        max_new = min(max_new_tokens, room)
-        if max_new <= 0:
-            raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens leaves no room in context "
-                                       f"{self.engine.context_length}")
+        max_new = clipped_budget(self.engine, prompt_ids, max_new_tokens)
         llm = self.llm(name, len(prompt_ids) + max_new)
         if max(prompt_ids) >= llm.n_vocab():
             raise InvalidRequestError(f"prompt token id {max(prompt_ids)} is outside the GGUF's "

@@ -69,6 +69,15 @@ def eos_ids(engine: Any) -> set[int]:
     return ids
 
 
+def clipped_budget(engine: Any, prompt_ids: list[int], max_new_tokens: int) -> int:
+    """New tokens a peer may generate: the budget clipped to the context, as the engine clips it."""
+    max_new = min(max_new_tokens, int(engine.context_length) - len(prompt_ids))
+    if max_new <= 0:
+        raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens leaves no room in context "
+                                   f"{engine.context_length}")
+    return max_new
+
+
 class HFPeers:
     """Runs the HF peers for one engine; the int8 assistant is built once, on first use (untimed)."""
 
@@ -109,11 +118,7 @@ class HFPeers:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None) -> Outcome:
         """One timed HF generation. The budget is clipped to the context like the engine clips it."""
-        room = int(self.engine.context_length) - len(prompt_ids)
-        max_new = min(max_new_tokens, room)
-        if max_new <= 0:
-            raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens leaves no room in context "
-                             f"{self.engine.context_length}")
+        max_new = clipped_budget(self.engine, prompt_ids, max_new_tokens)
         kw = self._kwargs(name, max_new, temperature, top_p, top_k)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         attention_mask = torch.ones_like(input_ids)

@@ -31,7 +31,8 @@ from casspec.scheduler.latency import LatencyModel
 # reads more than it does, so its draft is the same blocks with int8 activations ("a8").
 DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld"), "native": ("a8", "pld")}
 FLOAT_BLOCKS = {0, 1, 30}  # F32, F16, BF16: no integer view, so no activation-quantized draft
-LARGE_VOCAB = 131072  # from here on the CPU default drafts with a pruned head ("int8v"): the head dominates
+LARGE_VOCAB = 131072
+MAX_DRAFT_COST = 0.6  # a self-draft level slower than this fraction of a target step is left out of DyTC  # from here on the CPU default drafts with a pruned head ("int8v"): the head dominates
 DRAFTERS = ("a8", "a8v", "vocab", "int8", "int8v", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
 # Starting acceptance estimates (the EMA takes over after one window of verified tokens). A level is only
 # tried while its estimate says it pays, so a pessimistic prior would never be corrected: these are the
@@ -146,8 +147,20 @@ class DrafterPool:
             self.runner.build_log.append((what, time.perf_counter() - t0))
         return self._latency
 
+    def paying(self, ctx: int = 256) -> tuple[str, ...]:
+        """The hierarchy without self-draft levels whose measured cost at one query token is over
+        MAX_DRAFT_COST of a target step: such a level cannot pay for itself (on SmolLM2's native target,
+        a8 costs 0.8 of a step), and DyTC's per-step estimates are too noisy to rule it out alone."""
+        lat = self.latency()
+        if not lat.knows("full"):
+            return self.hierarchy
+        full = lat.predict("full", 1, ctx)
+        keep = tuple(d for d in self.hierarchy
+                     if d == "pld" or not lat.knows(d) or lat.predict(d, 1, ctx) <= MAX_DRAFT_COST * full)
+        return keep or self.hierarchy
+
     def dytc(self, levels: tuple[str, ...] | None = None, **switches: bool) -> DyTC:
-        names = levels or self.hierarchy
+        names = levels or self.paying()
         lv = [Level(self.get(d), AcceptanceEstimator(prior=PRIORS[d]), self.searches.get(d)) for d in names]
         return DyTC(lv, self.latency(), replace(DyTCConfig(), **switches))
 
