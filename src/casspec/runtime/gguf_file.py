@@ -46,10 +46,11 @@ class NativeTensor:
         return NativeTensor(self.blocks[index].contiguous(), self.qtype, (int(index.numel()), self.shape[1]))
 
     def dequantize(self, ids: torch.Tensor | None = None) -> torch.Tensor:  # [len(ids) or N, K] fp32
-        """fp32 values, bit-identical to gguf-py's (and so HF transformers') dequantization."""
+        """fp32 values, bit-identical to gguf-py's (and so HF transformers') dequantization: the kernels where
+        they read this format, else gguf-py itself."""
         from casspec.runtime import kernels
 
-        if kernels.available() and self.shape[1] % 32 == 0:
+        if self.qtype in NATIVE_TYPES and self.shape[1] % 32 == 0 and kernels.available():
             return kernels.module().dequantize_rows(self.blocks, self.qtype, self.shape[1], ids)
         rows = self.blocks if ids is None else self.blocks[ids]
         flat = gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType(self.qtype))
@@ -91,14 +92,9 @@ def _tensor(raw: np.memmap, start: int, dims: list[int], qtype: int) -> NativeTe
         blocks = torch.from_numpy(raw[start:start + nbytes].reshape(n, k // block * size))
     t = NativeTensor(blocks, qtype, (n, k))
     if len(shape) == 1 or qtype not in NATIVE_TYPES:
-        values = t.dequantize() if qtype in NATIVE_TYPES else _dequantize_numpy(t)
+        values = t.dequantize()
         return values.reshape(shape).clone() if len(shape) == 1 else NativeTensor(_f32_blocks(values), 0, (n, k))
     return t
-
-
-def _dequantize_numpy(t: NativeTensor) -> torch.Tensor:
-    flat = gguf.quants.dequantize(t.blocks.numpy(), gguf.GGMLQuantizationType(t.qtype))
-    return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32).reshape(t.shape))
 
 
 def _f32_blocks(values: torch.Tensor) -> torch.Tensor:

@@ -65,14 +65,14 @@ class DraftVocab:
                 self._heads = {k: v for k, v in self._heads.items() if k[1] == 0}
             bias = None if self.full.bias is None else [self.full.bias[rows]]
             native = self.full.native[0] if self.full.native is not None else None
-            if native is not None and kind in ("fp32", "a8"):  # the target's own blocks, only these rows
-                proj = make_proj([native.rows(rows)], bias, tile=True)
-                self._heads[(kind, key)] = replace(proj, act8=kind == "a8")
-                return self._heads[(kind, key)]
-            # [n, d]; per-row quantization is row-local
-            weight = native.dequantize(rows) if native is not None else self.full.weights()[0].index_select(0, rows)
+            copy = kind in ("int8", "int4")  # a quantized copy; else the target's own weights, only these rows
+            if native is None:
+                weight = self.full.weights()[0].index_select(0, rows)  # [n, d]; per-row quantization is row-local
+            else:
+                weight = native.dequantize(rows) if copy else native.rows(rows)
             proj = make_proj([weight], bias, tile=self.full.tiled is not None or native is not None)
-            self._heads[(kind, key)] = quantize(proj, kind) if kind not in ("fp32", "a8") else proj
+            proj = quantize(proj, kind) if copy else replace(proj, act8=kind == "a8" and proj.native is not None)
+            self._heads[(kind, key)] = proj
         return self._heads[(kind, key)]
 
 
