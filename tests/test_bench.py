@@ -240,6 +240,39 @@ def test_strict_exit_code_flags_divergence(bench_out: Path) -> None:
     assert bench_cli._failed(summary)
 
 
+def test_strict_fails_a_sampled_race_whose_seeded_output_differs_from_ar(engine: Any, prompts_file: Path,
+                                                                        tmp_path: Path) -> None:
+    """Under the coupled rule every engine method must sample ar's tokens for the seed: --strict fails
+    on a method that does not, and passes a race (with --min-p) where all do."""
+    common = ["bench", "--models", "tiny", "--no-peers", "--limit", "1", "--max-new-tokens", "8",
+              "--prompts", str(prompts_file), "--no-progress", "--temperature", "0.8", "--seed", "5", "--strict"]
+    bad = _args(common + ["--methods", "ar,broken", "--out", str(tmp_path / "bad")])
+    assert bench_cli.bench_command(bad, engines={"tiny": BrokenEngine(engine)}) == 1
+    summary = json.loads((tmp_path / "bad" / "summary.json").read_text())["models"]["tiny-llama"]
+    assert {r["method"] for r in summary["seeded_differs"]} == {"broken"}
+    good = _args(common + ["--methods", "ar,pld,casspec", "--min-p", "0.05", "--out", str(tmp_path / "good")])
+    assert bench_cli.bench_command(good, engines={"tiny": engine}) == 0
+    rows = [json.loads(line) for line in (tmp_path / "good" / "results.jsonl").read_text().splitlines()]
+    assert rows and all(r["same_as_ar"] is True for r in rows)
+    want = engine.generate(build_prompt(load_questions(prompts_file, "summarization", 1)[0], 0, [], True), "ar",
+                           max_new_tokens=8, temperature=0.8, min_p=0.05, seed=5 + 241 * 10, chat=True).token_ids
+    assert any(r["token_ids"] == want for r in rows if r["question_id"] == 241)  # min_p reached the engine
+    assert "min_p" in json.loads((tmp_path / "good" / "summary.json").read_text())["meta"]
+    rejection = _args(common + ["--methods", "ar,broken", "--sampling-rule", "rejection",
+                                "--out", str(tmp_path / "rej")])
+    assert bench_cli.bench_command(rejection, engines={"tiny": BrokenEngine(engine)}) == 0  # no such promise
+
+
+def test_min_p_races_without_the_peers(engine: Any) -> None:
+    from casspec.bench.runner import Race
+
+    race = Race(engine, BenchConfig(methods=["ar", "hf", "casspec"], temperature=0.7, min_p=0.1))
+    assert race.methods == ["ar", "casspec"] and race.peers is None and "min_p" in race.skipped[0]
+    assert Race(engine, BenchConfig(methods=["ar", "hf"], min_p=0.1)).methods == ["ar", "hf"]  # greedy: no filter
+    with pytest.raises(ValueError, match="min_p"):
+        BenchConfig(min_p=2.0).validate()
+
+
 # c) HF peers ---------------------------------------------------------------------------------
 
 def test_hf_peers_match_ar_on_the_tiny_model(engine: Any, prompts_file: Path) -> None:

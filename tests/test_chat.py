@@ -94,3 +94,26 @@ def test_chat_main_rejects_bad_options(capsys):
     assert main(["--tiny-engine", "llama", "--method", "nope"]) == 2
     assert main(["--tiny-engine", "llama", "--max-new-tokens", "0"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_sampling_flags_reach_the_generation(engine):
+    """--top-k / --min-p / --sampling-rule: a seeded turn samples what `generate` samples with them."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["chat", "--temperature", "0.9", "--top-k", "20", "--min-p", "0.05", "--seed", "3",
+                              "--sampling-rule", "rejection", "--max-new-tokens", "8"])
+    assert (args.top_k, args.min_p, args.sampling_rule) == (20, 0.05, "rejection")
+    kw = dict(temperature=0.9, top_p=1.0, top_k=20, min_p=0.05, seed=3)
+    s = ChatSession(engine, "ar", 8, kw["temperature"], kw["top_p"], kw["seed"], top_k=20, min_p=0.05,
+                    sampling_rule="rejection")
+    got = s.turn("Hello", lambda t: None)
+    want = engine.generate([{"role": "user", "content": "Hello"}], "ar", max_new_tokens=8, sampling_rule="rejection",
+                           **kw)
+    assert got.token_ids == want.token_ids
+
+
+def test_chat_main_rejects_bad_sampling_settings(capsys):
+    from casspec.chat import main
+
+    assert main(["--tiny-engine", "llama", "--temperature", "0.7", "--min-p", "1.5"]) == 2
+    assert "min_p" in capsys.readouterr().err

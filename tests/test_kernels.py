@@ -136,3 +136,104 @@ def test_add_rms_norm_matches_torch():
     KERNELS.add_rms_norm(a, x, w, 1e-6)
     b.add_(rms_norm(x, w, 1e-6))
     _close(a, b)
+
+
+# ---- bad inputs are a RuntimeError, never a read or write past a buffer ------------------------------
+def _rope_args(**bad):
+    heads, kv_heads, d, m = 4, 2, 16, 3
+    args = dict(qkv=torch.randn(m, (heads + 2 * kv_heads) * d), cos=torch.randn(m, d // 2), sin=torch.randn(m, d // 2),
+                k_cache=torch.zeros(kv_heads, 12, d), v_cache=torch.zeros(kv_heads, 12, d),
+                slots=torch.tensor([5, 2, 9]),
+                heads=heads, kv_heads=kv_heads, q_norm=None, k_norm=None, eps=1e-6)
+    args.update(bad)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("bad", [
+    dict(cos=torch.randn(3, 4), sin=torch.randn(3, 4)),  # a partial rotary table (D/4 wide)
+    dict(cos=torch.randn(1, 8)),  # fewer rows than tokens
+    dict(sin=torch.randn(3, 8, dtype=torch.float64)),
+    dict(cos=torch.randn(8, 3).T),  # not contiguous
+    dict(slots=torch.tensor([5, 2])),  # slots numel != M
+    dict(slots=torch.tensor([5, 2, 9], dtype=torch.int32)),
+    dict(slots=torch.tensor([5, 2, 12])),  # past the cache
+    dict(k_cache=torch.zeros(3, 12, 16), v_cache=torch.zeros(3, 12, 16)),  # cache heads != kv_heads
+    dict(v_cache=torch.zeros(2, 10, 16)),  # k and v caches differ
+    dict(k_cache=torch.zeros(2, 12, 16, dtype=torch.float64)),
+    dict(q_norm=torch.rand(8), k_norm=torch.rand(16)),  # per-head norm of the wrong size
+    dict(k_norm=torch.rand(16, dtype=torch.float64)),
+    dict(kv_heads=0),
+])
+def test_rope_kv_refuses_bad_inputs(bad):
+    with pytest.raises(RuntimeError):
+        KERNELS.ops.rope_kv(*_rope_args(**bad))
+
+
+def _attention_args(**bad):
+    m, heads, kv_heads, d = 2, 4, 2, 16
+    args = dict(q=torch.randn(m, heads, d), k_cache=torch.randn(kv_heads, 32, d), v_cache=torch.randn(kv_heads, 32, d),
+                lo=torch.zeros(m, dtype=torch.long), len=torch.full((m,), 8), allowed=None, scale=0.25)
+    args.update(bad)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("bad", [
+    dict(allowed=torch.ones(2, 8, dtype=torch.float32)),  # `allowed` must be bool
+    dict(allowed=torch.ones(2, 4, dtype=torch.bool)),  # narrower than the key range
+    dict(k_cache=torch.randn(0, 32, 16), v_cache=torch.randn(0, 32, 16)),  # no kv heads
+    dict(k_cache=torch.randn(2, 32, 32), v_cache=torch.randn(2, 32, 32)),  # head size != q's
+    dict(v_cache=torch.randn(2, 16, 16)),
+    dict(len=torch.full((2,), 40)),  # keys past the cache
+    dict(lo=torch.zeros(2, dtype=torch.int32)),
+    dict(q=torch.randn(2, 4, 16, dtype=torch.float64)),
+])
+def test_attention_refuses_bad_inputs(bad):
+    with pytest.raises(RuntimeError):
+        KERNELS.ops.attention(*_attention_args(**bad))
+
+
+def _linear_args(kind="int8", **bad):
+    p = make_proj([torch.randn(12, 64)], [torch.randn(12)], tile=True)
+    p = quantize(p, kind) if kind != "fp32" else p
+    args = dict(x=torch.randn(2, 64), w=p.tiled, scale=p.scale, mins=p.mins, group=p.group, bias=p.bias,
+                norm_w=torch.rand(64), eps=1e-6, n=p.n, mode=0, out=None)
+    args.update(bad)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("kind, bad", [
+    ("int8", dict(scale=torch.rand(5))),  # per-row scales of the wrong length
+    ("int8", dict(scale=torch.rand(12, dtype=torch.float64))),
+    ("int8", dict(scale=None)),
+    ("int4", dict(group=0)),
+    ("int4", dict(scale=torch.rand(3, 1, 4, dtype=torch.float32))),  # fp32 instead of fp16
+    ("int4", dict(mins=torch.rand(2, 1, 4).half())),
+    ("fp32", dict(bias=torch.randn(7))),
+    ("fp32", dict(bias=torch.randn(12, dtype=torch.float64))),
+    ("fp32", dict(norm_w=torch.rand(32))),
+    ("fp32", dict(norm_w=torch.rand(64).half())),
+    ("fp32", dict(w=torch.randn(12 * 64, dtype=torch.float64))),
+    ("fp32", dict(n=13)),  # weights do not match [n, K]
+    ("fp32", dict(mode=1, out=torch.zeros(2, 12, dtype=torch.float64))),
+    ("fp32", dict(mode=7)),
+    ("fp32", dict(x=torch.randn(2, 64, dtype=torch.float64))),
+])
+def test_linear_refuses_bad_inputs(kind, bad):
+    with pytest.raises(RuntimeError):
+        KERNELS.ops.linear(*_linear_args(kind, **bad))
+
+
+def test_add_rms_norm_refuses_bad_inputs():
+    h, x = torch.randn(3, 24), torch.randn(3, 24)
+    for w in (torch.rand(12), torch.rand(24, dtype=torch.float64)):
+        with pytest.raises(RuntimeError):
+            KERNELS.ops.add_rms_norm(h, x, w, 1e-6)
+    with pytest.raises(RuntimeError):
+        KERNELS.ops.add_rms_norm(h.double(), x.double(), torch.rand(24), 1e-6)
+
+
+def test_good_inputs_still_pass_the_checks():
+    KERNELS.ops.rope_kv(*_rope_args())
+    KERNELS.ops.attention(*_attention_args())
+    for kind in ("fp32", "int8", "int4"):
+        KERNELS.ops.linear(*_linear_args(kind))

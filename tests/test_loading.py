@@ -313,3 +313,21 @@ def test_gemma3_real(tmp_path: Path) -> None:
     second = time.perf_counter() - start
     print(f"\ngemma3-270m: first load {first:.1f} s, cached load {second:.2f} s")
     assert again.path == lm.path and second < 20
+
+
+def test_native_tokenizer_read_from_file_matches_the_family_class(tmp_path: Path) -> None:
+    """The GGUF path builds the tokenizer straight from its tokenizer.json (far less memory than the family
+    class); it must encode and decode exactly as transformers' AutoTokenizer does for the same file."""
+    from transformers import AutoTokenizer
+
+    gguf = loading._smollm2_gguf()
+    lm = loading.load_gguf_native(gguf, "smollm2", tmp_path)
+    ref = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    texts = ["Hello world, how are you?", "  two  spaces\n\nand\ttabs", "日本語 🤖 émoji", "def f(x):\n    return x**2",
+             "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        ids = lm.tokenizer(text).input_ids
+        assert ids == ref(text).input_ids
+        assert lm.tokenizer.decode(ids) == ref.decode(ids)
+    assert lm.tokenizer.chat_template == ref.chat_template and len(lm.tokenizer) == len(ref)
+    assert lm.tokenizer.all_special_ids == ref.all_special_ids

@@ -184,3 +184,64 @@ def test_clients_mode_unchanged_and_reports_new_fields(capsys):
     assert rep.server == {}  # the fake has no /metrics
     out = capsys.readouterr().out
     assert "load test: 4 clients" in out and "latency: p50" in out
+
+
+class DyingServer:
+    """Answers 200 with a Content-Length it never fills, or a chunked SSE stream cut off mid-chunk: the
+    server dying mid-response (http.client raises IncompleteRead, which is no OSError)."""
+
+    def __init__(self, stream: bool):
+        self.stream = stream
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _handler(self):
+        stream = self.stream
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                if stream:
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"200\r\ndata: {\"choices\": [{\"delta\": {\"content\": \"hi\"}}]}\n\n")
+                else:
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"usage": {"completion')
+                self.wfile.flush()
+                self.close_connection = True
+
+        return Handler
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_dying_mid_response_is_counted_and_kills_no_client(stream, monkeypatch):
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    with DyingServer(stream) as srv:
+        rep = run_load(srv.url, clients=2, duration=0.3, max_tokens=4, stream=stream, warmup=0, request_timeout=5)
+    assert not died, died
+    assert rep.requests > 0 and rep.ok == 0 and rep.errors == rep.requests, (rep.requests, rep.errors_by_kind)

@@ -288,7 +288,12 @@ BAD = [  # (endpoint, raw body, status, error code, param)
     ("completions", '{"prompt": "hi", "stream": "yes"}', 400, "invalid_value", "stream"),
     ("completions", '{"prompt": ""}', 400, "empty_prompt", "prompt"),
     ("completions", '{"prompt": []}', 400, "invalid_value", "prompt"),
-    ("completions", '{"prompt": ["a", "b"]}', 400, "invalid_value", "prompt"),
+    ("completions", '{"prompt": [[]]}', 400, "invalid_value", "prompt"),
+    ("completions", '{"prompt": ["a", ""]}', 400, "empty_prompt", "prompt"),
+    ("completions", '{"prompt": [1, -1]}', 400, "invalid_token_id", "prompt"),
+    ("completions", '{"prompt": [[1, 2], [260]]}', 400, "invalid_token_id", "prompt"),
+    ("completions", '{"prompt": [1, "a"]}', 400, "invalid_value", "prompt"),
+    ("completions", '{"prompt": [true]}', 400, "invalid_value", "prompt"),
     ("completions", '{"prompt": "  \\n "}', 400, "empty_prompt", "prompt"),
     ("completions", '{"prompt": "hi", "model": "gpt-4o"}', 404, "model_not_found", "model"),
     ("completions", '{"prompt": "hi", "max_tokens": 65}', 400, "max_tokens_too_large", "max_tokens"),
@@ -562,6 +567,14 @@ def same_json(a, b, abs_tol: float = 1e-5) -> bool:
     return a == b
 
 
+def byte_exact(e: dict) -> bool:
+    """A token's `bytes` are its own: its text's UTF-8, or for a byte of a multi-byte character (whose text
+    alone reads U+FFFD) that one byte."""
+    if e["token"] == "\ufffd":
+        return len(e["bytes"]) == 1 and e["bytes"][0] >= 0x80
+    return e["bytes"] == list(e["token"].encode("utf-8"))
+
+
 @pytest.mark.parametrize("prompt,chat", LP_CASES, ids=["completions", "chat"])
 def test_logprobs_match_hf_model_and_openai_shape(tiny, ref, prompt, chat):
     endpoint, body = lp_request(prompt, chat, stream=False)
@@ -581,15 +594,16 @@ def test_logprobs_match_hf_model_and_openai_shape(tiny, ref, prompt, chat):
         lps = choice["logprobs"]
         assert set(lps) == {"content", "refusal"} and lps["refusal"] is None
         content = lps["content"]
-        assert len(content) == len(ids)
+        assert len(content) == len([i for i in ids if i not in ref.eos_ids])  # no EOS entry: the text has none
+        assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == text
         for j, (e, i) in enumerate(zip(content, ids)):
             assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
-            assert e["token"] == token_texts[j] and e["bytes"] == list(e["token"].encode("utf-8"))
+            assert e["token"] == token_texts[j] and byte_exact(e)
             assert e["logprob"] == pytest.approx(lp[j, i].item(), abs=1e-4)
             assert len(e["top_logprobs"]) == 2
             for alt, a_id, a_lp in zip(e["top_logprobs"], top.indices[j].tolist(), top.values[j].tolist()):
                 assert set(alt) == {"token", "logprob", "bytes"}
-                assert alt["token"] == tok.decode([a_id]) and alt["bytes"] == list(alt["token"].encode("utf-8"))
+                assert alt["token"] == tok.decode([a_id]) and byte_exact(alt)
                 assert alt["logprob"] == pytest.approx(a_lp, abs=1e-4)
             assert e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"], abs=1e-6)  # greedy: the argmax
         tokens = [e["token"] for e in content]
@@ -646,7 +660,8 @@ def test_logprobs_with_openai_client(tiny, ref):
     assert [e.logprob for e in content] == pytest.approx([lp[j, i].item() for j, i in enumerate(want.token_ids)],
                                                          abs=1e-4)
     assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
-    assert all(bytes(e.bytes).decode("utf-8") == e.token for e in content)
+    assert all(byte_exact({"token": e.token, "bytes": e.bytes}) for e in content)
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == r.choices[0].message.content
     streamed = [e for ch in c.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=8, temperature=0,
                                                       logprobs=True, top_logprobs=2, stream=True)
                 if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content or []]

@@ -20,7 +20,7 @@ def _tree() -> DraftTree:
 
 
 def test_ancestor_mask_matches_hand_written():
-    x = _tree().forward_inputs(list(range(6)))
+    x = _tree().segment(None)
     expected_tree = torch.tensor([
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
@@ -37,7 +37,7 @@ def test_ancestor_mask_matches_hand_written():
 
 
 def test_subset_rows_see_only_their_ancestors():
-    x = _tree().forward_inputs([2, 5])
+    x = _tree().segment(None, [2, 5])
     assert x.allowed.shape == (2, 3 + 6)
     assert x.allowed[1, 3:].tolist() == [True, False, True, False, False, True]
     assert x.input_ids.tolist() == [12, 15]

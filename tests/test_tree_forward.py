@@ -17,8 +17,7 @@ def test_every_branch_equals_its_chain_forward(engine):
     tree = DraftTree(int(prefix[13]), base=13)
     for parent in [0, 0, 1, 1, 2, 3, 5, 5, 7]:  # branching, depth up to 5
         tree.add(parent, int(torch.randint(0, 256, (), generator=g)), "d", 0.5, 0.5)
-    x = tree.forward_inputs(list(range(len(tree))))
-    logits = r.forward(x.input_ids, x.positions, x.slots, cache, allowed=x.allowed, key_positions=x.key_positions)
+    logits = r.forward_batch([tree.segment(cache)])
     for node in range(len(tree)):
         chain = torch.cat([prefix, torch.tensor(tree.path_tokens(node), dtype=torch.long)])
         p = torch.arange(len(chain))

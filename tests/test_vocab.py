@@ -65,3 +65,24 @@ def test_rank_tokens_puts_corpus_tokens_first(pruned):
     assert sorted(order.tolist()) == list(range(pruned.runner.vocab_size))
     seen = {t for ids in texts for t in ids}
     assert set(order[: len(seen) // 2].tolist()) & seen
+
+
+def test_draft_vocabulary_growth_is_capped():
+    """Context tokens join the draft vocabulary in arrival order until `max_extra` of them have; after
+    that nothing changes (no more head rebuilds), and greedy output stays exactly `ar`'s."""
+    engine = Engine(tiny_model("llama"), tiny_tokenizer(), name="tiny-llama", hierarchy=("int8v", "pld"))
+    order = torch.randperm(engine.runner.vocab_size, generator=torch.Generator().manual_seed(0))
+    vocab = engine.runner.vocab = DraftVocab(engine.runner.weights.head, order, core=40, max_extra=6)
+    outside = [int(t) for t in order[40:].tolist()]
+    vocab.add([outside[3], outside[0], outside[3], -1, 10**6])
+    assert vocab.extra == [outside[3], outside[0]]
+    vocab.add(outside[:20])
+    assert vocab.extra == [outside[3], outside[0], outside[1], outside[2], outside[4], outside[5]]
+    head = vocab.heads("int8")[1]
+    vocab.add(outside[20:])  # full: a no-op, the extra head is not rebuilt
+    assert len(vocab.extra) == 6 and vocab.heads("int8")[1] is head and len(vocab.ids) == 46
+    assert not vocab.member[outside[30]]
+    ref = engine.generate(PROMPT * 4, "ar", max_new_tokens=40)
+    for method in ("casspec", "self"):
+        assert engine.generate(PROMPT * 4, method, max_new_tokens=40).token_ids == ref.token_ids
+    assert len(vocab.extra) == 6

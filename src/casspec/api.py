@@ -17,14 +17,16 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from casspec.config import SamplingConfig
-from casspec.decoder import TREE_CAPACITY, SpeculativeDecoder
-from casspec.drafters.layer_search import SCRATCH_OFFSET
+from casspec.decoder import SpeculativeDecoder
 from casspec.errors import ContextOverflowError, InvalidRequestError
 from casspec.methods import METHODS, DrafterPool
 from casspec.generation import Generation
 from casspec.metrics import GenerationResult, GenerationStats, StreamChunk
 from casspec.prompt import Prompt, TextAssembler, encode_prompt
+from casspec.runtime.adapter import check_prompt_ids, check_tokenizer
 from casspec.runtime.kv_cache import KVPool
+from casspec.runtime.prefix_cache import PrefixCache
+from casspec.sizes import generation_slots
 from casspec.scheduler.base import Scheduler
 from casspec.state import DecodeState
 from casspec.runtime.plans import FULL
@@ -47,6 +49,7 @@ class Engine:
         self.gguf_path = gguf_path  # the GGUF file the model came from (peers such as llama.cpp read it)
         self._reference: PreTrainedModel | None = None
         self.runner = TargetRunner(model, cache_dir=cache_dir, source=source)
+        check_tokenizer(tokenizer, self.runner.adapter.embed_rows)  # before any draft weights are built
         self.pool = DrafterPool(self.runner, name, cache_dir, hierarchy, tokenizer)
         if prepare:  # draft weights and latency model now, so no generation pays for them
             self.pool.prepare(progress)
@@ -54,6 +57,9 @@ class Engine:
         self.context_length: int = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(model, tokenizer)
         self._schedulers: dict[str, Scheduler] = {}
+        # KV of earlier requests' prefixes, reused by later ones (None: off; `PrefixCache.for_runner(runner, n)`
+        # sizes it to n tokens)
+        self.prefix_cache: PrefixCache | None = PrefixCache.for_runner(self.runner)
 
     def reference_model(self) -> PreTrainedModel:
         """The HF transformers fp32 model of the same weights (the `hf` peers and equality checks); for a
@@ -86,7 +92,8 @@ class Engine:
         return self._schedulers[method]
 
     def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt, chat)
+        """Token ids of a text prompt, chat messages, or a token-id prompt (checked against the vocabulary)."""
+        return encode_prompt(self.tokenizer, prompt, chat, self.runner.vocab_size)
 
     def generate(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: object) -> GenerationResult:
         """Generate a completion; see `iter_generate` for the arguments."""
@@ -119,11 +126,16 @@ class Engine:
         gen = self.start(prompt, method, cancel=cancel, **kwargs)
         decoder = SpeculativeDecoder(self.runner, self.scheduler(method))
         builds = len(self.runner.build_log)
-        decoder.prefill(gen.state)
-        while not (gen.finished or gen.cancel.is_set()):
-            yield gen.push(decoder.step(gen.state).tokens)
-        gen.state.stats.built = [what for what, _ in self.runner.build_log[builds:]]
-        yield gen.finish("cancelled" if gen.cancel.is_set() and not gen.finished else None)
+        try:
+            gen.reuse_prefix()  # the prompt's longest cached prefix: prefill starts after it
+            decoder.prefill(gen.state)
+            while not (gen.finished or gen.cancel.is_set()):
+                yield gen.push(decoder.step(gen.state).tokens)
+            gen.state.stats.built = [what for what, _ in self.runner.build_log[builds:]]
+            gen.keep_prefix(release=True)
+            yield gen.finish("cancelled" if gen.cancel.is_set() and not gen.finished else None)
+        finally:
+            gen.keep_prefix(release=True)  # cancelled or failed: the committed KV is still valid
 
     def start(self, prompt: Prompt, method: str | Scheduler = "casspec", *, max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
@@ -132,6 +144,9 @@ class Engine:
               cancel: threading.Event | None = None, kv_pool: KVPool | None = None) -> Generation:
         """Validate a request and set up its generation (nothing runs yet).
 
+        `prompt`: raw text, chat messages, or token ids (a list of ints, used as they are; each must be in
+        [0, vocab size), else InvalidRequestError, a ValueError). Its longest prefix in the engine's
+        `prefix_cache` (KV of earlier requests) is not computed again.
         Sampling (temperature > 0): top_k / top_p / min_p filter the target's distribution (SamplingConfig).
         `seed` fixes the output: under `sampling_rule="gumbel"` (default) every method produces, for a seed,
         exactly the tokens `ar` produces; "rejection" is recursive rejection sampling (same distribution,
@@ -146,16 +161,17 @@ class Engine:
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         ids = self.encode_prompt(prompt, chat)
+        check_prompt_ids(ids, self.runner.adapter.embed_rows)
         max_new = self._check_budget(len(ids), max_new_tokens)
         text = TextAssembler(self.tokenizer, _stops(stop))
         state = self._new_state(ids, sampling, method, max_new, kv_pool)
         state.logprobs = logprobs
         name = method if isinstance(method, str) else method.name
-        return Generation(state, name, text, cancel)
+        return Generation(state, name, text, cancel, prefix=self.prefix_cache)
 
     def cache_size(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """KV slots one generation needs: prompt, new tokens, a draft tree and layer-search scratch."""
-        return prompt_tokens + max_new_tokens + TREE_CAPACITY + SCRATCH_OFFSET + 64
+        return generation_slots(prompt_tokens, max_new_tokens)
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int) -> int:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:

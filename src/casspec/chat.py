@@ -16,6 +16,8 @@ from typing import Any, Callable, TextIO
 from rich.console import Console
 from rich.markup import escape
 
+from casspec.config import SAMPLING_RULES, SamplingConfig
+
 HELP = "commands: /reset (clear history), /exit (or Ctrl-D), /help"
 
 
@@ -23,9 +25,11 @@ class ChatSession:
     """Conversation state + one streamed generation per turn."""
 
     def __init__(self, engine: Any, method: str = "casspec", max_new_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, system: str | None = None):
+                 top_p: float = 1.0, seed: int | None = None, system: str | None = None, *, top_k: int = 0,
+                 min_p: float = 0.0, sampling_rule: str = "gumbel"):
         self.engine, self.method = engine, method
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
+        self.top_k, self.min_p, self.sampling_rule = top_k, min_p, sampling_rule
         self.system = system
         self.use_template = bool(getattr(engine, "has_chat_template", False))
         self.history: list[dict] = []
@@ -52,8 +56,9 @@ class ChatSession:
         parts: list[str] = []
         result = None
         gen = self.engine.iter_generate(prompt, self.method, max_new_tokens=self.max_new_tokens,
-                                        temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
-                                        chat=self.use_template, cancel=cancel)
+                                        temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                        min_p=self.min_p, seed=self.seed, sampling_rule=self.sampling_rule,
+                                        stop=stop, chat=self.use_template, cancel=cancel)
         try:
             for chunk in gen:
                 if chunk.text:
@@ -141,7 +146,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per reply at most (default: 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: the same tokens for every method")
+    p.add_argument("--sampling-rule", choices=SAMPLING_RULES, default="gumbel",
+                   help="how drafts are verified when sampling: gumbel (seed-stable, default) or rejection")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tiny-engine", default=None, metavar="FAMILY", help=argparse.SUPPRESS)  # tests
 
@@ -159,6 +168,11 @@ def chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         err.print("error: --max-new-tokens must be >= 1")
         return 2
+    try:  # bad sampling settings: refused before the model loads, not at every turn
+        SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed, args.min_p, args.sampling_rule)
+    except ValueError as exc:
+        err.print(f"error: {exc}")
+        return 2
     with err.status("loading model..."):
         if args.tiny_engine:
             from casspec.testing import tiny_engine
@@ -173,7 +187,7 @@ def chat(args: argparse.Namespace) -> int:
         err.print(f"error: unknown method {args.method!r}; choose one of {', '.join(methods)}")
         return 2
     session = ChatSession(engine, args.method, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                          args.system)
+                          args.system, top_k=args.top_k, min_p=args.min_p, sampling_rule=args.sampling_rule)
     return run_chat(session)
 
 

@@ -32,9 +32,27 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_generate)
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse bad arguments with the request's own messages before a model is loaded (seconds)."""
+    from casspec.config import SamplingConfig
+    from casspec.errors import InvalidRequestError
+    from casspec.methods import METHODS
+
+    if not args.prompt:
+        raise InvalidRequestError("the prompt is empty")
+    if args.max_new_tokens < 1:
+        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.method not in METHODS:
+        raise InvalidRequestError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed, args.min_p, args.sampling_rule)
+    if args.stop is not None and not all(args.stop):
+        raise InvalidRequestError("--stop needs a non-empty string")
+
+
 def _generate(args: argparse.Namespace) -> int:
     import casspec
 
+    _check_generate_args(args)
     engine = casspec.load(args.model)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, min_p=args.min_p, seed=args.seed, sampling_rule=args.sampling_rule,

@@ -5,19 +5,17 @@ Every method (plain decoding included: its tree is the root alone) runs through 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import torch
 
 from casspec.scheduler.base import Scheduler
+from casspec.sizes import PREFILL_CHUNK, TREE_CAPACITY
 from casspec.state import DecodeState
 from casspec.runtime.runner import TargetRunner
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult, accept
 from casspec.verify.logprobs import path_logprobs
 
-TREE_CAPACITY = 64  # draft-tree nodes per step, root included
-PREFILL_CHUNK = 128  # prompt tokens per prefill forward (measured fastest of 64..900 on this CPU)
 
 
 def commit(state: DecodeState, tree: DraftTree, logits: torch.Tensor, result: AcceptResult) -> None:
@@ -26,6 +24,19 @@ def commit(state: DecodeState, tree: DraftTree, logits: torch.Tensor, result: Ac
     state.tokens += result.tokens
     if state.logprobs is not None:
         state.token_logprobs += path_logprobs(logits, result.path, result.tokens, state.logprobs)
+
+
+def record_step(state: DecodeState, tree: DraftTree, result: AcceptResult, t_draft: float, t_verify: float) -> None:
+    """A step's counters in the request's stats (the single-stream and the batched step both record here)."""
+    s = state.stats
+    s.target_forwards += 1
+    s.draft_time += t_draft
+    s.verify_time += t_verify
+    s.accept_lengths.append(len(result.tokens))
+    for i in range(1, len(tree)):
+        s.drafter(tree.drafter[i]).proposed += 1
+    for i in result.path[1:]:
+        s.drafter(tree.drafter[i]).accepted += 1
 
 
 def take(state: DecodeState, tokens: list[int]) -> tuple[list[int], bool]:
@@ -66,19 +77,19 @@ class SpeculativeDecoder:
         t2 = time.perf_counter()
         # 4. Accept: greedy match or recursive rejection sampling; always yields >= 1 token.
         result = accept(tree, logits, state.sampling, state.generator)
+        if not state.sampling.is_greedy:  # the sampling work over the tree, for DyTC's cost model
+            state.log_forward("sample:full", len(tree), time.perf_counter() - t2, ctx_len=0)
         # 5. Commit: keep the accepted path's KV, append tokens, feed back the verdict.
         commit(state, tree, logits, result)
         state.log_forward("full", len(tree), t2 - t1, ctx_len=tree.base)
         self.scheduler.observe(tree, result, state)
         state.forward_log.clear()
-        self._record(tree, result, state, t1 - t0, t2 - t1)
+        record_step(state, tree, result, t1 - t0, t2 - t1)
         return result
 
     def verify(self, tree: DraftTree, state: DecodeState) -> torch.Tensor:
         """Target logits [N, V] for every tree node."""
-        x = tree.forward_inputs(list(range(len(tree))))
-        return self.runner.forward(x.input_ids, x.positions, x.slots, state.cache, allowed=x.allowed,
-                                   key_positions=x.key_positions)
+        return self.runner.forward_batch([tree.segment(state.cache)])
 
     def prefill(self, state: DecodeState) -> None:
         """Cache the prompt except its last token (the first tree root), chunk by chunk."""
@@ -89,23 +100,3 @@ class SpeculativeDecoder:
             state.cache.length += len(ids)
         state.stats.prefill_time += time.perf_counter() - t0
 
-    def run(self, state: DecodeState) -> Iterator[list[int]]:
-        """Prefill, then yield the new tokens of each step until EOS or the token budget."""
-        self.prefill(state)
-        while state.remaining > 0:
-            new, done = take(state, self.step(state).tokens)
-            yield new
-            if done:
-                return
-
-    @staticmethod
-    def _record(tree: DraftTree, result: AcceptResult, state: DecodeState, t_draft: float, t_verify: float) -> None:
-        s = state.stats
-        s.target_forwards += 1
-        s.draft_time += t_draft
-        s.verify_time += t_verify
-        s.accept_lengths.append(len(result.tokens))
-        for i in range(1, len(tree)):
-            s.drafter(tree.drafter[i]).proposed += 1
-        for i in result.path[1:]:
-            s.drafter(tree.drafter[i]).accepted += 1

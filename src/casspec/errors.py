@@ -1,4 +1,14 @@
-"""Errors raised for bad input. All are ValueError subclasses with one-line messages."""
+"""Errors casspec raises on purpose.
+
+`CasspecError` and its subclasses are requests casspec refuses (bad input): ValueError subclasses with
+one-line messages; the server answers them with a 400 and the CLI exits 2. Anything else (a plain
+ValueError from a library, an IndexError, an out-of-memory...) is a failure of casspec, not of the
+request: the server answers it with a 500 and logs the traceback.
+
+`GenerationError` is a failure of one generation that is nobody's input error (the model produced NaN
+logits for it, ...): the server answers it with a 500 that carries its message, and the other requests
+of a batch go on.
+"""
 
 
 class CasspecError(ValueError):
@@ -15,3 +25,11 @@ class InvalidRequestError(CasspecError):
 
 class ContextOverflowError(CasspecError):
     """The prompt (plus the requested tokens) does not fit in the model's context."""
+
+
+class GenerationError(RuntimeError):
+    """One generation failed through no fault of its request; its message is safe to show to the client."""
+
+
+class NonFiniteLogitsError(GenerationError):
+    """The target model's logits for a generation hold NaN or inf."""

@@ -2,7 +2,9 @@
 
 `Engine.start` validates a request and returns a Generation; a decoder commits tokens into its
 DecodeState, and `push` turns each step's new tokens into a StreamChunk (text cut at stop strings);
-`finish` closes it with the GenerationResult.
+`finish` closes it with the GenerationResult. With a prefix cache, `reuse_prefix` takes the KV of the
+longest cached prefix of the prompt before it is computed, and `keep_prefix` offers the committed tokens'
+KV back (when the prompt is computed, and when the request ends: then its pin is released).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from casspec.decoder import take
 from casspec.metrics import GenerationResult, StreamChunk
 from casspec.prompt import TextAssembler
+from casspec.runtime.prefix_cache import Pin, PrefixCache
 from casspec.state import DecodeState
 
 
@@ -19,8 +22,12 @@ class Generation:
     """A request in flight: its state, method, text assembler and cancel flag."""
 
     def __init__(self, state: DecodeState, method: str, text: TextAssembler,
-                 cancel: threading.Event | None = None, tag: object = None) -> None:
+                 cancel: threading.Event | None = None, tag: object = None,
+                 prefix: PrefixCache | None = None) -> None:
         self.state, self.method, self.text = state, method, text
+        self.prefix = prefix  # the engine's prefix cache (None: no reuse)
+        self._pin: Pin | None = None  # cached nodes this request's KV came from
+        self._offered = 0  # committed tokens already offered to the prefix cache
         self.cancel = cancel or threading.Event()
         self.tag = tag  # the caller's handle (the server's job)
         self.finished = False
@@ -31,6 +38,40 @@ class Generation:
     def prefilling(self) -> bool:
         """Whether prompt tokens are still waiting for the KV cache."""
         return self.state.cache.length < len(self.state.tokens) - 1
+
+    def reuse_prefix(self) -> int:
+        """Take the KV of the longest cached prefix of the prompt, if longer than what the cache holds
+        (its region must be placed); returns the tokens cached now."""
+        st = self.state
+        if self.prefix is not None and self.prefilling and st.cache.placed:
+            before = st.cache.length
+            self._pin = self.prefix.restore(st.tokens, st.cache, self._pin)
+            if st.cache.length > before:
+                st.stats.cached_tokens = st.cache.length
+        return st.cache.length
+
+    def keep_prefix(self, release: bool = False) -> None:
+        """Offer the committed tokens' KV to the prefix cache; `release` (the request ends): unpin."""
+        if self.prefix is None:
+            return
+        cache = self.state.cache
+        if cache.placed and cache.length > self._offered:
+            self.prefix.insert(self.state.tokens, cache)
+            self._offered = cache.length
+        if release:
+            self.prefix.release(self._pin)
+            self._pin = None
+
+    def offer_prompt(self) -> None:
+        """Once the prompt is computed, offer its KV (requests arriving while this one decodes then reuse it)."""
+        if self._offered == 0 and not self.prefilling:
+            self.keep_prefix()
+
+    def drop_prefix(self) -> None:
+        """Unpin without offering anything (a failed request: its KV is not trusted)."""
+        if self.prefix is not None:
+            self.prefix.release(self._pin)
+        self._pin = None
 
     def push(self, committed: list[int]) -> StreamChunk:
         """Stream the tokens one step committed (budget, EOS and stop strings applied)."""

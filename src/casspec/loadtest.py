@@ -13,10 +13,15 @@ it always stops by itself: no new request starts after --duration, and each requ
 
     casspec loadtest --url http://127.0.0.1:8000 --clients 4 --duration 60 --max-tokens 64
     casspec loadtest --url http://127.0.0.1:8000 --rate 2 --duration 60 --stream
+    casspec loadtest --clients 4 --turns 4 --turn-tokens 400 --stream        # multi-turn chats, TTFT per turn
+    casspec loadtest --clients 8 --system-tokens 1000 --stream               # one shared system prompt
+
+(The multi-turn and shared-system-prompt workloads are in casspec.loadtest_chat.)
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -26,6 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 
+from casspec.loadtest_chat import first_and_rest, run_conversations, system_message, ttft_by_turn, with_system
 from casspec.loadtest_stats import fill_report, format_summary, poisson_arrivals, server_delta, summary
 from casspec.loadtest_stats import percentile  # noqa: F401  (re-exported: callers import it from here)
 
@@ -55,6 +61,11 @@ class Sample:
     completion_tokens: int = 0
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)  # gaps between consecutive content chunks (streaming)
+    text: str = ""  # the answer (multi-turn chats send it back)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: prompt tokens the server did not recompute
+    turn: int = 0  # multi-turn mode: the turn of its conversation (1-based)
+    seq: int = -1  # order in which requests were sent (0 = the first timed one)
 
 
 @dataclass
@@ -90,6 +101,15 @@ class Report:
     tpot_s: dict = field(default_factory=dict)  # per-request (latency - ttft) / (completion_tokens - 1)
     tpot_samples: int = 0
     itl_note: str = ""
+    turns: int = 1  # multi-turn mode: turns per conversation
+    turn_tokens: int = 0  # multi-turn mode: user tokens added a turn (estimated)
+    system_tokens: int = 0  # shared-system-prompt mode: tokens of the system message (estimated)
+    ttft_by_turn_s: dict = field(default_factory=dict)  # turn -> TTFT summary (multi-turn, streaming)
+    ttft_first_s: float | None = None  # shared system prompt: TTFT of the first request
+    ttft_rest_s: dict = field(default_factory=dict)  # shared system prompt: TTFT of every later request
+    prompt_tokens: int = 0  # as the server's usage reports them
+    cached_prompt_tokens: int = 0
+    planner: dict = field(default_factory=dict)  # casspec batch planner in the window: steps, ms per step
 
 
 class Client:
@@ -108,14 +128,17 @@ class Client:
         try:
             with self._open("GET", path) as r:
                 return json.loads(r.read())
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - no counters: the report says so
             return None
 
-    def request(self, endpoint: str, prompt: str, max_tokens: int, temperature: float, stream: bool) -> Sample:
-        """Send one completion request and time it (with --stream: each content chunk too)."""
+    def request(self, endpoint: str, prompt: str | list[dict], max_tokens: int, temperature: float,
+                stream: bool) -> Sample:
+        """Send one completion request and time it (with --stream: each content chunk too); `prompt`: text,
+        or the chat messages themselves."""
         body: dict = {"max_tokens": max_tokens, "temperature": temperature, "stream": stream}
         if endpoint == "chat":
-            path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            path, body["messages"] = "/v1/chat/completions", messages
         else:
             path, body["prompt"] = "/v1/completions", prompt
         if stream:
@@ -126,22 +149,25 @@ class Client:
                 if stream:
                     return _read_stream(r, t0)
                 data = json.loads(r.read())
-                return Sample(True, time.perf_counter() - t0, r.status,
-                              completion_tokens=int(data.get("usage", {}).get("completion_tokens", 0)))
+                choice = (data.get("choices") or [{}])[0]
+                text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+                return _with_usage(Sample(True, time.perf_counter() - t0, r.status, text=text), data.get("usage"))
         except urllib.error.HTTPError as e:
             try:
                 code = json.loads(e.read()).get("error", {}).get("code") or ""
-            except (OSError, ValueError):
+            except Exception:  # noqa: BLE001 - an unreadable error body still counts as that HTTP error
                 code = ""
             return Sample(False, time.perf_counter() - t0, e.code, f"HTTP {e.code}" + (f" {code}" if code else ""))
-        except (OSError, ValueError) as e:  # URLError, timeouts, resets, bad JSON
+        except Exception as e:  # noqa: BLE001 - URLError, timeouts, resets, a server gone mid-stream
+            # (http.client.IncompleteRead is no OSError), bad JSON: every failure is counted, none kills a client
             return Sample(False, time.perf_counter() - t0, 0, type(e).__name__)
 
 
 def _read_stream(r, t0: float) -> Sample:
     """Read an SSE response, stamping every chunk that carries content (TTFT and inter-chunk gaps)."""
     stamps: list[float] = []
-    tokens, done = 0, False
+    pieces: list[str] = []
+    usage, done = None, False
     for raw in r:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data: "):
@@ -154,15 +180,26 @@ def _read_stream(r, t0: float) -> Sample:
         if "error" in event:
             return Sample(False, now - t0, r.status,
                           f"stream error: {event['error'].get('code') or event['error'].get('type')}")
-        if any((c.get("delta") or {}).get("content") or c.get("text") for c in event.get("choices") or []):
+        texts = [(c.get("delta") or {}).get("content") or c.get("text") or "" for c in event.get("choices") or []]
+        if any(texts):
             stamps.append(now)
+            pieces += texts
         if event.get("usage"):
-            tokens = int(event["usage"].get("completion_tokens", 0))
+            usage = event["usage"]
     latency = time.perf_counter() - t0
     if not done:
         return Sample(False, latency, r.status, "stream ended without [DONE]")
-    return Sample(True, latency, r.status, completion_tokens=tokens, ttft=stamps[0] - t0 if stamps else None,
-                  itl=[b - a for a, b in zip(stamps, stamps[1:])])
+    return _with_usage(Sample(True, latency, r.status, ttft=stamps[0] - t0 if stamps else None,
+                              itl=[b - a for a, b in zip(stamps, stamps[1:])], text="".join(pieces)), usage)
+
+
+def _with_usage(s: Sample, usage: dict | None) -> Sample:
+    """Token counts of a response's usage into its Sample (cached prompt tokens when the server says)."""
+    usage = usage or {}
+    s.completion_tokens = int(usage.get("completion_tokens", 0) or 0)
+    s.prompt_tokens = int(usage.get("prompt_tokens", 0) or 0)
+    s.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0)
+    return s
 
 
 class _Run:
@@ -237,27 +274,49 @@ def run_load(url: str, clients: int = DEFAULT_CLIENTS, duration: float = 60.0, m
              api_key: str | None = None, endpoint: str = "chat", stream: bool = False, temperature: float = 0.0,
              request_timeout: float = 300.0, max_requests: int = 100_000, warmup: int = 1,
              prompts: list[str] | None = None, progress: bool = False, rate: float | None = None,
-             max_inflight: int = DEFAULT_MAX_INFLIGHT, seed: int = 0) -> Report:
+             max_inflight: int = DEFAULT_MAX_INFLIGHT, seed: int = 0, turns: int = 1, turn_tokens: int = 400,
+             system_tokens: int = 0) -> Report:
     """Run the load test and return its Report (bounded by ``duration`` + one request timeout).
 
-    With ``rate`` (requests/s) it runs the open-loop Poisson mode and ``clients`` is ignored.
+    With ``rate`` (requests/s) it runs the open-loop Poisson mode and ``clients`` is ignored. ``turns`` > 1:
+    each client holds multi-turn chats (``turn_tokens`` user tokens a turn); ``system_tokens`` > 0: every
+    request opens with the same system message of about that many tokens (loadtest_chat.py).
     """
     prompts = prompts or PROMPTS
     offsets = poisson_arrivals(rate, duration, seed) if rate is not None else []
     if rate is not None and max_inflight < 1:
         raise ValueError("max_inflight must be >= 1")
+    if (turns > 1 or system_tokens) and endpoint != "chat":
+        raise ValueError("multi-turn and shared-system-prompt runs use the chat endpoint")
+    if turns > 1 and rate is not None:
+        raise ValueError("multi-turn runs are closed loop (clients), not Poisson arrivals")
     client = Client(url, api_key, request_timeout)
+    system = system_message(system_tokens, seed) if system_tokens else None
+    order = itertools.count()
+
+    def ask(prompt: str | list[dict], timed: bool = True) -> Sample:
+        t0 = time.perf_counter()
+        seq = next(order) if timed else -1
+        try:
+            sample = client.request(endpoint, prompt, max_tokens, temperature, stream)
+        except Exception as e:  # noqa: BLE001 - belt and braces: a client thread never dies uncounted
+            sample = Sample(False, time.perf_counter() - t0, 0, type(e).__name__)
+        sample.seq = seq
+        return sample
 
     def send(i: int) -> Sample:
-        return client.request(endpoint, prompts[i % len(prompts)], max_tokens, temperature, stream)
+        prompt = prompts[i % len(prompts)]
+        return ask(with_system(system, prompt) if system else prompt)
 
-    for i in range(warmup):  # first requests pay one-off costs (e.g. building the int8 drafter)
-        send(i)
+    for i in range(warmup):  # first requests pay one-off costs (e.g. building the int8 drafter); never
+        ask(prompts[i % len(prompts)], timed=False)  # the system prompt: its first timed request finds it cold
     before = client.get_json("/metrics")
     start = time.perf_counter()
     run = _Run(start + duration, max_requests, progress)
     join_until = run.deadline + request_timeout + 5
-    if rate is None:
+    if turns > 1:
+        run_conversations(run, ask, clients, turns, turn_tokens, system, seed, join_until)
+    elif rate is None:
         _run_clients(run, send, clients, join_until)
     else:
         _run_poisson(run, send, offsets, start, max_inflight, join_until)
@@ -273,7 +332,29 @@ def run_load(url: str, clients: int = DEFAULT_CLIENTS, duration: float = 60.0, m
                  arrivals=sent + dropped, dropped=dropped, peak_inflight=peak)
     fill_report(rep, done, wall)
     rep.server = server_delta(before, after)
+    rep.planner = _planner_delta(before, after)
+    ok = [x for x in done if x.ok]
+    rep.prompt_tokens, rep.cached_prompt_tokens = sum(x.prompt_tokens for x in ok), sum(x.cached_tokens for x in ok)
+    if turns > 1:
+        rep.mode, rep.turns, rep.turn_tokens = "conversations", turns, turn_tokens
+        rep.ttft_by_turn_s = ttft_by_turn(done)
+    if system_tokens:
+        rep.system_tokens = system_tokens
+        rep.ttft_first_s, rep.ttft_rest_s = first_and_rest(done)
     return rep
+
+
+def _planner_delta(before: dict | None, after: dict | None) -> dict:
+    """The casspec batch planner's steps and time in the window (from /metrics), or {}."""
+    try:
+        a, b = after["batch_planner"], (before or {}).get("batch_planner") or {}
+        steps = a["steps"] - b.get("steps", 0)
+        seconds = a["seconds"] - b.get("seconds", 0.0)
+        planned, left = a["planned"] - b.get("planned", 0), a["left_out"] - b.get("left_out", 0)
+    except (TypeError, KeyError):
+        return {}
+    return {"steps": steps, "seconds": round(seconds, 6), "ms_per_step": 1000 * seconds / steps if steps else 0.0,
+            "planned": planned, "left_out": left}
 
 
 def format_report(rep: Report) -> str:
@@ -301,6 +382,26 @@ def format_report(rep: Report) -> str:
         lines.append(format_summary(f"time per output token ({rep.tpot_samples} requests)", rep.tpot_s, unit_ms=True))
     if rep.itl_s:
         lines.append(f"  note: {rep.itl_note}")
+    if rep.turns > 1:
+        lines.append(f"  conversations of {rep.turns} turns, ~{rep.turn_tokens} user tokens added a turn:")
+        for turn, d in rep.ttft_by_turn_s.items():
+            lines.append(format_summary(f"  turn {turn} time to first token ({d['n']} requests)", d))
+        first, last = rep.ttft_by_turn_s.get("1"), rep.ttft_by_turn_s.get(str(rep.turns))
+        if first and last and first["p50"] > 0:
+            lines.append(f"  p50 time to first token, turn {rep.turns} / turn 1: {last['p50'] / first['p50']:.2f}x")
+    if rep.system_tokens:
+        first = "-" if rep.ttft_first_s is None else f"{rep.ttft_first_s:.2f} s"
+        lines.append(f"  shared system prompt of ~{rep.system_tokens} tokens: first request's time to first "
+                     f"token {first}")
+        if rep.ttft_rest_s:
+            lines.append(format_summary("time to first token of every later request", rep.ttft_rest_s))
+    if rep.planner.get("steps"):
+        p = rep.planner
+        lines.append(f"  batch planner: {p['ms_per_step']:.2f} ms a step over {p['steps']} steps (lookups + "
+                     f"planning); request-steps planned {p['planned']}, left out (drafts did not pay) {p['left_out']}")
+    if rep.prompt_tokens:
+        lines.append(f"  prompt tokens: {rep.prompt_tokens}, of which served from the server's prefix cache: "
+                     f"{rep.cached_prompt_tokens} ({rep.cached_prompt_tokens / rep.prompt_tokens:.0%})")
     sv = rep.server
     if sv:
         drafters = ", ".join(f"{n} {d['acceptance']:.2f}" for n, d in sv["drafters"].items()) or "-"
@@ -335,6 +436,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     p.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (default: 1)")
+    p.add_argument("--turns", type=int, default=1,
+                   help="multi-turn chats: each client continues its own conversation for this many turns, "
+                        "then starts a new one; TTFT per turn (closed loop, chat endpoint; default: 1)")
+    p.add_argument("--turn-tokens", type=int, default=400,
+                   help="with --turns: user tokens added a turn (estimated; default: 400)")
+    p.add_argument("--system-tokens", type=int, default=0,
+                   help="every request opens with the same system prompt of about this many tokens; the first "
+                        "request's TTFT is reported apart (default: 0, none)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' = stdout)")
     p.set_defaults(func=loadtest)
 
@@ -349,6 +458,13 @@ def _arg_error(args: argparse.Namespace) -> str | None:
         return "--rate must be a positive number of requests per second"
     if rate is not None and getattr(args, "max_inflight", DEFAULT_MAX_INFLIGHT) < 1:
         return "--max-inflight must be >= 1"
+    turns, system = getattr(args, "turns", 1), getattr(args, "system_tokens", 0)
+    if turns < 1 or getattr(args, "turn_tokens", 400) < 1 or system < 0:
+        return "--turns and --turn-tokens must be >= 1 and --system-tokens >= 0"
+    if turns > 1 and rate is not None:
+        return "--turns (multi-turn chats) runs closed loop: use --clients, not --rate"
+    if (turns > 1 or system) and args.endpoint != "chat":
+        return "--turns and --system-tokens need --endpoint chat"
     if (clients is not None and clients < 1) or args.max_tokens < 1 or args.max_requests < 1 \
             or not 0 < args.duration <= 24 * 3600:
         return "--clients, --max-tokens, --max-requests must be >= 1 and --duration in (0, 86400]"
@@ -365,7 +481,9 @@ def loadtest(args: argparse.Namespace) -> int:
                    endpoint=args.endpoint, stream=args.stream, temperature=args.temperature,
                    request_timeout=args.request_timeout, max_requests=args.max_requests, warmup=args.warmup,
                    progress=sys.stderr.isatty(), rate=getattr(args, "rate", None),
-                   max_inflight=getattr(args, "max_inflight", DEFAULT_MAX_INFLIGHT), seed=getattr(args, "seed", 0))
+                   max_inflight=getattr(args, "max_inflight", DEFAULT_MAX_INFLIGHT), seed=getattr(args, "seed", 0),
+                   turns=getattr(args, "turns", 1), turn_tokens=getattr(args, "turn_tokens", 400),
+                   system_tokens=getattr(args, "system_tokens", 0))
     if args.json == "-":
         print(json.dumps(asdict(rep), indent=2))
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from casspec.drafters.pool import DrafterPool
+from casspec.pool import DrafterPool
 from casspec.scheduler.base import Scheduler
 from casspec.scheduler.cascades import ConfidenceTree, HorizontalCascade, VerticalCascade, VerticalHorizontalCascade
 from casspec.scheduler.static import LookupThenSelf, NoDraft, PromptLookup, SelfChain

@@ -24,6 +24,7 @@ class GenerationStats:
 
     method: str
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
     new_tokens: int = 0
     wall_time: float = 0.0  # seconds, prefill included (Spec-Bench convention)
     prefill_time: float = 0.0

@@ -1,4 +1,4 @@
-"""Prompt encoding (raw text or chat messages) and incremental detokenization with stop strings."""
+"""Prompt encoding (raw text, chat messages or token ids) and incremental detokenization with stop strings."""
 from __future__ import annotations
 
 from typing import Union
@@ -7,11 +7,15 @@ from transformers import PreTrainedTokenizerBase
 
 from casspec.errors import InvalidRequestError
 
-Prompt = Union[str, list[dict]]
+Prompt = Union[str, list[dict], list[int]]
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool | None = None) -> list[int]:
-    """Token ids for a raw prompt, or for chat messages through the model's chat template."""
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool | None = None,
+                  vocab_size: int | None = None) -> list[int]:
+    """Token ids for a raw prompt, for chat messages through the model's chat template, or token ids as
+    they are (checked against `vocab_size`, default the tokenizer's)."""
+    if is_token_ids(prompt):
+        return check_token_ids(prompt, len(tokenizer) if vocab_size is None else vocab_size, chat)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InvalidRequestError("prompt is empty")
@@ -19,7 +23,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool
             return list(tokenizer(prompt).input_ids)
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
-        raise InvalidRequestError("prompt must be a non-empty string or a non-empty list of chat messages")
+        raise InvalidRequestError("prompt must be a non-empty string, or a non-empty list of chat messages "
+                                  "or of token ids")
     for m in prompt:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise InvalidRequestError("each chat message must be {'role': str, 'content': str}")
@@ -29,6 +34,21 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool
         raise InvalidRequestError("this model has no chat template: pass a plain text prompt")
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def is_token_ids(prompt: object) -> bool:
+    """Whether a prompt is given as token ids (a non-empty list whose first item is an int)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+
+
+def check_token_ids(ids: list, vocab_size: int, chat: bool | None = None) -> list[int]:
+    """The ids of a token-id prompt, or InvalidRequestError naming the first bad one."""
+    if chat:
+        raise InvalidRequestError("a token-id prompt is used as it is: chat templates apply to messages only")
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            raise InvalidRequestError(f"prompt token {i} is {t!r}: token ids must be integers in [0, {vocab_size})")
+    return list(ids)
 
 
 class TextAssembler:

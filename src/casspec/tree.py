@@ -6,20 +6,10 @@ A node attends to the committed prefix and to its own ancestors (tree attention)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class ForwardInputs:
-    """Arguments for TargetRunner.forward over a subset of tree nodes."""
-
-    input_ids: torch.Tensor  # [q]
-    positions: torch.Tensor  # [q]
-    slots: torch.Tensor  # [q]
-    allowed: torch.Tensor  # [q, kv_len] bool
-    key_positions: torch.Tensor  # [kv_len]
+from casspec.runtime.batch import Segment
+from casspec.runtime.kv_cache import SeqCache
 
 
 class DraftTree:
@@ -98,13 +88,16 @@ class DraftTree:
     def num_drafts(self) -> int:
         return len(self.tokens) - 1
 
-    def forward_inputs(self, rows: list[int]) -> ForwardInputs:
-        """Inputs to run nodes `rows` (ascending ids) on top of the committed cache."""
+    def segment(self, cache: SeqCache | None, rows: list[int] | None = None) -> Segment:
+        """The forward segment running nodes `rows` (ascending ids; all by default) of this tree on top of the
+        committed KV of `cache` (None: the inputs alone, for inspection)."""
+        rows = list(range(len(self))) if rows is None else rows
         idx = torch.tensor(rows, dtype=torch.long)
         last = rows[-1] + 1
         depth = torch.tensor(self.depth[:last], dtype=torch.long)
         committed = torch.ones(len(rows), self.base, dtype=torch.bool)
-        return ForwardInputs(
+        return Segment(
+            cache=cache,  # type: ignore[arg-type]  # None only when inspected, never run
             input_ids=torch.tensor([self.tokens[i] for i in rows], dtype=torch.long),
             positions=self.base + depth[idx],
             slots=self.base + idx,

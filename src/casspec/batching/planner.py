@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from casspec.scheduler.latency import LatencyModel
+from casspec.sizes import MAX_CHAIN
 
-MAX_DRAFT = 8  # longest chain a request drafts in one step
+MAX_DRAFT = MAX_CHAIN  # longest chain a request drafts in one step
 
 
 @dataclass(frozen=True)

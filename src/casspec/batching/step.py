@@ -8,35 +8,52 @@ setting (drafters/self_draft.pick_drafts); under the default coupled rule each r
 token-identical to its `ar` output for the seed, whatever the batch. A lone running request takes the
 single-stream step of its method's scheduler (the DyTC tree for casspec), so one client is served exactly
 as `generate` serves.
+
+Speculation must never make a loaded batch slower than batched `ar`: a casspec request the planner gave no
+draft sits out the next planning steps (1, 2, 4, ... up to BACKOFF_MAX steps, back to every step once it
+drafts again), with no prompt lookup and no planning: it costs what an `ar` row costs. The decoder
+measures its own planning time (lookups + planner) per step: `planner_stats()`.
 """
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import torch
 
 from casspec.batching.planner import MAX_DRAFT, BatchPlanner, Candidate, Choice
-from casspec.decoder import TREE_CAPACITY, SpeculativeDecoder, commit, prefill_segments
-from casspec.drafters.pool import PRIORS
+from casspec.decoder import SpeculativeDecoder, commit, prefill_segments, record_step
+from casspec.pool import PRIORS, DrafterPool
 from casspec.drafters.self_draft import pick_drafts
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
 from casspec.runtime.batch import Segment
 from casspec.runtime.plans import FULL
+from casspec.runtime.runner import TargetRunner
 from casspec.scheduler.acceptance import AcceptanceEstimator
+from casspec.scheduler.base import FixedPolicy, Scheduler
 from casspec.scheduler.static import PLD_LENGTH
+from casspec.sizes import PREFILL_RIDE, TREE_CAPACITY
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult, accept
 
 BATCH_METHODS = ("ar", "pld", "self", "casspec")  # fixed policies, and the load-aware planner
-SELF_MIN_CONF = 0.3  # the `self` method's chain stops below this draft confidence (as SelfChain)
-PREFILL_CHUNK = 64  # prompt tokens riding in a step's verify forward while other requests stream
+BACKOFF_MAX = 32  # most steps a casspec request whose drafts did not pay sits out before it is planned again
+
+
+class BatchHost(Protocol):
+    """What the batch code uses of an Engine (api.Engine is one)."""
+
+    runner: TargetRunner
+    pool: DrafterPool
+
+    def scheduler(self, method: str) -> Scheduler: ...
 
 
 class BatchDecoder:
     """Steps a batch of generations of one engine; adaptive state (acceptance per request) lives here."""
 
-    def __init__(self, engine: object, prefill_chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(self, engine: BatchHost, prefill_chunk: int = PREFILL_RIDE) -> None:
         self.engine, self.runner, self.pool = engine, engine.runner, engine.pool
         self.prefill_chunk = prefill_chunk
         self.level = self.pool.self_names()[0]  # the self-draft level batched chains use
@@ -44,6 +61,8 @@ class BatchDecoder:
         self.planner = BatchPlanner(self.pool.latency(), self.level, self.pool.ngram)
         self.global_alpha = {s: AcceptanceEstimator(prior=PRIORS[s]) for s in (self.level, "pld")}
         self._alpha: dict[int, dict[str, AcceptanceEstimator]] = {}  # id(generation) -> source -> estimate
+        self._idle: dict[int, tuple[int, int]] = {}  # id(generation) -> (steps left out still, last wait)
+        self._plan_totals = {"steps": 0, "seconds": 0.0, "planned": 0, "left_out": 0}
         self._forward_seconds = 0.0  # forward time within the current step
 
     @staticmethod
@@ -83,14 +102,55 @@ class BatchDecoder:
     def forget(self, gen: Generation) -> None:
         """Drop a finished generation's estimates."""
         self._alpha.pop(id(gen), None)
+        self._idle.pop(id(gen), None)
+
+    def planner_stats(self) -> dict:
+        """Planning (lookups + planner) over the batched steps so far: steps, seconds, ms per step, and
+        request-steps planned or left out (drafts that did not pay)."""
+        t = dict(self._plan_totals)
+        t["ms_per_step"] = 1000 * t["seconds"] / t["steps"] if t["steps"] else 0.0
+        return t
 
     # ---- 1. plan --------------------------------------------------------------------------------------
     def plan(self, gens: list[Generation], extra_rows: int) -> tuple[list[Choice], list[tuple[list[int], int]]]:
-        """Each request's Choice, and its prompt-lookup continuation (tokens, match length)."""
-        lookups = [self._lookup(g) for g in gens]
-        candidates = [self._candidate(g, lk) for g, lk in zip(gens, lookups)]
-        ctx = sum(g.state.cache.length for g in gens) // max(1, len(gens))
-        return self.planner.plan(candidates, ctx, extra_rows) if gens else [], lookups
+        """Each request's Choice, and its prompt-lookup continuation (tokens, match length). Requests sitting
+        out (their drafts did not pay) are neither looked up nor planned: they take no draft."""
+        t0 = time.perf_counter()
+        active = [self._planned(g) for g in gens]
+        lookups = [self._lookup(g) if a else ([], 0) for g, a in zip(gens, active)]
+        choices = [Choice()] * len(gens)
+        if any(a and g.method != "ar" for g, a in zip(gens, active)):
+            candidates = [self._candidate(g, lk) if a else Candidate({}, {}, Choice())
+                          for g, lk, a in zip(gens, lookups, active)]
+            ctx = sum(g.state.cache.length for g in gens) // max(1, len(gens))
+            choices = self.planner.plan(candidates, ctx, extra_rows)
+        for g, a, c in zip(gens, active, choices):
+            if a and g.method == "casspec":
+                self._back_off(g, c)
+        totals = self._plan_totals
+        totals["steps"] += 1
+        totals["seconds"] += time.perf_counter() - t0
+        totals["planned"] += sum(active)
+        totals["left_out"] += len(gens) - sum(active)
+        return choices, lookups
+
+    def _planned(self, g: Generation) -> bool:
+        """Whether this step looks up and plans `g` (a casspec request may be sitting out)."""
+        if g.method != "casspec":
+            return g.method != "ar"
+        left, wait = self._idle.get(id(g), (0, 0))
+        if left > 0:
+            self._idle[id(g)] = (left - 1, wait)
+            return False
+        return True
+
+    def _back_off(self, g: Generation, choice: Choice) -> None:
+        """No draft: sit out twice as long as last time (at most BACKOFF_MAX steps); a draft: plan every step."""
+        if choice.k > 0:
+            self._idle.pop(id(g), None)
+            return
+        wait = min(BACKOFF_MAX, 2 * self._idle.get(id(g), (0, 0))[1] or 1)
+        self._idle[id(g)] = (wait, wait)
 
     def _lookup(self, g: Generation) -> tuple[list[int], int]:
         if g.method == "ar":
@@ -99,14 +159,13 @@ class BatchDecoder:
         return self.pool.ngram.lookup(DraftTree(g.state.tokens[-1], 0, 2), g.state, 0, k)
 
     def _candidate(self, g: Generation, lookup: tuple[list[int], int]) -> Candidate:
+        """A fixed method's chain is its scheduler's own batch choice; casspec's is planned for the batch."""
+        policy = self.engine.scheduler(g.method)
+        if isinstance(policy, FixedPolicy):
+            source, k = policy.batch_choice(g.state, lookup)
+            return Candidate({}, {}, Choice(source, k))
         draft, n = lookup
         depth = min(MAX_DRAFT, g.state.max_depth())
-        if g.method == "ar":
-            return Candidate({}, {}, Choice())
-        if g.method == "pld":
-            return Candidate({}, {}, Choice("pld", min(len(draft), PLD_LENGTH.get(n, 0))))
-        if g.method == "self":
-            return Candidate({}, {}, Choice(self.level, depth))
         est = self._estimates(g)
         alphas = {self.level: est[self.level].alpha, "pld": est["pld"].token_prob(n / self.pool.ngram.max_n)}
         return Candidate(alphas, {self.level: depth, "pld": len(draft)})
@@ -138,7 +197,8 @@ class BatchDecoder:
         last = len(tree) - 1
         if last == 0:
             return True
-        low = g.method == "self" and tree.confidence[last] < SELF_MIN_CONF
+        policy = self.engine.scheduler(g.method)
+        low = isinstance(policy, FixedPolicy) and not policy.chain_goes_on(tree.confidence[last])
         return not low and tree.tokens[last] not in g.state.eos_ids and tree.depth[last] < g.state.max_depth()
 
     def _draft_depth(self, live: list[tuple[Generation, DraftTree]], depth: int) -> None:
@@ -166,10 +226,7 @@ class BatchDecoder:
     def verify(self, gens: list[Generation], trees: list[DraftTree],
                chunks: list[tuple[Generation, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Target logits [N_i, V] of each tree; prompt chunks ride along without logits."""
-        segments = []
-        for g, tree in zip(gens, trees):
-            x = tree.forward_inputs(list(range(len(tree))))
-            segments.append(Segment(g.state.cache, x.input_ids, x.positions, x.slots, x.allowed, x.key_positions))
+        segments = [tree.segment(g.state.cache) for g, tree in zip(gens, trees)]
         segments += [Segment(g.state.cache, ids, pos, pos) for g, ids, pos in chunks]
         n = sum(len(t) for t in trees)
         t0 = time.perf_counter()
@@ -197,16 +254,10 @@ class BatchDecoder:
     # ---- learn ----------------------------------------------------------------------------------------
     def _observe(self, g: Generation, tree: DraftTree, result: AcceptResult, choice: Choice,
                  t_draft: float, t_verify: float) -> None:
-        s = g.state.stats
-        s.target_forwards += 1
-        s.draft_time += t_draft
-        s.verify_time += t_verify
-        s.accept_lengths.append(len(result.tokens))
+        record_step(g.state, tree, result, t_draft, t_verify)
         on_path = set(result.path)
         est = self._estimates(g) if g.method == "casspec" else {}
         for node in range(1, len(tree)):
-            s.drafter(tree.drafter[node]).proposed += 1
-            s.drafter(tree.drafter[node]).accepted += node in on_path
             if tree.parents[node] in on_path and choice.source in self.global_alpha:
                 for e in (est.get(choice.source), self.global_alpha[choice.source]):
                     if e is not None:

@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .report import OVERALL
+from .prompts import OVERALL
 
 METHOD_COLOURS = matplotlib.colormaps["tab20"]
 

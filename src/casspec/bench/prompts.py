@@ -110,6 +110,9 @@ def load_questions(
     return questions
 
 
+OVERALL = "overall"  # the row/column over every category of a race
+
+
 def group_order(groups: set[str] | list[str]) -> list[str]:
     """Spec-Bench's group order first (mt_bench, translation, ...), then any others sorted."""
     known = [g for g in SPEC_BENCH_GROUPS if g in groups]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report import OVERALL
+from .prompts import OVERALL
 
 HOW_TO_READ = """\
 How to read these numbers:

@@ -7,7 +7,8 @@ finished. We also give `speedup_total` = (sum tokens / sum time) / (same for "ar
 throughput ratio, which weighs long answers more. With repeats, each turn's wall time is the
 median over repeats. Mean accepted length counts the bonus token (1.00 for plain decoding).
 Sampled runs (temperature > 0): `seeded_same` / `seeded_compared` count the generations of engine
-methods whose tokens equal "ar"'s for the same seed (all of them under the coupled "gumbel" rule).
+methods whose tokens equal "ar"'s for the same seed (all of them under the coupled "gumbel" rule);
+`seeded_differs` lists those that do not.
 Approximate peers (llama.cpp) are not judged lossless; their cells count the prompts whose greedy
 output was identical to "ar"'s and give the median index of the first departure over the others.
 """
@@ -19,11 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .prompts import group_order
+from .prompts import OVERALL, group_order
 
 Record = dict[str, Any]
 QStat = tuple[int, float]  # (new tokens, wall seconds) of one question, turns summed
-OVERALL = "overall"
 
 
 def spec_bench_speedup(method_q: list[QStat], base_q: list[QStat]) -> float | None:
@@ -125,6 +125,7 @@ def summarize(records: list[Record], baseline: str = "ar") -> dict[str, Any]:
             "mismatches": [_brief(r) | {"mismatch": r["mismatch"]} for r in recs
                            if r.get("lossless") is False],
             "errors": [_brief(r) | {"error": r["error"]} for r in recs if r.get("error")],
+            "seeded_differs": [_brief(r) for r in recs if r.get("same_as_ar") is False],
         }
     return models
 

@@ -42,6 +42,7 @@ class BenchConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # engine methods only: the peers here take no min_p, so they sit out a race that sets it
     repeats: int = 1
     seed: int = 0  # sampling: prompt q, turn t uses seed + 10 q + t, the same for every method
     sampling_rule: str = "gumbel"  # engine methods at temperature > 0: "gumbel" (seed-stable) or "rejection"
@@ -56,6 +57,8 @@ class BenchConfig:
             raise InvalidRequestError("repeats must be >= 1")
         if not self.temperature >= 0:
             raise InvalidRequestError("temperature must be >= 0")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError("min_p must be in [0, 1]")
 
 
 def resolve_methods(engine: Any, cfg: BenchConfig) -> list[str]:
@@ -103,15 +106,21 @@ class Race:
     def __init__(self, engine: Any, cfg: BenchConfig) -> None:
         cfg.validate()
         self.engine = engine
+        if getattr(engine, "prefix_cache", None) is not None:  # every method prefills its prompt, as llama.cpp's
+            engine.prefix_cache = None  # peer does (reset per prompt): no method reuses another's prefix KV
         self.cfg = cfg
         self.methods = resolve_methods(engine, cfg)
         self.chat = bool(engine.has_chat_template)
         self.rule = {"sampling_rule": cfg.sampling_rule} if cfg.temperature > 0 else {}  # greedy: nothing to pass
         self.device = engine.runner.device if hasattr(engine, "runner") else model_device(engine.hf_model)
+        self.skipped: list[str] = []  # one message per reason a requested peer cannot race
+        unfiltered = [m for m in self.methods if m in HF_PEERS or m in LLAMACPP_PEERS]
+        if cfg.min_p > 0 and cfg.temperature > 0 and unfiltered:
+            self.skipped.append(f"{', '.join(unfiltered)} skipped: min_p is not passed to the peers")
+            self.methods = [m for m in self.methods if m not in unfiltered]
         self.peers = HFPeers(engine) if any(m in HF_PEERS for m in self.methods) else None
         self.eos = sorted(eos_ids(engine))
         self.llamacpp: LlamaCppPeers | None = None
-        self.skipped: list[str] = []  # one message per reason a requested peer cannot race
         wanted = [m for m in self.methods if m in LLAMACPP_PEERS]
         reason = unavailable_reason(engine) if wanted else None
         if reason:
@@ -156,7 +165,7 @@ class Race:
         t0 = time.perf_counter()
         res = self.engine.generate(prompt, method=method, max_new_tokens=max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                   seed=seed, chat=self.chat, **self.rule)
+                                   min_p=cfg.min_p, seed=seed, chat=self.chat, **self.rule)
         sync(self.device)
         wall = time.perf_counter() - t0
         st = res.stats

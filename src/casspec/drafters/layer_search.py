@@ -10,25 +10,26 @@ swapping one skipped and one kept sub-layer. It runs one candidate every `interv
 """
 from __future__ import annotations
 
-import json
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from casspec.runtime import cache_files
 from casspec.state import DecodeState
 from casspec.runtime.plans import ExecutionPlan, LayerSkip
 from casspec.runtime.runner import TargetRunner
+from casspec.sizes import SCRATCH_OFFSET, SEARCH_WINDOW
 
-SCRATCH_OFFSET = 64  # scratch slots start this far past the committed length (>= the tree capacity)
 
 
 class LayerSetSearch:
     """Finds a good skip set of a given sparsity from generated context, a little at a time."""
 
     def __init__(self, runner: TargetRunner, sparsity: float, *, base: ExecutionPlan | None = None,
-                 window: int = 32, interval: int = 4, max_evals: int = 200, seed: int = 0,
+                 window: int = SEARCH_WINDOW, interval: int = 4, max_evals: int = 200, seed: int = 0,
                  path: Path | None = None) -> None:
         self.runner, self.sparsity, self.base = runner, sparsity, base or ExecutionPlan()
         self.window, self.interval, self.max_evals = window, interval, max_evals
@@ -105,21 +106,33 @@ class LayerSetSearch:
         return (skip - {self.rng.choice(sorted(skip))}) | {self.rng.choice(kept)}
 
     def _load(self) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            entry = json.loads(self.path.read_text()).get(f"{self.sparsity:.2f}")
-        except (OSError, json.JSONDecodeError):
-            return
+        entry = self._read().get(f"{self.sparsity:.2f}")
         if entry:  # start from the cached set; it is re-scored on the new context before comparisons
             self.best = frozenset((k, int(i)) for k, i in entry["skip"])
 
+    def _read(self) -> dict[str, dict]:
+        """The cached sets by sparsity ({} where none is cached or the file is unreadable)."""
+        return cache_files.read_json(self.path, partial(_layer_sets, self.slots), "the layer sets") or {}
+
     def _save(self) -> None:
+        """Merge the best set into the cached file. Runs during decoding, so it never raises: concurrent
+        processes (Ray replicas) each write through their own temporary name and the last rename wins."""
         if self.path is None:
             return
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        data = self._read()
         data[f"{self.sparsity:.2f}"] = {"skip": sorted(self.best), "score": self.best_score}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.path)
+        cache_files.write_json(self.path, data)
+
+
+def _layer_sets(slots: list[tuple[str, int]], data: object) -> dict[str, dict]:
+    """`data` checked to be {sparsity: {"skip": [[kind, layer], ...], "score": float}} over `slots`."""
+    if not isinstance(data, dict):
+        raise ValueError("layer sets must be a JSON object")
+    valid = set(slots)
+    for entry in data.values():
+        skip = entry["skip"]
+        if not isinstance(skip, list) or not all(
+                isinstance(s, list) and len(s) == 2 and (s[0], s[1]) in valid for s in skip):
+            raise ValueError("a layer set names sub-layers this model does not have")
+        float(entry["score"])
+    return data

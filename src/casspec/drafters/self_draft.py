@@ -113,8 +113,11 @@ class SelfDrafter:
             logits = self._forward(tree, state, frontier)  # [len(frontier), V] (pruned head: V')
             stats.forwards += 1
             nxt = []
+            t1 = time.perf_counter()
             picks = pick_drafts(logits, [state] * len(frontier), [tree.base + tree.depth[f] + 1 for f in frontier],
                                 ids, siblings, self.runner.vocab_size)
+            if not state.sampling.is_greedy:  # the sampling work of this step, for DyTC's cost model
+                state.log_forward(f"sample:{self.name}", len(frontier), time.perf_counter() - t1, ctx_len=0)
             for leaf, pick in zip(frontier, picks):
                 children = self.expand(tree, leaf, pick, ids, siblings, score, min_sibling_p_acc)
                 new += children
@@ -170,11 +173,9 @@ class SelfDrafter:
         """Run the frontier nodes plus every path node lacking this plan's KV; logits at the frontier."""
         lacking = {n for leaf in frontier for n in tree.path(leaf) if not self.kv_layers <= tree.kv_layers[n]}
         rows = sorted(lacking | set(frontier))
-        inputs = tree.forward_inputs(rows)
         logits_rows = torch.tensor([rows.index(f) for f in frontier], dtype=torch.long)
         t0 = time.perf_counter()
-        logits = self.runner.forward(inputs.input_ids, inputs.positions, inputs.slots, state.cache,
-                                     self.plan, inputs.allowed, inputs.key_positions, logits_rows)
+        logits = self.runner.forward_batch([tree.segment(state.cache, rows)], self.plan, logits_rows)
         self.runner.synchronize()
         state.log_forward(self.name, len(rows), time.perf_counter() - t0)
         for r in rows:

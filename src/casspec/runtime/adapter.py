@@ -21,6 +21,8 @@ LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
 GEMMA3_FAMILY = {"gemma3_text", "gemma3"}
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# RoPE variants whose tables HF's rotary module computes in the [M, D/2] cos/sin form the ops take
+ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3"}
 
 
 class UnsupportedModelError(InvalidRequestError):
@@ -55,6 +57,29 @@ class LlamaAdapter:
         names = {id(m): n for n, m in model.named_modules()}
         self.prefix, self.head_name = names[id(self.base)], names[id(self.lm_head)]  # "model", "lm_head"
         self.rotary = _cpu_rotary(self.base.rotary_emb)
+        self.embed_rows: int = self._embed_rows()
+        self._check_shapes()
+
+    def _embed_rows(self) -> int:
+        """Rows of the input embedding (the GGUF file's own tensor when it holds the weights)."""
+        if isinstance(self.source, GGUFSource):
+            return int(self.source.linear("model.embed_tokens")[0].shape[0])
+        return int(self.base.embed_tokens.num_embeddings)
+
+    def _check_shapes(self) -> None:
+        """Refuse what only shows in the built modules: RoPE tables narrower than the head (a partial
+        rotary variant), an odd head size, a head scoring tokens the embedding has no row for."""
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"unsupported model config: head_dim={self.head_dim} "
+                                        "(RoPE needs an even head size)")
+        for kind, (cos, _) in self.rope(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)).items():
+            if cos.shape[-1] * 2 != self.head_dim:
+                raise UnsupportedModelError(
+                    f"unsupported model config: partial_rotary_factor (RoPE of {kind} layers covers "
+                    f"{cos.shape[-1] * 2} of {self.head_dim} head dimensions; only full rotary is implemented)")
+        if self.vocab_size > self.embed_rows:
+            raise UnsupportedModelError(f"unsupported model: the output head scores {self.vocab_size} tokens but the "
+                                        f"input embedding has {self.embed_rows} rows")
 
     def _default_layer_types(self) -> list[str]:
         """Without `layer_types`, a set sliding window applies to every layer (Mistral)."""
@@ -163,6 +188,26 @@ def check_supported(cfg: object, layers: list[nn.Module]) -> None:
         refuse("use_bidirectional_attention", True, "only causal decoders are supported")
     if getattr(cfg, "pretraining_tp", 1) not in (1, None):
         refuse("pretraining_tp", cfg.pretraining_tp, "split projections are not supported")
+    for field, params in _rope_parameters(cfg):
+        factor = params.get("partial_rotary_factor", 1.0)
+        if factor is not None and float(factor) != 1.0:
+            refuse(f"{field}.partial_rotary_factor", factor, "only full rotary embeddings are implemented")
+        kind = params.get("rope_type", params.get("type", "default"))  # "type": the older spelling
+        if kind not in ROPE_TYPES:
+            refuse(f"{field}.rope_type", kind, f"supported: {sorted(ROPE_TYPES)}")
+        if params.get("mrope_section") is not None:
+            refuse(f"{field}.mrope_section", params["mrope_section"], "multimodal RoPE is not implemented")
+    for field in ("partial_rotary_factor", "rotary_pct"):  # older spellings outside the rope parameters
+        value = getattr(cfg, field, None)
+        if value is not None and float(value) != 1.0:
+            refuse(field, value, "only full rotary embeddings are implemented")
+    if getattr(cfg, "use_sliding_window", False) and not getattr(cfg, "sliding_window", None):
+        refuse("sliding_window", None, "use_sliding_window is set but no window is")
+    if getattr(cfg, "attention_chunk_size", None) is not None:
+        refuse("attention_chunk_size", cfg.attention_chunk_size, "chunked attention is not implemented")
+    for field in ("logits_scaling", "embedding_multiplier", "residual_multiplier", "attention_multiplier"):
+        if getattr(cfg, field, None) not in (None, 1, 1.0):  # Granite-style scalings, ignored by the loop
+            refuse(field, getattr(cfg, field), "not implemented by the runtime's layer loop")
     attn, mlp = layers[0].self_attn, layers[0].mlp
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         if not isinstance(getattr(attn, name, None), nn.Linear):
@@ -170,6 +215,36 @@ def check_supported(cfg: object, layers: list[nn.Module]) -> None:
     for name in ("gate_proj", "up_proj", "down_proj"):
         if not isinstance(getattr(mlp, name, None), nn.Linear):
             refuse(f"mlp.{name}", type(getattr(mlp, name, None)).__name__, "expected a gated MLP of nn.Linear")
+
+
+def _rope_parameters(cfg: object) -> list[tuple[str, dict]]:
+    """(field name, RoPE parameters) of a config: transformers 5's `rope_parameters` (per layer type for
+    Gemma 3), or the older `rope_scaling`."""
+    for field in ("rope_parameters", "rope_scaling"):
+        params = getattr(cfg, field, None)
+        if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+            return [(f"{field}[{k!r}]", v) for k, v in params.items()]
+        if isinstance(params, dict):
+            return [(field, params)]
+    return []
+
+
+def check_tokenizer(tokenizer: object, embed_rows: int) -> None:
+    """Refuse a tokenizer whose base vocabulary has more ids than the embedding has rows (ordinary text
+    would index past the embedding). Added tokens past the rows fail only the prompts that hold them, at
+    submit (`Engine.start`), so a checkpoint with a few unused added tokens still loads."""
+    base = getattr(tokenizer, "vocab_size", None)
+    if isinstance(base, int) and base > embed_rows:
+        raise UnsupportedModelError(f"the tokenizer has {base} token ids but the model's embedding has only "
+                                    f"{embed_rows} rows: they do not belong together")
+
+
+def check_prompt_ids(ids: list[int], embed_rows: int) -> None:
+    """Refuse, before any forward, a prompt holding a token id the embedding has no row for."""
+    if ids and not 0 <= min(ids) <= max(ids) < embed_rows:
+        bad = next(t for t in ids if not 0 <= t < embed_rows)
+        raise InvalidRequestError(f"prompt token id {bad} is outside the model's vocabulary "
+                                  f"(its embedding has {embed_rows} rows, ids 0..{embed_rows - 1})")
 
 
 def make_adapter(model: nn.Module, source: ModuleSource | GGUFSource | None = None) -> LlamaAdapter:

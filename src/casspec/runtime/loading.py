@@ -10,6 +10,7 @@ once to fp32 safetensors in the cache; later loads read that.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import importlib
@@ -23,13 +24,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from casspec.errors import InvalidRequestError, ModelNotFoundError
+from casspec.runtime import cache_files
 
 if TYPE_CHECKING:
     from casspec.runtime.sources import GGUFSource
@@ -52,6 +54,7 @@ CACHE_FORMAT = "1"  # bump to invalidate converted models after a change to the 
 HUB_TIMEOUT_S = 3.0
 STALE_TMP_S = 6 * 3600
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+T = TypeVar("T")
 _KNOWN_HINT = "known names: " + ", ".join(repr(n) for n in KNOWN_MODELS)
 
 
@@ -69,10 +72,13 @@ class LoadedModel:
 
 
 def model_cache_dir() -> Path:
-    """Return casspec's cache directory ($CASSPEC_CACHE or ~/.cache/casspec), creating it."""
+    """Return casspec's cache directory ($CASSPEC_CACHE or ~/.cache/casspec), creating it if it can."""
     env = os.environ.get("CASSPEC_CACHE")
     path = Path(env).expanduser() if env else Path.home() / ".cache" / "casspec"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # caching is best effort (cache_files.py): every write will find out and warn
+        cache_files.warn_once("write", path, f"cannot create the cache folder {path} ({exc}); running without caching")
     return path
 
 
@@ -168,18 +174,24 @@ def _gemma_gguf(cache: Path) -> Path:
     except ImportError:
         raise ModelNotFoundError(hint) from None
     target = cache / "gguf" / package.MODEL_NAME
+    size = sum(chunk.stat().st_size for chunk in package.chunk_paths() if chunk.is_file())
     if target.is_file():
+        if target.stat().st_size == size:
+            return target
+        cache_files.warn_once("read", target, f"ignoring the truncated cache file {target}; assembling it again")
+
+    def assemble(tmp: Path) -> None:
+        try:
+            package.assemble(tmp, overwrite=True)
+        except (ImportError, FileNotFoundError, ValueError) as exc:  # missing part package, bad checksum
+            raise ModelNotFoundError(f"{hint} ({_first_line(exc)})") from None
+
+    if cache_files.write_atomic(target, assemble):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    try:
-        package.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    except (ImportError, FileNotFoundError, ValueError) as exc:  # missing part package, bad checksum
-        raise ModelNotFoundError(f"{hint} ({_first_line(exc)})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    folder = Path(tempfile.mkdtemp(prefix="casspec-gguf-"))  # the cache cannot be written: this process only
+    atexit.register(shutil.rmtree, folder, True)
+    assemble(folder / package.MODEL_NAME)
+    return folder / package.MODEL_NAME
 
 
 def _load_gguf(gguf: Path, name: str, cache: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -194,8 +206,8 @@ def _load_gguf(gguf: Path, name: str, cache: Path, dtype: torch.dtype, device: t
 def load_gguf_converted(gguf: Path, name: str, cache: Path, dtype: torch.dtype = torch.float32,
                         device: torch.device = torch.device("cpu")) -> LoadedModel:
     """The HF model of a GGUF file with dequantized weights (what transformers loads), converted once."""
-    converted = _ensure_in_cache(gguf, name, cache, "", _convert_gguf, _is_complete)
-    loaded = _load_dir(str(converted), name, dtype, device)
+    loaded = _from_cache(gguf, name, cache, "", _convert_gguf, _is_complete,
+                         lambda folder: _load_dir(str(folder), name, dtype, device))
     loaded.gguf_path = gguf
     return loaded
 
@@ -205,13 +217,12 @@ def load_gguf_native(gguf: Path, name: str, cache: Path) -> LoadedModel:
     from casspec.runtime.gguf_file import GGUFFile
     from casspec.runtime.sources import GGUFSource
 
-    meta = _ensure_in_cache(gguf, name, cache, "-meta", _save_gguf_metadata, _has_metadata)
+    tokenizer, config, generation = _from_cache(gguf, name, cache, "-meta", _save_gguf_metadata, _has_metadata,
+                                                _read_metadata)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(meta), local_files_only=True)
-        config = transformers.AutoConfig.from_pretrained(str(meta), local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        model.generation_config = transformers.GenerationConfig.from_pretrained(str(meta))
+        model.generation_config = generation
         source = GGUFSource(GGUFFile(gguf), config, config.num_hidden_layers)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {_first_line(exc)}") from None
@@ -219,18 +230,77 @@ def load_gguf_native(gguf: Path, name: str, cache: Path) -> LoadedModel:
                        source=source, gguf_path=gguf)
 
 
-def _ensure_in_cache(gguf: Path, name: str, cache: Path, suffix: str, build: Callable[[Path, Path], None],
-                     complete: Callable[[Path], bool]) -> Path:
-    """Return the cache directory `build(gguf, folder)` fills for this file; build it atomically if missing."""
+def _file_tokenizer(folder: Path) -> object:
+    """The fast tokenizer of `folder` built straight from its tokenizer.json. A family class (e.g. transformers'
+    GemmaTokenizer) rebuilds it from Python copies of the vocabulary and merges it then keeps: ~350 MB more
+    for Gemma's 262k vocabulary than the same tokenizer read from the file (same ids, tested)."""
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    _return_freed_memory()
+    return tokenizer
+
+
+def _return_freed_memory() -> None:
+    """Hand memory the JSON parse freed back to the OS (glibc keeps it in its arenas otherwise: ~500 MB
+    of RSS after reading Gemma's tokenizer). A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_metadata(folder: Path) -> tuple[object, object, object]:
+    """The tokenizer, config and generation config `_save_gguf_metadata` saved in `folder`."""
+    try:
+        tokenizer = _file_tokenizer(folder)
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return tokenizer, config, transformers.GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"cannot load the tokenizer and config saved in '{folder}': "
+                                 f"{_first_line(exc)}") from None
+
+
+def _from_cache(gguf: Path, name: str, cache: Path, suffix: str, build: Callable[[Path, Path], None],
+                complete: Callable[[Path], bool], read: Callable[[Path], T]) -> T:
+    """`read(folder)` of the cache folder `build(gguf, folder)` fills for this file, built atomically if
+    missing. A folder `read` fails on (a truncated or corrupt file) is built again, with one warning; where
+    the cache cannot be written, the folder is built in a temporary directory removed after reading."""
+    final = _cache_folder(gguf, name, cache, suffix)
+    if complete(final):
+        try:
+            return read(final)
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the reader raise: rebuild
+            cache_files.warn_once("read", final, f"ignoring the unreadable cache folder {final} "
+                                                 f"({type(exc).__name__}: {_first_line(exc)}); building it again")
+            _discard(final)
+    folder = _build_in_cache(gguf, final, build, complete)
+    if folder is not None:
+        return read(folder)
+    with tempfile.TemporaryDirectory(prefix="casspec-") as tmp:
+        build(gguf, Path(tmp))
+        return read(Path(tmp))
+
+
+def _cache_folder(gguf: Path, name: str, cache: Path, suffix: str) -> Path:
     stat = gguf.stat()
     ident = f"{CACHE_FORMAT}|{transformers.__version__}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     safe_name = re.sub(r"[^\w.-]", "_", name)
-    final = cache / "models" / f"{safe_name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
-    if complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    return cache / "models" / f"{safe_name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
+
+
+def _build_in_cache(gguf: Path, final: Path, build: Callable[[Path, Path], None],
+                    complete: Callable[[Path], bool]) -> Path | None:
+    """Fill `final` through a temporary folder and a rename; None (one warning) where the cache folder
+    cannot be written (read-only, full disk)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(final.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    except OSError as exc:
+        cache_files.warn_once("write", final.parent, f"cannot write the cache folder {final.parent} ({exc}); "
+                                                     "running without caching there")
+        return None
     try:
         build(gguf, tmp)
         if final.exists() and not complete(final):
@@ -240,9 +310,23 @@ def _ensure_in_cache(gguf: Path, name: str, cache: Path, suffix: str, build: Cal
         except OSError:
             if not complete(final):  # a concurrent conversion finished first: use that one
                 raise
+    except OSError as exc:
+        cache_files.warn_once("write", final.parent, f"cannot write the cache folder {final.parent} ({exc}); "
+                                                     "running without caching there")
+        return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged cache folder out of the way (a rename, so no reader sees it half-deleted), then delete it."""
+    trash = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(folder, trash)
+    except OSError:
+        return  # gone already (another process), or the cache is read-only: the rebuild goes elsewhere
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _is_complete(folder: Path) -> bool:

@@ -22,10 +22,23 @@ drafter's overall quality drifts, every bin follows alpha at once, since bins on
 better or worse than average a confidence level is. At each window boundary the information decays,
 I[b] *= bin_decay, and s[b] shrinks toward 0 as the posterior mean would under that loss of
 information, so the shape tracks drift and bins that stop receiving data relax back to alpha.
+
+Regimes: a drafter's acceptance depends on how the target picks its token. Greedy compares argmaxes;
+coupled sampling compares perturbed argmaxes, which differ more often as the temperature rises (and the
+draft's confidence means something else there); rejection sampling accepts by probability ratios. So a
+scheduler keeps one estimator per `regime(sampling)`, each started from the drafter's prior: sampled
+outcomes never move the greedy estimate, nor one temperature's another's.
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+
+from casspec.config import SamplingConfig
+
+GREEDY = "greedy"
+TEMPERATURE_STEP = 0.25  # sampled regimes bucket the temperature to this step (0.7 and 0.8 share 0.75)
+MAX_TEMPERATURE_BUCKET = 2.0  # every hotter setting shares the last bucket
 
 _EPS = 1e-4  # probabilities are clipped to [eps, 1 - eps] before taking log-odds
 
@@ -37,6 +50,17 @@ def _logit(p: float) -> float:
 
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
+
+
+def regime(sampling: SamplingConfig) -> str:
+    """The acceptance regime of a request: "greedy", or "<rule>@<temperature bucket>" (e.g. "gumbel@0.75")."""
+    return GREEDY if sampling.is_greedy else _sampled_regime(sampling.rule, sampling.temperature)
+
+
+@lru_cache(maxsize=256)
+def _sampled_regime(rule: str, temperature: float) -> str:
+    t = min(round(temperature / TEMPERATURE_STEP) * TEMPERATURE_STEP, MAX_TEMPERATURE_BUCKET)
+    return f"{rule}@{max(t, TEMPERATURE_STEP):g}"
 
 
 class AcceptanceEstimator:
@@ -75,6 +99,11 @@ class AcceptanceEstimator:
         self._info = [0.0] * self.n_bins  # I[b]: decayed Fisher information of s[b]
         self._count = [0.0] * self.n_bins  # decayed token count per bin (reporting only)
         self.num_observed = 0  # total verified tokens seen
+
+    def fresh(self) -> AcceptanceEstimator:
+        """A new estimator with the same prior and hyperparameters and no data (a new regime's start)."""
+        return AcceptanceEstimator(self.prior, self.lam, self.window, self.n_bins, self.bin_decay,
+                                   self.prior_strength)
 
     @property
     def alpha(self) -> float:
@@ -182,3 +211,24 @@ class AcceptanceEstimator:
         self._info = [float(x) for x in d["info"]]
         self._count = [float(x) for x in d["count"]]
         self.num_observed = int(d["num_observed"])
+
+
+class RatioEstimator:
+    """Observed over predicted successes, with `strength` pseudo-successes at ratio 1 and a decay per
+    observation: a multiplicative correction for a heuristic probability (DyTC: runner-up siblings)."""
+
+    def __init__(self, strength: float = 1.0, decay: float = 0.98) -> None:
+        if strength <= 0.0 or not 0.0 < decay <= 1.0:
+            raise ValueError(f"need strength > 0 and 0 < decay <= 1, got {strength}, {decay}")
+        self.strength, self.decay = float(strength), float(decay)
+        self._hits = 0.0  # decayed observed successes
+        self._expected = 0.0  # decayed sum of the heuristic's probabilities for them
+
+    @property
+    def ratio(self) -> float:
+        return (self._hits + self.strength) / (self._expected + self.strength)
+
+    def observe(self, success: bool, predicted: float) -> None:
+        """One outcome of an event the heuristic gave probability `predicted` (before correction)."""
+        self._hits = self.decay * self._hits + float(bool(success))
+        self._expected = self.decay * self._expected + min(max(float(predicted), 0.0), 1.0)

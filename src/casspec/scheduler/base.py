@@ -23,9 +23,19 @@ class Scheduler(Protocol):
 
 
 class FixedPolicy:
-    """Base of schedulers that do not learn: observing is a no-op."""
+    """Base of schedulers that do not learn: observing is a no-op. In a batch (batching/step.py) each
+    request's draft for a step is a single chain, which the policy itself chooses: `batch_choice`."""
 
     name = "static"
 
     def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
         pass
+
+    def batch_choice(self, state: DecodeState, lookup: tuple[list[int], int]) -> tuple[str | None, int]:
+        """(draft source, length) of this request's chain in a batched step, given its prompt-lookup
+        continuation (tokens, match length); (None, 0): no draft."""
+        return None, 0
+
+    def chain_goes_on(self, confidence: float) -> bool:
+        """Whether a batched self-draft chain continues below a node drafted with this confidence."""
+        return True

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import statistics
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from casspec.runtime import cache_files
 from casspec.runtime.backend import TimedBackend
 from casspec.scheduler.latency import LatencyModel, calibration_grid
 from casspec.runtime.plans import ExecutionPlan
@@ -67,31 +67,26 @@ def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: La
 
 def load_or_calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], path: Path | None,
                       **kwargs: object) -> tuple[LatencyModel, bool]:
-    """A calibrated LatencyModel, from `path` if it holds every plan, else measured now and saved there.
+    """A calibrated LatencyModel, from `path` if it holds every plan, else measured now and saved there
+    (best effort: an unreadable file is measured again, an unwritable folder only means no cache).
     The flag says whether any plan was measured now."""
-    latency = LatencyModel()
-    if path is not None and path.exists():
-        try:
-            latency.load_state_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, json.JSONDecodeError):
-            latency = LatencyModel()
+    latency = cache_files.read_json(path, _latency_state, "the latency calibration") or LatencyModel()
     missing = {k: p for k, p in plans.items() if not latency.knows(k)}
     if missing:
         calibrate(runner, missing, latency, **kwargs)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(latency.state_dict()))
-            tmp.replace(path)
+            cache_files.write_json(path, latency.state_dict())
     return latency, bool(missing)
 
 
 def is_calibrated(path: Path | None, plans: list[str]) -> bool:
     """Whether `path` holds a calibration covering `plans` (without measuring anything)."""
-    if path is None or not path.exists():
-        return False
-    try:
-        saved = json.loads(path.read_text()).get("plans", {})
-    except (OSError, json.JSONDecodeError):
-        return False
-    return all(p in saved for p in plans)
+    saved = cache_files.read_json(path, _latency_state, "the latency calibration")
+    return saved is not None and all(saved.knows(p) for p in plans)
+
+
+def _latency_state(data: object) -> LatencyModel:
+    """A LatencyModel holding a saved state (raises on one of the wrong shape: the file is then rebuilt)."""
+    latency = LatencyModel()
+    latency.load_state_dict(data)  # type: ignore[arg-type]
+    return latency

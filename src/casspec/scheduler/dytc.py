@@ -14,6 +14,26 @@ continue). Growth stops when no expansion raises the round's EWIF. Inside a chos
 chain stops as soon as its next token's marginal gain rate falls below the round's rate.
 alpha comes from per-drafter EMA estimates (lambda 0.7, window 20), refined per token by the
 drafter's confidence. Costs come from the calibrated, online-updated latency model.
+
+At temperature > 0:
+- each level keeps one acceptance estimate per regime (acceptance.regime: greedy, or sampling rule and
+  temperature bucket), so sampled outcomes never move the greedy estimate, nor greedy the sampled ones;
+- the sampling work enters every cost: a draft step adds the measured seconds of sampling its rows
+  ("sample:<level>" in the latency model), verification adds the target's sampling over the tree
+  ("sample:full"); both are timed where they happen (decoder.step, SelfDrafter.propose);
+- runner-up siblings' heuristic p_acc is corrected per regime by their observed acceptance (RatioEstimator);
+- a self-draft level costing more than `max_draft_cost` of a plain sampled step, sampling included, is
+  left out (as DrafterPool.paying leaves such levels out at build time, measured greedy);
+- a PayGuard times whole rounds and pauses drafting while drafted rounds yield fewer tokens per second
+  than plain ones: what no model predicts (scheduler overhead, mis-estimates) cannot keep casspec slower
+  than `ar` for long. Under coupled sampling none of this changes the output: the tokens are `ar`'s for
+  the seed. Greedy decoding keeps the siblings' heuristic as it is.
+
+In every regime a second PayGuard holds the cascade to its bottom level: rounds that may use the self-draft
+levels are timed against rounds restricted to prompt lookup (it pauses to measure those once it has timed
+8 rounds that may use them), and the self levels
+pause while they measure slower. The cost model predicts; the guard makes sure that a wrong prediction (a
+tree that costs more to verify than it gains) cannot leave casspec behind prompt lookup alone for long.
 """
 from __future__ import annotations
 
@@ -23,13 +43,16 @@ from dataclasses import dataclass, field
 from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
-from casspec.scheduler.acceptance import AcceptanceEstimator
+from casspec.scheduler.acceptance import GREEDY, AcceptanceEstimator, RatioEstimator, regime
+from casspec.scheduler.guard import PayGuard
+from casspec.sizes import MAX_CHAIN
 from casspec.scheduler.latency import LatencyModel
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult
 
-FIXED_COST = {"full": 1.0, "lookup": 0.002, "self": 0.5}  # cost ratios for the no-latency-model ablation
+FIXED_COST = {"full": 1.0, "lookup": 0.002, "self": 0.5, "sample": 0.03}  # cost ratios without a latency model
+SAMPLE = "sample:"  # latency-model key prefix of the sampling work on a plan's logits ("sample:full", ...)
 
 
 @dataclass
@@ -37,8 +60,24 @@ class Level:
     """One draft model of the hierarchy with its online acceptance estimate."""
 
     drafter: SelfDrafter | NgramDrafter
-    estimator: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
+    estimator: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)  # greedy; its prior starts the rest
     search: LayerSetSearch | None = None  # on-the-fly skip-set search refining this level's plan
+    sampled: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # regime -> estimate at T > 0
+    sibling_ratios: dict[str, RatioEstimator] = field(default_factory=dict)  # regime -> runner-up correction
+
+    def estimate(self, reg: str) -> AcceptanceEstimator:
+        """This level's acceptance estimate in one regime (acceptance.regime)."""
+        if reg == GREEDY:
+            return self.estimator
+        if reg not in self.sampled:
+            self.sampled[reg] = self.estimator.fresh()
+        return self.sampled[reg]
+
+    def sibling_ratio(self, reg: str) -> RatioEstimator | None:
+        """Observed / heuristic acceptance of runner-up siblings at T > 0 (None: greedy keeps the heuristic)."""
+        if reg == GREEDY:
+            return None
+        return self.sibling_ratios.setdefault(reg, RatioEstimator())
 
     @property
     def name(self) -> str:
@@ -54,12 +93,16 @@ class DyTCConfig:
     """Knobs of the scheduler; the use_* switches are the ablations."""
 
     max_nodes: int = 40  # tree size cap, root included
-    max_k: int = 8  # longest single expansion
+    max_k: int = MAX_CHAIN  # longest single expansion
     siblings: int = 1  # runner-up children added per self-draft step
     batch: int = 3  # leaves of one parent drafted together in one pass
     use_latency: bool = True  # False: fixed cost ratios (FIXED_COST)
     use_ema: bool = True  # False: fixed acceptance = the estimator's prior
     use_tree: bool = True  # False: a single chain
+    max_draft_cost: float = 0.6  # T > 0: a self-draft step over this share of a plain step is left out
+    guard: bool = True  # pause self levels while they measure slower than prompt lookup alone, and at T > 0
+    # drafting while drafted rounds measure slower than plain ones (PayGuard;
+    # it times rounds, so like the latency model it is off under use_latency=False, which decides by fixed costs)
 
 
 @dataclass
@@ -83,9 +126,19 @@ class DyTC:
         self.levels, self.latency, self.cfg = levels, latency, config
         self.by_name = {lv.name: lv for lv in levels}
         self.bottom = levels[-1]
+        self.guards: dict[str, PayGuard] = {}  # regime -> drafting vs plain decoding (sampled regimes)
+        self.self_guards: dict[str, PayGuard] = {}  # regime -> self-draft levels vs the bottom level alone
+        self._active = levels  # the levels this round may use
+        self._round: tuple[DraftTree, float, PayGuard | None, PayGuard | None] | None = None  # being timed
 
     # ---- plan + draft -------------------------------------------------------------------------------
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
+        guard, lone = self._guards(state)
+        if guard is not None and not guard.allows():
+            self._round = (tree, time.perf_counter(), guard, None)
+            return
+        self._round = (tree, time.perf_counter(), guard, lone)
+        self._active = self.levels if lone is None or lone.allows() else [self.bottom]
         spent, closed = 0.0, set()
         while len(tree) < min(self.cfg.max_nodes, tree.capacity):
             leaf = self._best_leaf(tree, state, closed)
@@ -115,18 +168,19 @@ class DyTC:
         return tree.depth[node] < state.max_depth() and (node == 0 or tree.tokens[node] not in state.eos_ids)
 
     def _best_option(self, tree: DraftTree, state: DecodeState, leaf: int, spent: float) -> Option | None:
-        n, ctx = len(tree), state.ctx_len
+        n, ctx, sampled = len(tree), state.ctx_len, not state.sampling.is_greedy
         expected = 1.0 + sum(tree.p_acc[1:])
-        rate0 = expected / (spent + self._t_verify(n, ctx))
+        rate0 = expected / (spent + self._t_verify(n, ctx, sampled))
         best: Option | None = None
-        for level in self.levels:
+        for level in self._active:
             for opt in self._options(tree, state, leaf, level, spent, expected):
                 if opt.rate > rate0 and (best is None or opt.score > best.score):
                     best = opt
         if best is not None and not best.level.is_lookup:
-            step = self._t_draft(best.level, len(best.group), ctx)
-            dv = (self._t_verify(n + best.k * len(best.group), ctx) - self._t_verify(n, ctx)) / best.k
-            best.min_p_acc = rate0 * (step + dv) / max(self._alpha(best.level, None), 1e-3)
+            g = len(best.group)
+            step = self._t_draft(best.level, g, ctx, g if sampled else 0)
+            dv = (self._t_verify(n + best.k * g, ctx, sampled) - self._t_verify(n, ctx, sampled)) / best.k
+            best.min_p_acc = rate0 * (step + dv) / max(self._alpha(best.level, None, state), 1e-3)
             best.min_sibling_p_acc = rate0 * max(dv, 0.0)  # a sibling costs one more verified node
         return best
 
@@ -134,26 +188,30 @@ class DyTC:
                  expected: float) -> list[Option]:
         """(S, k) candidates for one level at one leaf with their predicted round rates."""
         n, ctx, kmax = len(tree), state.ctx_len, min(self.cfg.max_k, state.max_depth() - tree.depth[leaf])
+        sampled = not state.sampling.is_greedy
         room = min(self.cfg.max_nodes, tree.capacity) - n  # nodes the budget still allows
         if level.is_lookup:
             draft, match = level.drafter.lookup(tree, state, leaf, min(kmax, room))
             if not draft:
                 return []
-            a, group, lookup = self._lookup_alpha(level, match), [leaf], (draft, match)
+            a, group, lookup = self._lookup_alpha(level, match, state), [leaf], (draft, match)
             kmax, per_step, first = len(draft), 0.0, self._t_lookup()
         else:
+            if sampled and not self._pays(level, ctx):
+                return []
             group, lookup = self._group(tree, leaf), ([], 0)
             kmax = min(kmax, room // (len(group) * (1 + self._siblings())))
-            a = self._alpha(level, None)
+            a = self._alpha(level, None, state)
             lacking = sum(1 for i in tree.path(leaf) if not level.drafter.kv_layers <= tree.kv_layers[i])
-            per_step = self._t_draft(level, len(group), ctx)
-            first = self._t_draft(level, len(group) + max(lacking - 1, 0), ctx)
+            rows = len(group) if sampled else 0  # positions sampled per draft step
+            per_step = self._t_draft(level, len(group), ctx, rows)
+            first = self._t_draft(level, len(group) + max(lacking - 1, 0), ctx, rows)
         p_group = sum(tree.p_acc[g] for g in group)
-        tail = self._alpha(self.bottom, None) if level is not self.bottom else 0.0
+        tail = self._alpha(self.bottom, None, state) if level is not self.bottom else 0.0
         out, geo = [], 0.0
         for k in range(1, kmax + 1):
             geo += a ** k
-            cost = spent + first + (k - 1) * per_step + self._t_verify(n + k * len(group), ctx)
+            cost = spent + first + (k - 1) * per_step + self._t_verify(n + k * len(group), ctx, sampled)
             gain = p_group * geo
             out.append(Option(level, k, group, (expected + gain) / cost,
                               (expected + gain + p_group * a ** k * tail) / cost, lookup=lookup))
@@ -171,32 +229,76 @@ class DyTC:
         level = opt.level
         if level.is_lookup:
             draft, match = opt.lookup
-            level.drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._lookup_alpha(level, match))
+            level.drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._lookup_alpha(level, match, state))
             return
-        score = level.estimator.token_prob if self.cfg.use_ema else (lambda _c: level.estimator.prior)
-        level.drafter.propose(tree, state, opt.group, opt.k, siblings=self._siblings(), min_p_acc=opt.min_p_acc,
-                              min_sibling_p_acc=opt.min_sibling_p_acc, score=score)
+        est = level.estimate(regime(state.sampling))
+        score = est.token_prob if self.cfg.use_ema else (lambda _c: est.prior)
+        ratio = level.sibling_ratio(regime(state.sampling)) if self.cfg.use_ema else None
+        scale = max(ratio.ratio, 1e-6) if ratio is not None else 1.0
+        new = level.drafter.propose(tree, state, opt.group, opt.k, siblings=self._siblings(),
+                                    min_p_acc=opt.min_p_acc, min_sibling_p_acc=opt.min_sibling_p_acc / scale,
+                                    score=score)
+        if scale != 1.0:  # runner-ups: the heuristic p_acc times what this regime measured of it
+            for node in new:
+                if not _is_first_choice(tree, node):
+                    parent = tree.parents[node]
+                    main = next(c for c in tree.children[parent] if tree.drafter[c] == tree.drafter[node])
+                    tree.p_acc[node] = min(tree.p_acc[node] * scale, tree.p_acc[parent] - tree.p_acc[main])
 
     def _siblings(self) -> int:
         return self.cfg.siblings if self.cfg.use_tree else 0
 
+    def _guards(self, state: DecodeState) -> tuple[PayGuard | None, PayGuard | None]:
+        """This round's guards: drafting vs plain (sampled regimes) and self levels vs the bottom alone (a
+        hierarchy with both; it probes the bottom alone, whose rate has no prediction)."""
+        if not (self.cfg.guard and self.cfg.use_latency):
+            return None, None
+        reg = regime(state.sampling)
+        guard = None if state.sampling.is_greedy else self.guards.setdefault(reg, PayGuard())
+        lone = None
+        if self.bottom.is_lookup and len(self.levels) > 1:
+            lone = self.self_guards.setdefault(reg, PayGuard(probe=True))
+        return guard, lone
+
     # ---- estimates ----------------------------------------------------------------------------------
-    def _alpha(self, level: Level, confidence: float | None) -> float:
-        return level.estimator.token_prob(confidence) if self.cfg.use_ema else level.estimator.prior
+    def _alpha(self, level: Level, confidence: float | None, state: DecodeState) -> float:
+        est = level.estimate(regime(state.sampling))
+        return est.token_prob(confidence) if self.cfg.use_ema else est.prior
 
-    def _lookup_alpha(self, level: Level, match: int) -> float:
+    def _lookup_alpha(self, level: Level, match: int, state: DecodeState) -> float:
         """Prompt lookup's acceptance estimate; its confidence is the match length over the longest n-gram."""
-        return self._alpha(level, match / level.drafter.max_n)
+        return self._alpha(level, match / level.drafter.max_n, state)
 
-    def _t_verify(self, n_query: int, ctx: int) -> float:
+    def _t_verify(self, n_query: int, ctx: int, sampled: bool = False) -> float:
+        """Seconds to verify n_query tree nodes; sampled: with the target's sampling over them."""
         if not self.cfg.use_latency or not self.latency.knows("full"):
-            return FIXED_COST["full"]
-        return self.latency.predict("full", n_query, ctx)
+            t = FIXED_COST["full"]
+        else:
+            t = self.latency.predict("full", n_query, ctx)
+        return t + self._t_sample("full", n_query) if sampled else t
 
-    def _t_draft(self, level: Level, n_query: int, ctx: int) -> float:
+    def _t_draft(self, level: Level, n_query: int, ctx: int, sampled_rows: int = 0) -> float:
+        """Seconds of one draft forward over n_query rows, plus sampling `sampled_rows` of its positions."""
         if self.cfg.use_latency and self.latency.knows(level.name):
-            return self.latency.predict(level.name, n_query, ctx)
-        return FIXED_COST["self"] * self._t_verify(1, ctx)
+            t = self.latency.predict(level.name, n_query, ctx)
+        else:
+            t = FIXED_COST["self"] * self._t_verify(1, ctx)
+        return t + self._t_sample(level.name, sampled_rows)
+
+    def _t_sample(self, plan: str, rows: int) -> float:
+        """Seconds of the sampling work (filters, coupled noise) over `rows` positions of a plan's logits:
+        measured per plan, else the target's measured cost, else a fixed share of a target step."""
+        if rows <= 0:
+            return 0.0
+        if self.cfg.use_latency:
+            for key in (SAMPLE + plan, SAMPLE + "full"):
+                if self.latency.knows(key):
+                    return self.latency.predict(key, rows, 0)
+        return FIXED_COST["sample"] * rows * self._t_verify(1, 0)
+
+    def _pays(self, level: Level, ctx: int) -> bool:
+        """Whether a self-draft step, sampling included, costs at most max_draft_cost of a plain sampled step."""
+        return self._t_draft(level, 1, ctx, 1) <= self.cfg.max_draft_cost * self._t_verify(1, ctx, True)
 
     def _t_lookup(self) -> float:
         """Seconds per prompt lookup: the drafter's own measured EMA."""
@@ -206,15 +308,31 @@ class DyTC:
 
     # ---- learn --------------------------------------------------------------------------------------
     def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
-        on_path = set(result.path)
+        on_path, reg = set(result.path), regime(state.sampling)
+        ratios = {lv.name: (r, r.ratio) for lv in self.levels
+                  if self.cfg.use_ema and (r := lv.sibling_ratio(reg)) is not None}
         for node in range(1, len(tree)):
             level = self.by_name.get(tree.drafter[node])
-            if level is not None and tree.parents[node] in on_path:
-                if _is_first_choice(tree, node):  # runner-ups get their p_acc from the first choice's
-                    level.estimator.observe(node in on_path, tree.confidence[node])
+            parent = tree.parents[node]
+            if level is None or parent not in on_path:
+                continue
+            if _is_first_choice(tree, node):  # runner-ups get their p_acc from the first choice's
+                level.estimate(reg).observe(node in on_path, tree.confidence[node])
+            elif level.name in ratios:  # a runner-up: how its heuristic p_acc (before correction) fared
+                ratio, scale = ratios[level.name]
+                ratio.observe(node in on_path, tree.p_acc[node] / max(tree.p_acc[parent], 1e-9) / max(scale, 1e-6))
         for plan, n_query, ctx, seconds in state.forward_log:
-            if plan == "full" or plan in self.by_name:
+            if seconds > 0 and (plan == "full" or plan in self.by_name or plan.startswith(SAMPLE)):
                 self.latency.observe(plan, n_query, ctx, seconds)
+        if self._round is not None and self._round[0] is tree:
+            _, t0, guard, lone = self._round
+            seconds = time.perf_counter() - t0
+            if guard is not None:
+                plain = 1.0 / self._t_verify(1, state.ctx_len, True)
+                guard.record(len(tree) > 1, len(result.tokens), seconds, plain)
+            if lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
+                lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
+        self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
                 level.drafter.set_plan(level.search.plan)

@@ -267,19 +267,29 @@ class LatencyModel:
         return {"features": list(FEATURES), "ctx_scale": CTX_SCALE, "plans": plans}
 
     def load_state_dict(self, d: dict) -> None:
-        """Replace all plans with a saved state; hyperparameters stay as constructed."""
+        """Replace all plans with a saved state; hyperparameters stay as constructed. A state of the wrong
+        shape (other features, arrays of other sizes, non-finite values) raises ValueError and leaves
+        this model unchanged."""
+        if not isinstance(d, dict) or not isinstance(d.get("plans"), dict):
+            raise ValueError("latency state must be an object with a 'plans' object")
         same = list(d.get("features", [])) == list(FEATURES)
         if not same or float(d.get("ctx_scale", 0)) != CTX_SCALE:
             raise ValueError("latency state was saved with different features; recalibrate")
-        self._plans = {}
+        plans = {}
         for p, s in d["plans"].items():
             fit = self._new_fit()
             fit.mean = np.array(s["mean"], dtype=float)
             fit.cov = np.array(s["cov"], dtype=float)
+            if fit.mean.shape != (_D,) or fit.cov.shape != (_D, _D) or not (
+                    np.isfinite(fit.mean).all() and np.isfinite(fit.cov).all()):
+                raise ValueError(f"latency state of plan {p!r} has the wrong shape")
             for b, obs in s["buckets"].items():
                 q = deque(maxlen=self.bucket_keep)
                 q.extend((int(n), int(c), float(t)) for n, c, t in obs)
+                if not all(math.isfinite(t) and t > 0 for _, _, t in q):
+                    raise ValueError(f"latency state of plan {p!r} holds a non-positive time")
                 fit.buckets[int(b)] = q
             fit.recent_err.extend(float(e) for e in s["recent_err"])
             fit.num_obs = int(s["num_obs"])
-            self._plans[p] = fit
+            plans[p] = fit
+        self._plans = plans

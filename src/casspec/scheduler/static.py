@@ -4,6 +4,7 @@ from __future__ import annotations
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.base import FixedPolicy
+from casspec.sizes import MAX_CHAIN
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
 
@@ -33,17 +34,27 @@ class PromptLookup(FixedPolicy):
         draft, n = self.ngram.lookup(tree, state, 0, k)
         self.ngram.extend(tree, 0, draft[:self.lengths.get(n, 0)], n)
 
+    def batch_choice(self, state: DecodeState, lookup: tuple[list[int], int]) -> tuple[str | None, int]:
+        draft, n = lookup
+        return "pld", min(len(draft), self.lengths.get(n, 0))
+
 
 class SelfChain(FixedPolicy):
     """A chain from one self-draft plan, stopped early on low confidence (`self`)."""
 
     name = "self"
 
-    def __init__(self, drafter: SelfDrafter, k: int = 8, min_conf: float = 0.3) -> None:
+    def __init__(self, drafter: SelfDrafter, k: int = MAX_CHAIN, min_conf: float = 0.3) -> None:
         self.drafter, self.k, self.min_conf = drafter, k, min_conf
 
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
         self.drafter.propose(tree, state, [0], self.k, min_conf=self.min_conf)
+
+    def batch_choice(self, state: DecodeState, lookup: tuple[list[int], int]) -> tuple[str | None, int]:
+        return self.drafter.name, min(self.k, state.max_depth())
+
+    def chain_goes_on(self, confidence: float) -> bool:
+        return confidence >= self.min_conf
 
 
 class LookupThenSelf(FixedPolicy):

@@ -5,7 +5,7 @@ SSE), GET /health, GET /metrics. One worker thread decodes up to ``--max-batch``
 (continuous batching, :mod:`casspec.server.batch_worker`), or one at a time in FIFO order
 (:mod:`casspec.server.worker`) for methods that do not batch.
 
-    casspec serve --model smollm2 --port 8000 --api-key sk-local
+    casspec serve --model smollm2 --port 8000 --api-key-file ~/.casspec-key   # or CASSPEC_API_KEY=... in the env
     python -m casspec.server ...        # same, without the main CLI
 
 Scale-out: ``--replicas N`` (N > 1, needs ``pip install 'casspec[serve]'``) runs N engine replicas, each
@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 
 from .app import MODEL_ALIAS, APIError, create_app
 
-__all__ = ["add_parser", "app_kwargs", "create_app", "serve", "main", "MODEL_ALIAS", "APIError", "load_engine"]
+__all__ = ["add_parser", "app_kwargs", "create_app", "serve", "main", "MODEL_ALIAS", "APIError", "load_engine",
+           "resolve_api_key"]
+
+API_KEY_ENV = "CASSPEC_API_KEY"
 
 
 def _positive_int(text: str) -> int:
@@ -52,23 +56,39 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name (smollm2, gemma3-270m), HF dir or .gguf (default: casspec's default)")
     p.add_argument("--method", default="casspec", help="decoding method (default: casspec)")
     p.add_argument("--tiny-engine", default=None, metavar="FAMILY", help=argparse.SUPPRESS)
+    p.add_argument("--prefix-cache-tokens", type=_nonneg_int, default=None, metavar="N",
+                   help="KV of prompt prefixes kept between requests, in tokens (0 = off; default: 1 GiB of KV, "
+                        "at most 65536 tokens)")
 
 
 def load_engine(args: argparse.Namespace):
     if getattr(args, "tiny_engine", None):
         from casspec.testing import tiny_engine
 
-        return tiny_engine(args.tiny_engine)
-    import casspec
+        engine = tiny_engine(args.tiny_engine)
+    else:
+        import casspec
 
-    return casspec.load(args.model)
+        engine = casspec.load(args.model)
+    tokens = getattr(args, "prefix_cache_tokens", None)
+    if tokens is not None and hasattr(engine, "runner"):  # --prefix-cache-tokens: resize (0: no prefix cache)
+        from casspec.runtime.prefix_cache import PrefixCache
+
+        engine.prefix_cache = PrefixCache.for_runner(engine.runner, tokens) if tokens else None
+    return engine
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (all but /health); visible to other users in the process "
+                        f"list: prefer --api-key-file or the {API_KEY_ENV} environment variable")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from this file (its first line)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=4 * 1024 * 1024,
+                   help="request bodies larger than this get a 413 before they are read (default: 4 MiB)")
     p.add_argument("--max-batch", type=_positive_int, default=8,
                    help="requests decoded together, continuous batching (default: 8; 1 = one at a time)")
     p.add_argument("--max-queue", type=_nonneg_int, default=32,
@@ -88,9 +108,36 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def app_kwargs(args: argparse.Namespace) -> dict:
     """create_app's keyword arguments from the serve options (shared by the single server and replicas)."""
-    return dict(method=args.method, api_key=args.api_key, max_queue=args.max_queue,
-                max_tokens_limit=args.max_tokens_limit, request_timeout=args.timeout, step_delay=args.step_delay,
-                max_batch=args.max_batch)
+    kw = dict(method=args.method, api_key=args.api_key, max_queue=args.max_queue,
+              max_tokens_limit=args.max_tokens_limit, request_timeout=args.timeout, step_delay=args.step_delay,
+              max_batch=args.max_batch)
+    if getattr(args, "max_body_bytes", None):
+        kw["max_body_bytes"] = args.max_body_bytes
+    return kw
+
+
+def resolve_api_key(args: argparse.Namespace, environ: dict | None = None) -> str | None:
+    """The key from --api-key, else --api-key-file (first line), else $CASSPEC_API_KEY; None for no key.
+
+    Raises ValueError (a usage error) for both flags at once, an unreadable file or an empty key.
+    """
+    environ = os.environ if environ is None else environ
+    key, path = getattr(args, "api_key", None), getattr(args, "api_key_file", None)
+    if key is not None and path is not None:
+        raise ValueError("pass --api-key or --api-key-file, not both")
+    if path is not None:
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as fh:
+                key = fh.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --api-key-file {path}: {exc}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {path} holds no key")
+    elif key is None:
+        key = environ.get(API_KEY_ENV) or None
+    if key is not None and not key.strip():
+        raise ValueError("the API key is empty")
+    return key
 
 
 def add_parser(subparsers) -> None:
@@ -126,6 +173,11 @@ def _serve_replicas(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    try:
+        args.api_key, args.api_key_file = resolve_api_key(args), None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: binding {args.host} without --api-key exposes the model to the network", file=sys.stderr)
     if getattr(args, "replicas", 1) > 1:

@@ -17,8 +17,9 @@ from casspec.batching import BATCH_METHODS
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .errors import install_error_handlers
-from .http import APIError, GateMiddleware, prometheus_text
-from .requests import chat_messages, completion_prompt, gen_request, reject_unsupported
+from .openapi import install_openapi
+from .http import APIError, BodyLimitMiddleware, GateMiddleware, prometheus_text
+from .requests import chat_messages, completion_prompts, gen_request, reject_unsupported
 from .schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .service import MODEL_ALIAS, CompletionService, ServerConfig
 from .batch_worker import BatchScheduler
@@ -28,25 +29,28 @@ log = logging.getLogger("casspec.server")
 
 __all__ = ["MODEL_ALIAS", "APIError", "create_app"]
 
-_ERR = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 504)}
+_ERR = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 504)}
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # request bodies over this get a 413 before they are parsed
 
 
 def create_app(engine: Any, *, method: str = "casspec", api_key: str | None = None, max_queue: int = 32,
                max_tokens_limit: int = 2048, request_timeout: float = 300.0, step_delay: float = 0.0,
-               max_batch: int = 8) -> FastAPI:
+               max_batch: int = 8, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """Build the server app around ``engine`` (not thread-safe: one worker thread runs it).
 
     ``max_batch``: requests decoded together (continuous batching; 1 = one at a time, FIFO).
     ``max_queue``: waiting requests allowed besides the running ones (more -> 429). ``max_tokens_limit``:
     the largest ``max_tokens`` accepted. ``request_timeout``: seconds per request, queueing included
     (then the generation is cancelled and the client gets a 504 / a streamed error event).
+    ``max_body_bytes``: larger request bodies get a 413 before they are read.
     ``step_delay``: testing aid, seconds slept by the worker after each streamed chunk.
     """
     methods = tuple(getattr(engine, "methods", ()) or ())
     if methods and method not in methods:
         raise ValueError(f"unknown method {method!r}; this engine has {', '.join(methods)}")
-    if max_queue < 0 or max_tokens_limit < 1 or not request_timeout > 0 or max_batch < 1:
-        raise ValueError("max_queue must be >= 0, max_tokens_limit >= 1, request_timeout > 0 and max_batch >= 1")
+    if max_queue < 0 or max_tokens_limit < 1 or not request_timeout > 0 or max_batch < 1 or max_body_bytes < 1024:
+        raise ValueError("max_queue must be >= 0, max_tokens_limit >= 1, request_timeout > 0, max_batch >= 1 "
+                         "and max_body_bytes >= 1024")
     cfg = ServerConfig(method, max_queue, max_tokens_limit, request_timeout)
     metrics = Metrics()
     scheduler = _scheduler(engine, method, max_queue, metrics, step_delay, max_batch)
@@ -67,8 +71,11 @@ def create_app(engine: Any, *, method: str = "casspec", api_key: str | None = No
         lifespan=lifespan,
     )
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
-    app.add_middleware(GateMiddleware, api_key=api_key, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(GateMiddleware, api_key=api_key, metrics=metrics)  # outermost: auth before the body
     install_error_handlers(app)
+    install_openapi(app, model_names=[service.model_name, MODEL_ALIAS], max_tokens=max_tokens_limit,
+                    vocab_size=getattr(getattr(engine, "runner", None), "vocab_size", None))
     _add_info_routes(app, service)
     _add_generation_routes(app, service)
     return app
@@ -101,6 +108,12 @@ def _add_info_routes(app: FastAPI, service: CompletionService) -> None:
                 "queue": {"waiting": scheduler.waiting, "running": getattr(scheduler, "running", int(scheduler.busy)),
                           "max_queue": cfg.max_queue, "max_batch": getattr(scheduler, "max_batch", 1)},
                 **service.metrics.snapshot()}
+        prefix = getattr(service.engine, "prefix_cache", None)
+        if prefix is not None:  # occupancy and hits of the KV kept between requests
+            snap["prefix_cache"] = prefix.stats()
+        decoder = getattr(getattr(scheduler, "batch", None), "decoder", None)
+        if hasattr(decoder, "planner_stats"):  # the batch planner's own time (lookups + planning) per step
+            snap["batch_planner"] = decoder.planner_stats()
         accept = request.headers.get("accept", "")
         if format == "prometheus" or (format is None and ("openmetrics" in accept or accept.startswith("text/plain"))):
             return PlainTextResponse(prometheus_text(snap), media_type="text/plain; version=0.0.4")
@@ -124,9 +137,14 @@ def _add_generation_routes(app: FastAPI, service: CompletionService) -> None:
         """OpenAI text completion (raw prompt, no chat template). ``stream: true`` answers with SSE."""
         service.check_model(body.model)
         reject_unsupported(body, chat=False)
-        prompt = completion_prompt(body)
-        service.check_size(len(prompt), chat=False)
-        return await service.run(request, body, gen_request(body, prompt, False, limit), chat=False)
+        prompts = completion_prompts(body, service.vocab_size)
+        for p in prompts:
+            if isinstance(p, str):
+                service.check_size(len(p), chat=False)
+        gens = [gen_request(body, p, False, limit) for p in prompts]
+        if len(gens) > 1:  # several prompts: one choice each (OpenAI's batched completions)
+            return await service.run_many(request, body, gens)
+        return await service.run(request, body, gens[0], chat=False)
 
     @app.post("/v1/chat/completions", responses=_ERR)
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -5,17 +5,22 @@ a request becomes a Job; the thread moves queued jobs into the running batch whi
 (`max_batch`), runs one batched step, and hands each job its chunks with ``loop.call_soon_threadsafe``.
 A cancelled job (client gone, timeout) leaves the batch at the next step and frees its KV region; the
 others go on. Beyond ``max_batch`` running and ``max_queue`` waiting requests, submit raises QueueFullError.
+
+Faults: a batched step that raises is retried generation by generation inside BatchEngine.step, so only
+a request that fails alone ends with an error; every job ends exactly once (cancelled ones included), and
+whatever still escapes a step ends the jobs the batch held and resets it (the supervisor in worker.py
+restarts the loop itself if anything escapes that).
 """
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from typing import Any
 
 from casspec.batching import BatchEngine
 
-from .worker import Job, JobTimeoutError, Metrics, QueueFullError, _Worker
+from ..errors import GenerationError
+from .worker import Job, JobTimeoutError, Metrics, QueueFullError, _Worker, counts_as_failure
 
 log = logging.getLogger("casspec.server")
 
@@ -27,13 +32,14 @@ class BatchScheduler(_Worker):
 
     def __init__(self, engine: Any, method: str, max_queue: int, metrics: Metrics, max_batch: int = 8,
                  step_delay: float = 0.0, pool_tokens: int | None = None) -> None:
-        self.batch = BatchEngine(engine, max_batch, **({"pool_tokens": pool_tokens} if pool_tokens else {}))
+        self._batch_kw = {"pool_tokens": pool_tokens} if pool_tokens else {}
+        self.engine = engine
+        self.batch = BatchEngine(engine, max_batch, **self._batch_kw)
         self.batch.decoder.check_method(method)
         self.method, self.max_queue, self.max_batch, self.metrics = method, max_queue, max_batch, metrics
         self.step_delay = step_delay  # testing aid: sleep after each step (simulates a slow model)
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._running: set[Job] = set()
-        super().__init__()
+        super().__init__(engine)
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -49,15 +55,9 @@ class BatchScheduler(_Worker):
         with self._lock:
             return self._outstanding - len(self._running)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            self._stopping = True
-            thread = self._thread
-            for job in self._running:
-                job.cancel.set()
-        self._inbox.put(None)
-        if thread is not None:
-            thread.join(timeout)
+    def _cancel_running(self) -> None:
+        for job in self._running:
+            job.cancel.set()
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -68,22 +68,23 @@ class BatchScheduler(_Worker):
                 raise QueueFullError(self._outstanding - len(self._running))
             self._outstanding += 1
             job.state = "queued"
-        self._inbox.put(job)
+            self._inbox.put(job)
 
     # -- worker --------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _serve(self) -> None:
         while not self._stopping:
             self._admit(block=not self.batch.busy)
             if not self.batch.busy:
                 continue
             try:
-                chunks = self.batch.step()
-            except Exception as exc:  # never let the worker die: fail this batch, keep serving
+                chunks = self.batch.step()  # isolates a failing request itself
+            except Exception as exc:  # noqa: BLE001 - outside any one request: end the batch's jobs, go on
                 log.exception("batched step failed")
-                self._fail_all(exc)
+                self.metrics.bump("generation_errors")
+                self._reset(exc)
                 continue
             for gen, chunk in chunks:
-                self._deliver(gen.tag, chunk)
+                self._deliver(gen, chunk)
             now = time.monotonic()
             for job in list(self._running):
                 if now >= job.deadline:
@@ -94,14 +95,9 @@ class BatchScheduler(_Worker):
     def _admit(self, block: bool) -> None:
         """Move queued jobs into the batch while it has places (wait for one when idle)."""
         while len(self.batch.running) + len(self.batch.waiting) < self.max_batch:
-            try:
-                job = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-            except queue.Empty:
+            job = self._inbox.get(0.5 if block else 0)
+            if job is None:
                 return
-            if job is None or job.state == "dropped":
-                if self._stopping:
-                    return
-                continue
             block = False
             self._start(job)
 
@@ -117,36 +113,52 @@ class BatchScheduler(_Worker):
             return
         try:
             self.batch.submit(job.req.prompt, self.method, tag=job, cancel=job.cancel, **job.req.kwargs())
-        except Exception as exc:
-            if not isinstance(exc, ValueError):  # ValueError = casspec's bad-request errors (a 400)
+        except Exception as exc:  # noqa: BLE001 - handed to the request (400 for its own errors, else 500)
+            if counts_as_failure(exc):
                 self.metrics.bump("generation_errors")
             self._end(job, ("error", exc))
 
-    def _deliver(self, job: Job, chunk: Any) -> None:
+    def _deliver(self, gen: Any, chunk: Any) -> None:
+        job = gen.tag
+        self._annotate(chunk.logprobs)
         if chunk.text or chunk.token_ids:
             job.put(("chunk", chunk))
         result = chunk.result
         if result is None:
             return
-        if result.stats.finish_reason == "cancelled":
-            self.metrics.record(None, result.stats.new_tokens, result.stats.wall_time, job.queue_time)
+        self._annotate(result.logprobs)
+        stats = result.stats
+        if stats.finish_reason == "error":  # failed alone (BatchEngine isolated it)
+            exc = getattr(gen, "error", None) or GenerationError("the generation failed")
+            if counts_as_failure(exc):
+                self.metrics.bump("generation_errors")
+            self._end(job, ("error", exc))
+        elif stats.finish_reason == "cancelled":
+            self.metrics.record(None, stats.new_tokens, stats.wall_time, job.queue_time)
             self._end(job, ("error", JobTimeoutError("cancelled")))
         else:
-            self.metrics.record(result.stats, result.stats.new_tokens, result.stats.wall_time, job.queue_time)
+            self.metrics.record(stats, stats.new_tokens, stats.wall_time, job.queue_time)
             self._end(job, ("done", result))
 
     def _end(self, job: Job, item: tuple) -> None:
-        """Hand over the final item and retire the job."""
-        job.put(item)
+        """Hand over the final item and retire the job (once: a second end is ignored)."""
         with self._lock:
+            if job.state == "done":
+                return
             if job.state != "dropped":
                 self._outstanding -= 1
             job.state = "done"
             self._running.discard(job)
+        job.put(item)
 
-    def _fail_all(self, exc: Exception) -> None:
-        self.metrics.bump("generation_errors")
-        for gen in [*self.batch.running, *self.batch.waiting]:
-            gen.cancel.set()
-        for gen, _ in self.batch.step():  # closes every cancelled generation, freeing its region
-            self._end(gen.tag, ("error", exc))
+    def _reset(self, exc: Exception) -> None:
+        """End every job in the batch with `exc` and empty it (a fresh BatchEngine if regions stay held)."""
+        self.batch.abort()
+        if self.batch.kv.used:
+            log.error("the KV pool still holds %d slots after an abort: making a fresh batch engine",
+                      self.batch.kv.used)
+            self.batch = BatchEngine(self.engine, self.max_batch, **self._batch_kw)
+        with self._lock:
+            jobs = list(self._running)
+        for job in jobs:
+            self._end(job, ("error", exc))

@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import CasspecError, ContextOverflowError, ModelNotFoundError
+from ..errors import CasspecError, ContextOverflowError, GenerationError, ModelNotFoundError
 from .http import APIError, loc_param, short
 from .worker import JobTimeoutError
 
@@ -24,13 +24,16 @@ def map_error(exc: BaseException, chat: bool, request_timeout: float) -> APIErro
         return APIError(400, short(exc, 500), param=param, code="context_length_exceeded")
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, short(exc, 500), param="model", code="model_not_found")
-    if isinstance(exc, (CasspecError, ValueError)):
+    if isinstance(exc, CasspecError):  # casspec's own request errors only: any other ValueError is a 500
         return APIError(400, short(exc, 500), param=None, code="invalid_request")
     if type(exc).__name__.endswith("TemplateError"):  # jinja2 chat-template raise_exception
         return APIError(400, f"The chat template rejected the messages: {short(exc, 400)}", param="messages",
                         code="invalid_messages")
     log.error("generation failed: %r", exc, exc_info=exc)
-    return APIError(500, f"Internal error while generating ({type(exc).__name__}); the server keeps serving.",
+    if isinstance(exc, GenerationError):  # this request alone failed; its message is meant for the client
+        return APIError(500, f"The generation failed: {short(exc, 300)}. Other requests were not affected.",
+                        type="server_error", code="generation_failed")
+    return APIError(500, "Internal error while generating; the server keeps serving (details in its log).",
                     type="server_error")
 
 
@@ -64,6 +67,8 @@ def http_error(request: Request, exc: StarletteHTTPException) -> APIError:
         msg = f"Unknown request URL: {request.method} {request.url.path}."
     elif exc.status_code == 405:
         msg = f"Method {request.method} is not allowed for {request.url.path}."
+    elif exc.status_code == 413:  # BodyLimitMiddleware: the body passed the limit while it was read
+        return APIError(413, short(exc.detail), code="request_too_large")
     elif exc.status_code == 400:  # FastAPI could not read the body (encoding, form data...)
         return APIError(400, f"We could not parse the body of your request ({short(exc.detail, 200)}); send a "
                              "JSON object with Content-Type: application/json.", code="invalid_json")
@@ -91,4 +96,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)
-        return APIError(500, f"Internal server error ({type(exc).__name__}).", type="server_error").response()
+        return APIError(500, "Internal server error (details in the server's log).", type="server_error").response()

@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
-from .worker import Metrics
+from .metrics import Metrics
 
 OPEN_PATHS = frozenset({"/health"})  # reachable without the API key
 
@@ -57,12 +58,14 @@ class GateMiddleware:
 
     def __init__(self, app, api_key: str | None, metrics: Metrics):
         self.app, self.api_key, self.metrics = app, api_key, metrics
+        self._key = api_key.encode("utf-8") if api_key else b""
 
     def _authorized(self, scope) -> bool:
+        """Byte-exact, constant-time: the header's raw bytes against the key's UTF-8 bytes."""
         for k, v in scope.get("headers", ()):
             if k == b"authorization":
-                scheme, _, token = v.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+                scheme, _, token = v.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(b" \t"), self._key)
         return False
 
     async def __call__(self, scope, receive, send):
@@ -88,6 +91,59 @@ class GateMiddleware:
         finally:
             if counted:
                 self.metrics.count_response(status[0])
+
+
+def body_too_large_message(max_bytes: int) -> str:
+    return f"The request body is too large: this server accepts at most {max_bytes} bytes."
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """The request body passed the server's limit while it was being read (FastAPI lets HTTPExceptions through)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, body_too_large_message(max_bytes))
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: a 413 for a body over ``max_bytes``, before any of it is parsed.
+
+    A Content-Length over the limit is refused before one byte is read; a body without one (chunked) is
+    counted as it arrives and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> APIError:
+        return APIError(413, body_too_large_message(self.max_bytes), code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.strip().isdigit() and int(v) > self.max_bytes:
+                return await self._error().response()(scope, receive, send)
+        seen, started = 0, False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def send_wrapper(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, send_wrapper)
+        except BodyTooLarge:
+            if not started:
+                await self._error().response()(scope, receive, send)
 
 
 class SSEResponse(StreamingResponse):
@@ -122,7 +178,12 @@ def prometheus_text(snap: dict) -> str:
     metric("timeouts_total", r["timeouts"], "requests that timed out", "counter")
     metric("cancelled_total", r["cancelled"], "generations cancelled by client disconnects", "counter")
     metric("queue_waiting", snap["queue"]["waiting"], "requests waiting for the engine")
+    metric("generation_errors_total", g["errors"], "generations that failed through the server's fault", "counter")
+    metric("worker_restarts_total", snap.get("worker", {}).get("restarts", 0),
+           "times the worker thread crashed and restarted with a clean state", "counter")
     metric("prompt_tokens_total", t["prompt"], "prompt tokens processed", "counter")
+    metric("prompt_tokens_cached_total", t.get("prompt_cached", 0), "prompt tokens whose KV came from the prefix "
+           "cache", "counter")
     metric("completion_tokens_total", t["completion"], "tokens generated", "counter")
     metric("generation_seconds_total", g["time_s"], "seconds spent generating", "counter")
     metric("tokens_per_second", g["tokens_per_s"], "completion tokens per generation second")

@@ -12,6 +12,10 @@ Every response names its replica in the ``x-casspec-replica`` header.
     casspec serve --replicas 2 --threads 4                          # torch threads per replica
 
 Ray is optional: only this module imports it, and only ``--replicas`` > 1 imports this module.
+Exposure: the HTTP endpoint listens on ``--host`` (loopback by default) and the dashboard is off; Ray's own
+gRPC ports (GCS, raylet) listen on every interface on Linux whatever the node address, so the local cluster
+runs with Ray's token authentication (``RAY_AUTH_MODE=token`` and a random ``RAY_AUTH_TOKEN`` for this run)
+unless the environment already sets ``RAY_AUTH_MODE`` (set it to ``disabled`` to opt out).
 Each replica reserves one logical Ray CPU and runs ``--threads`` torch threads (default: the machine's
 cores divided among the replicas). A replica admits ``--max-batch + --max-queue`` requests at once (its
 own queue then answers 429 as the single server does); more wait in Ray's router.
@@ -23,6 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -30,8 +35,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray import serve
+
+def _token_auth() -> None:
+    """Ray's token authentication for the local cluster (read when ray is imported, hence before it):
+    nobody on the network may join this cluster or run code in it."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
+_token_auth()
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
 
 from . import app_kwargs, load_engine
 from .app import create_app
@@ -41,7 +56,7 @@ __all__ = ["EngineReplica", "default_threads", "run_replicas", "serve_replicas"]
 APP_NAME = "casspec"
 REPLICA_HEADER = b"x-casspec-replica"
 _ARG_NAMES = ("model", "method", "tiny_engine", "api_key", "max_batch", "max_queue", "max_tokens_limit", "timeout",
-              "step_delay", "log_level")
+              "step_delay", "log_level", "max_body_bytes")
 
 
 def default_threads(replicas: int) -> int:
@@ -98,6 +113,12 @@ class EngineReplica:
         except Exception:  # noqa: BLE001 - only a label
             replica = str(os.getpid())
         self.fastapi_app.add_middleware(_ReplicaHeader, replica=replica)
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose decode worker thread is gone is unhealthy
+        (Ray restarts it). The worker supervises itself, so this should never fire."""
+        if not self.fastapi_app.state.scheduler.alive:
+            raise RuntimeError("the replica's decode worker thread is not running")
 
     def __serve_build_asgi_app__(self) -> Any:
         """Ray Serve calls this after __init__ and runs the app's lifespan (the decode worker thread)."""

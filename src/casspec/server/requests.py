@@ -72,17 +72,26 @@ def _logprobs(body: Any, chat: bool) -> int | None:
     return body.logprobs
 
 
-def completion_prompt(body: Any) -> str:
-    """The one prompt string of a completions request (no batching)."""
+def completion_prompts(body: Any, vocab_size: int | None = None) -> list[str | list[int]]:
+    """The prompts of a completions request, OpenAI's way: a string or a list of token ids is one prompt, a
+    list of strings or of token-id lists is several (one choice each). Token ids must be in the vocabulary."""
     prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(400, "prompt must be a string or a list of exactly one string (no batching).",
-                           param="prompt", code="invalid_value")
-        prompt = prompt[0]
-    if not prompt.strip():
-        raise APIError(400, "prompt must not be empty (or only whitespace).", param="prompt", code="empty_prompt")
-    return prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt must not be an empty list.", param="prompt", code="invalid_value")
+    for i, p in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str) and not p.strip():
+            raise APIError(400, f"{where} must not be empty (or only whitespace).", param="prompt",
+                           code="empty_prompt")
+        bad = next((t for t in p if not 0 <= t < vocab_size), None) if isinstance(p, list) and vocab_size else None
+        if bad is not None:
+            raise APIError(400, f"{where} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}).",
+                           param="prompt", code="invalid_token_id")
+    return prompts
 
 
 def chat_messages(body: Any) -> list[dict[str, str]]:

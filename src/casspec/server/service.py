@@ -35,7 +35,9 @@ class ServerConfig:
 
 def usage(stats: Any) -> dict:
     p, c = int(stats.prompt_tokens), int(stats.new_tokens)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = int(getattr(stats, "cached_tokens", 0) or 0)  # prompt tokens served from the prefix cache
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def extension(result: Any, job: Job) -> dict:
@@ -67,6 +69,7 @@ class CompletionService:
         self.methods = tuple(getattr(engine, "methods", ()) or ())
         self.model_name = str(getattr(engine, "name", MODEL_ALIAS))
         self.context = int(getattr(engine, "context_length", 0) or 0)
+        self.vocab_size = getattr(getattr(engine, "runner", None), "vocab_size", None)  # token-id prompts' bound
         self.created = int(time.time())
 
     # ---- checks ----------------------------------------------------------------------------------------
@@ -123,6 +126,65 @@ class CompletionService:
             raise self._error(item[1], chat)
         return JSONResponse(self._completion_body(item[1], job, chat, rid, now))
 
+    async def run_many(self, request: Request, body: Any, gens: list[GenRequest]) -> Response:
+        """Several completions prompts at once (they run side by side): choice i answers prompt i."""
+        jobs: list[Job] = []
+        try:
+            for gen in gens:
+                jobs.append(self._submit(gen))
+        except APIError:
+            for job in jobs:
+                self.release(job, "error")
+            raise
+        rid, now = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def close() -> None:
+                for job in jobs:
+                    self.release(job, "done" if job.finished else "disconnect")
+            return SSEResponse(self._stream_many(jobs, rid, now, include_usage), on_close=close)
+        results = []
+        try:
+            for job in jobs:
+                item = await self._next_item(job, request, False, "queued or generating")
+                while item is not None and item[0] == "chunk":
+                    item = await self._next_item(job, request, False, "generating")
+                if item is None:
+                    return Response(status_code=499)
+                job.finished = True
+                if item[0] == "error":
+                    raise self._error(item[1], False)
+                results.append(item[1])
+        finally:
+            for job in jobs:
+                self.release(job, "done" if job.finished else "error")
+        choices = [self._completion_body(r, job, False, rid, now, index=i)["choices"][0]
+                   for i, (r, job) in enumerate(zip(results, jobs))]
+        return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": self.model_name,
+                             "choices": choices, "usage": _sum_usage(results),
+                             "casspec": [extension(r, job) for r, job in zip(results, jobs)]})
+
+    async def _stream_many(self, jobs: list[Job], rid: str, now: int, include_usage: bool) -> AsyncIterator[str]:
+        """The choices' events one prompt after another (all run meanwhile), then usage and [DONE]."""
+        results: list = []
+        for i, job in enumerate(jobs):
+            try:
+                first = await self._wait_item(job, None)
+            except _Timeout:
+                first = ("error", JobTimeoutError("queued or generating"))
+            async for event in self._stream_events(job, first, False, rid, now, False, index=i, results=results,
+                                                   done=False):
+                yield event
+            if len(results) < i + 1:  # this choice failed: its error event and [DONE] ended the stream
+                for other in jobs[i + 1:]:
+                    self.release(other, "error")
+                return
+        if include_usage:
+            yield sse({"id": rid, "object": "text_completion", "created": now, "model": self.model_name,
+                       "choices": [], "usage": _sum_usage(results)})
+        yield "data: [DONE]\n\n"
+
     def _submit(self, gen: GenRequest) -> Job:
         job = Job(gen, asyncio.get_running_loop(), self.cfg.request_timeout)
         try:
@@ -134,14 +196,14 @@ class CompletionService:
                            headers={"Retry-After": "1"}) from None
         return job
 
-    def _completion_body(self, result: Any, job: Job, chat: bool, rid: str, now: int) -> dict:
+    def _completion_body(self, result: Any, job: Job, chat: bool, rid: str, now: int, index: int = 0) -> dict:
         fr = finish_reason(result.stats)
         lps = openai_logprobs(result.logprobs, chat, job.req.logprobs)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": lps,
                       "finish_reason": fr}
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": lps, "finish_reason": fr}
+            choice = {"index": index, "text": result.text, "logprobs": lps, "finish_reason": fr}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
                 "model": self.model_name, "choices": [choice], "usage": usage(result.stats),
                 "casspec": extension(result, job)}
@@ -186,9 +248,10 @@ class CompletionService:
             self.release(job, "disconnect")
             raise
 
-    async def _stream_events(self, job: Job, item: tuple, chat: bool, rid: str, now: int,
-                             include_usage: bool) -> AsyncIterator[str]:
-        """SSE events: a role chunk (chat), text chunks, a final chunk with finish_reason, [DONE]."""
+    async def _stream_events(self, job: Job, item: tuple, chat: bool, rid: str, now: int, include_usage: bool,
+                             index: int = 0, results: list | None = None, done: bool = True) -> AsyncIterator[str]:
+        """SSE events: a role chunk (chat), text chunks, a final chunk with finish_reason, [DONE].
+        Several prompts: choice `index`; its result is appended to `results`; `done`: end with [DONE]."""
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now,
                 "model": self.model_name}
         if chat:
@@ -200,15 +263,18 @@ class CompletionService:
             if kind == "chunk":
                 if payload.text or payload.logprobs:
                     lps = openai_logprobs(payload.logprobs, chat, job.req.logprobs, offset)
-                    yield sse({**base, "choices": [_choice(chat, payload.text, None, logprobs=lps)]})
+                    yield sse({**base, "choices": [_choice(chat, payload.text, None, logprobs=lps, index=index)]})
                     offset += sum(len(t.text) for t in payload.logprobs or ())
             elif kind == "done":
                 job.finished = True
-                yield sse({**base, "choices": [_choice(chat, None, finish_reason(payload.stats))],
+                yield sse({**base, "choices": [_choice(chat, None, finish_reason(payload.stats), index=index)],
                            "casspec": extension(payload, job)})
+                if results is not None:
+                    results.append(payload)
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage(payload.stats)})
-                yield "data: [DONE]\n\n"
+                if done:
+                    yield "data: [DONE]\n\n"
                 return
             else:
                 job.finished = True
@@ -225,10 +291,23 @@ class CompletionService:
                 return
 
 
-def _choice(chat: bool, text: str | None, fr: str | None, role: bool = False, logprobs: dict | None = None) -> dict:
+def _sum_usage(results: list) -> dict:
+    """The usage of several choices together."""
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    for r in results:
+        u = usage(r.stats)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            total[key] += u[key]
+        total["prompt_tokens_details"]["cached_tokens"] += u["prompt_tokens_details"]["cached_tokens"]
+    return total
+
+
+def _choice(chat: bool, text: str | None, fr: str | None, role: bool = False, logprobs: dict | None = None,
+            index: int = 0) -> dict:
     """One streamed choice: a chat delta or a completion text piece."""
     if not chat:
-        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": fr}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": fr}
     delta = {} if text is None else {"content": text}
     if role:
         delta["role"] = "assistant"
@@ -236,14 +315,22 @@ def _choice(chat: bool, text: str | None, fr: str | None, role: bool = False, lo
 
 
 def openai_logprobs(lps: list | None, chat: bool, asked: int | None, offset: int = 0) -> dict | None:
-    """TokenLogprobs in OpenAI's shape: chat {"content": [...]}, completions {"tokens", "token_logprobs", ...}."""
+    """TokenLogprobs in OpenAI's shape: chat {"content": [...]}, completions {"tokens", "token_logprobs", ...}.
+
+    An EOS token is left out, as the text leaves it out (OpenAI lists no end-of-text token either); `bytes`
+    are the token's own (a token holding part of a UTF-8 character has those bytes, not U+FFFD's), set on
+    each TokenLogprob by the worker (worker.TokenBytes)."""
     if lps is None or asked is None:
         return None
+    lps = [t for t in lps if not getattr(t, "eos", False)]
     if chat:
-        def entry(text: str, lp: float) -> dict:
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-        content = [{**entry(t.text, t.logprob),
-                    "top_logprobs": [entry(s, lp) for s, (_, lp) in zip(t.top_text, t.top)]} for t in lps]
+        def entry(text: str, lp: float, raw: bytes | None) -> dict:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8") if raw is None else raw)}
+        content = []
+        for t in lps:
+            top_bytes = getattr(t, "top_bytes", None) or [None] * len(t.top)
+            content.append({**entry(t.text, t.logprob, getattr(t, "bytes", None)),
+                            "top_logprobs": [entry(s, lp, b) for s, (_, lp), b in zip(t.top_text, t.top, top_bytes)]})
         return {"content": content, "refusal": None}
     offsets = []
     for t in lps:

@@ -5,16 +5,26 @@ the worker thread runs ``engine.iter_generate`` for it and hands items back to t
 queue with ``loop.call_soon_threadsafe``. Items are ``("chunk", StreamChunk)``, ``("done", result)`` and
 ``("error", exception)``; exactly one ``done``/``error`` ends a job that ran. Setting ``job.cancel``
 (client gone, timeout) stops the generation after the current step and frees the engine.
+
+The thread cannot die: a supervisor loop catches whatever escapes serving, logs it, counts it
+(/metrics worker.restarts), ends the jobs it held with an error, and serves again from a clean state.
+A job dropped while queued leaves the queue at once (its prompt is not kept until the worker looks).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
+
+from ..errors import CasspecError, GenerationError
+from .metrics import Metrics
+from .tokens import TokenBytes
+
+__all__ = ["GenRequest", "Job", "JobTimeoutError", "Metrics", "QueueFullError", "Scheduler", "WorkerCrashError"]
 
 log = logging.getLogger("casspec.server")
 
@@ -25,6 +35,10 @@ class QueueFullError(Exception):
 
 class JobTimeoutError(Exception):
     """The request ran past its deadline (raised in the worker for a job that timed out while queued)."""
+
+
+class WorkerCrashError(GenerationError):
+    """The worker thread crashed while it held this request (it restarted; the request is lost)."""
 
 
 @dataclass
@@ -97,125 +111,94 @@ class Job:
             self._getter = None
 
 
-@dataclass
-class _DrafterTotals:
-    proposed: int = 0
-    accepted: int = 0
-    forwards: int = 0
-    time: float = 0.0
+class _Inbox:
+    """FIFO of queued jobs that a dropped job leaves at once."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._woken = False
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: Job) -> None:
+        with self._cv:
+            self._jobs.append(job)
+            self._cv.notify()
+
+    def get(self, timeout: float | None) -> Job | None:
+        """The oldest job, or None after `timeout` seconds (0: no wait; None: until one comes) or a wake()."""
+        with self._cv:
+            if not self._jobs and not self._woken and timeout != 0:
+                self._cv.wait(timeout)
+            self._woken = False
+            return self._jobs.popleft() if self._jobs else None
+
+    def remove(self, job: Job) -> None:
+        with self._cv:
+            if job in self._jobs:
+                self._jobs.remove(job)
+
+    def wake(self) -> None:
+        with self._cv:
+            self._woken = True
+            self._cv.notify_all()
 
 
-@dataclass
-class Metrics:
-    """Server-wide counters (thread-safe)."""
+def token_bytes(engine: Any) -> TokenBytes | None:
+    """The engine's token -> bytes table, or None for an engine without a tokenizer (test fakes)."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    return None if tokenizer is None else TokenBytes(tokenizer, getattr(engine, "eos_ids", ()))
 
-    started: float = field(default_factory=time.time)
-    requests: int = 0
-    by_status: dict[str, int] = field(default_factory=dict)
-    rejected_queue_full: int = 0
-    timeouts: int = 0
-    cancelled: int = 0
-    generations: int = 0
-    generation_errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    generation_time: float = 0.0
-    queue_time: float = 0.0
-    verify_steps: int = 0
-    committed_in_steps: int = 0
-    drafters: dict[str, _DrafterTotals] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count_response(self, status: int) -> None:
-        with self.lock:
-            self.requests += 1
-            self.by_status[str(status)] = self.by_status.get(str(status), 0) + 1
-
-    def bump(self, name: str, n: int = 1) -> None:
-        with self.lock:
-            setattr(self, name, getattr(self, name) + n)
-
-    def record(self, stats: Any | None, new_tokens: int, wall: float, queue_time: float) -> None:
-        """Add one finished (or cancelled: stats None) generation."""
-        with self.lock:
-            self.generations += 1
-            self.queue_time += queue_time
-            if stats is None:
-                self.completion_tokens += new_tokens
-                self.generation_time += wall
-                return
-            self.prompt_tokens += int(stats.prompt_tokens)
-            self.completion_tokens += int(stats.new_tokens)
-            self.generation_time += float(stats.wall_time) or wall
-            self.verify_steps += len(stats.accept_lengths)
-            self.committed_in_steps += sum(stats.accept_lengths)
-            for name, d in (stats.drafters or {}).items():
-                t = self.drafters.setdefault(name, _DrafterTotals())
-                t.proposed += d.proposed
-                t.accepted += d.accepted
-                t.forwards += d.forwards
-                t.time += d.time
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            gen_t = self.generation_time
-            return {
-                "uptime_s": round(time.time() - self.started, 3),
-                "requests": {
-                    "total": self.requests,
-                    "by_status": dict(sorted(self.by_status.items())),
-                    "rejected_queue_full": self.rejected_queue_full,
-                    "timeouts": self.timeouts,
-                    "cancelled": self.cancelled,
-                },
-                "tokens": {
-                    "prompt": self.prompt_tokens,
-                    "completion": self.completion_tokens,
-                    "total": self.prompt_tokens + self.completion_tokens,
-                },
-                "generation": {
-                    "count": self.generations,
-                    "errors": self.generation_errors,
-                    "time_s": round(gen_t, 6),
-                    "tokens_per_s": self.completion_tokens / gen_t if gen_t > 0 else 0.0,
-                    "mean_queue_time_s": self.queue_time / self.generations if self.generations else 0.0,
-                    "verify_steps": self.verify_steps,
-                    "mean_accepted_length": self.committed_in_steps / self.verify_steps if self.verify_steps else 0.0,
-                },
-                "drafters": {
-                    name: {
-                        "proposed": t.proposed,
-                        "accepted": t.accepted,
-                        "acceptance": t.accepted / t.proposed if t.proposed else 0.0,
-                        "forwards": t.forwards,
-                        "time_s": round(t.time, 6),
-                    }
-                    for name, t in sorted(self.drafters.items())
-                },
-            }
+def counts_as_failure(exc: BaseException) -> bool:
+    """Whether a generation error is the server's (counted in /metrics), not the request's."""
+    return not isinstance(exc, (CasspecError, JobTimeoutError))
 
 
 class _Worker:
-    """What both workers share: the admission counter, the one worker thread, and abandoning a job."""
+    """What both workers share: admission counting, the inbox, the supervised worker thread, abandoning a job."""
 
     thread_name = "casspec-worker"
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Any) -> None:
         self._lock = threading.Lock()
         self._outstanding = 0  # queued + running
+        self._inbox = _Inbox()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.token_bytes = token_bytes(engine)
 
     @property
     def alive(self) -> bool:
         return self._thread is None or self._thread.is_alive()
 
     def start(self) -> None:
+        """Start the worker thread (again, from a clean state, if it died: it should never)."""
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                return
+            died = thread is not None and not self._stopping
+        if died:
+            log.error("the %s thread is gone; starting a new one from a clean state", self.thread_name)
+            self.metrics.bump("worker_restarts")
+            self._reset(WorkerCrashError("the server's worker thread died while it held this request"))
+        with self._lock:
+            if self._thread is thread:  # nobody started one meanwhile
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
                 self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+            self._cancel_running()
+        self._inbox.wake()
+        if thread is not None:
+            thread.join(timeout)
 
     def abandon(self, job: Job) -> bool:
         """Stop ``job`` (cancel it, or drop it from the queue). Returns True if it had not finished."""
@@ -225,10 +208,38 @@ class _Worker:
             if job.state == "queued":
                 job.state = "dropped"
                 self._outstanding -= 1
+                self._inbox.remove(job)  # its prompt goes now, not when the worker gets to it
                 return True
             return job.state == "running" and not job.finished
 
     def _loop(self) -> None:
+        """The supervisor: serve; whatever escapes is logged and counted, the state reset, and serving goes on."""
+        while not self._stopping:
+            try:
+                self._serve()
+            except BaseException as exc:  # noqa: BLE001 - the thread must not die
+                log.exception("the %s worker crashed; restarting it with a clean state", self.thread_name)
+                self.metrics.bump("worker_restarts")
+                try:
+                    self._reset(WorkerCrashError(f"the server's worker failed ({type(exc).__name__}) while it "
+                                                 "held this request; it restarted and serves again"))
+                except BaseException:  # noqa: BLE001
+                    log.exception("resetting the %s worker failed", self.thread_name)
+                time.sleep(0.01)
+
+    def _annotate(self, logprobs: list | None) -> None:
+        """Exact token bytes (and EOS flags) on logprobs, computed here in the worker thread."""
+        if logprobs and self.token_bytes is not None:
+            self.token_bytes.annotate(logprobs)
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def _reset(self, exc: Exception) -> None:
+        """End every job the worker held with `exc`, and drop the state it had (called with no lock held)."""
+        raise NotImplementedError
+
+    def _cancel_running(self) -> None:
         raise NotImplementedError
 
 
@@ -243,9 +254,8 @@ class Scheduler(_Worker):
         self.max_queue = max_queue
         self.metrics = metrics
         self.step_delay = step_delay  # testing aid: sleep after each streamed chunk (simulates a slow model)
-        self._q: queue.Queue[Job | None] = queue.Queue()
         self._running: Job | None = None
-        super().__init__()
+        super().__init__(engine)
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -257,15 +267,9 @@ class Scheduler(_Worker):
         with self._lock:
             return self._outstanding - (1 if self._running is not None else 0)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            self._stopping = True
-            running, thread = self._running, self._thread
-        if running is not None:
-            running.cancel.set()
-        self._q.put(None)
-        if thread is not None:
-            thread.join(timeout)
+    def _cancel_running(self) -> None:
+        if self._running is not None:
+            self._running.cancel.set()
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -276,15 +280,13 @@ class Scheduler(_Worker):
                 raise QueueFullError(self._outstanding - 1)
             self._outstanding += 1
             job.state = "queued"
-            self._q.put(job)
+            self._inbox.put(job)
 
     # -- worker --------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            job = self._q.get()
+    def _serve(self) -> None:
+        while not self._stopping:
+            job = self._inbox.get(None)
             if job is None:
-                if self._stopping:
-                    return
                 continue
             with self._lock:
                 if job.state == "dropped":
@@ -294,14 +296,26 @@ class Scheduler(_Worker):
                 self._running = job
             try:
                 self._run(job)
-            except BaseException as exc:  # never let the worker die
+            except Exception as exc:  # noqa: BLE001 - this job fails, the worker goes on
                 log.exception("worker failure")
                 job.put(("error", exc))
-            finally:
-                with self._lock:
-                    job.state = "done"
-                    self._running = None
-                    self._outstanding -= 1
+            self._retire(job)
+
+    def _retire(self, job: Job) -> bool:
+        """Count a job out once; False if it already was."""
+        with self._lock:
+            if self._running is job:
+                self._running = None
+            if job.state == "done":
+                return False
+            job.state = "done"
+            self._outstanding -= 1
+            return True
+
+    def _reset(self, exc: Exception) -> None:
+        job = self._running
+        if job is not None and self._retire(job):
+            job.put(("error", exc))
 
     def _run(self, job: Job) -> None:
         if job.cancel.is_set():
@@ -318,9 +332,11 @@ class Scheduler(_Worker):
             gen = self.engine.iter_generate(job.req.prompt, self.method, cancel=job.cancel, **job.req.kwargs())
             for chunk in gen:
                 new_tokens += len(chunk.token_ids or ())
+                self._annotate(chunk.logprobs)
                 job.put(("chunk", chunk))
                 if chunk.result is not None:
                     result = chunk.result
+                    self._annotate(result.logprobs)
                     break
                 if self.step_delay:
                     time.sleep(self.step_delay)
@@ -328,8 +344,8 @@ class Scheduler(_Worker):
                     job.cancel.set()
                 if job.cancel.is_set():
                     break
-        except Exception as exc:
-            if not isinstance(exc, ValueError):  # ValueError = casspec's bad-request errors (a 400)
+        except Exception as exc:  # noqa: BLE001 - handed to the request (400 for its own errors, else 500)
+            if counts_as_failure(exc):
                 self.metrics.bump("generation_errors")
             job.put(("error", exc))
             return

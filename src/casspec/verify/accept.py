@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from casspec.config import SamplingConfig
+from casspec.errors import NonFiniteLogitsError
 from casspec.tree import DraftTree
 from casspec.verify.coupling import coupled_tokens
 from casspec.verify.sampling import logits_to_probs, sample, uniform
@@ -38,7 +39,9 @@ class AcceptResult:
 
 def accept(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
            generator: torch.Generator | None = None) -> AcceptResult:
-    """Walk the tree with the target's logits [N, V]."""
+    """Walk the tree with the target's logits [N, V]; raises NonFiniteLogitsError on NaN / inf rows."""
+    if not torch.isfinite(logits.amax(-1)).all():  # a NaN anywhere in a row makes its max NaN
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this request")
     if cfg.is_greedy:
         return _walk(tree, logits.argmax(-1).tolist().__getitem__)
     if cfg.is_coupled:

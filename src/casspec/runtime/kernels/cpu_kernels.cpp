@@ -27,6 +27,14 @@
 
 namespace {
 
+// Input checks: every tensor a kernel reads through a raw pointer is checked for dtype, contiguity and
+// size first, so a bad call is a RuntimeError, never a read or write past a buffer.
+void check_vec(const std::optional<at::Tensor>& t, at::ScalarType dtype, int64_t numel, const char* name) {
+  if (!t) return;
+  TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->numel() == numel, name, " must be a contiguous ",
+              dtype, " tensor of ", numel, " elements, got ", t->scalar_type(), " ", t->sizes());
+}
+
 // ---- 4-bit weights: w = d * q + m per (row, group of G columns), q in [0, 15], d and m in fp16 ----
 // Tile layout: [K/G groups][4 rows][G/2 bytes]; in each 16 bytes, byte j holds column j (low nibble) and
 // column j + 16 (high nibble) of a 32-column chunk. Scales and mins: [K/G][4] fp16 per tile.
@@ -111,17 +119,32 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous [M, K] fp32");
   const int64_t M = x.size(0), K = x.size(1), rows = (n + NB - 1) / NB * NB;
   const bool q4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(n > 0 && mode >= 0 && mode <= GLU_GELU_TANH, "linear needs n > 0 and a known mode, got n=", n,
+              " mode=", mode);
+  TORCH_CHECK(w.is_contiguous() && (q4 || w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar),
+              "tiled weight must be contiguous fp32, int8 or uint8 (int4), got ", w.scalar_type());
   TORCH_CHECK(K % KS == 0 && w.numel() == (q4 ? rows * K / 2 : rows * K), "tiled weight does not match [", n, ", ", K, "]");
-  TORCH_CHECK(!q4 || (group % 32 == 0 && K % group == 0 && scale && mins), "4-bit weights need fp16 scales and mins");
+  TORCH_CHECK(!q4 || (group > 0 && group % 32 == 0 && K % group == 0 && scale && mins),
+              "4-bit weights need a group that divides K and fp16 scales and mins");
+  if (q4) {
+    check_vec(scale, at::kHalf, rows * K / group, "int4 scale");
+    check_vec(mins, at::kHalf, rows * K / group, "int4 mins");
+  } else if (w.scalar_type() == at::kChar) {
+    check_vec(scale, at::kFloat, n, "int8 scale");
+  }
+  check_vec(bias, at::kFloat, n, "bias");
+  check_vec(norm_w, at::kFloat, K, "norm weight");
   at::Tensor xin = x;
   if (norm_w) {
     xin = at::empty_like(x);
     rms_rows(x.data_ptr<float>(), M, K, norm_w->data_ptr<float>(), eps, xin.data_ptr<float>());
   }
   const bool glu = mode == GLU_SILU || mode == GLU_GELU_TANH;
+  TORCH_CHECK(!glu || n % 4 == 0, "a gated linear needs an even gate width, got n=", n);
   at::Tensor y;
   if (mode == ACCUMULATE) {
-    TORCH_CHECK(out && out->is_contiguous() && out->size(0) == M && out->size(1) == n, "accumulate needs out [M, N]");
+    TORCH_CHECK(out && out->is_contiguous() && out->scalar_type() == at::kFloat && out->dim() == 2 &&
+                out->size(0) == M && out->size(1) == n, "accumulate needs out [M, N] fp32");
     y = *out;
   } else {
     y = at::empty({M, glu ? n / 2 : n}, x.options());
@@ -166,9 +189,25 @@ void rotate(const float* src, const float* c, const float* s, int64_t D, const f
 at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                    at::Tensor& v_cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads,
                    const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps) {
-  const int64_t M = qkv.size(0), D = k_cache.size(-1), S = k_cache.size(-2);
+  TORCH_CHECK(heads > 0 && kv_heads > 0, "rope_kv needs heads > 0 and kv_heads > 0");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == kv_heads,
+              "caches must be fp32 [Hkv, S, D] with Hkv = ", kv_heads, ", got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t D = k_cache.size(-1), S = k_cache.size(-2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat, "qkv must be fp32 [M, (H + 2 Hkv) D]");
+  const int64_t M = qkv.size(0);
   TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (heads + 2 * kv_heads) * D, "qkv must be [M, (H + 2 Hkv) D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous [Hkv, S, D]");
+  TORCH_CHECK(D > 0 && D % 2 == 0, "head_dim must be even, got ", D);
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == M &&
+                t->size(1) == D / 2, "cos and sin must be contiguous fp32 [M, D/2] = [", M, ", ", D / 2, "], got ",
+                t->sizes());
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == M,
+              "slots must be contiguous int64 [M] = [", M, "], got ", slots.scalar_type(), " ", slots.sizes());
+  check_vec(q_norm, at::kFloat, D, "q_norm");
+  check_vec(k_norm, at::kFloat, D, "k_norm");
   auto q = at::empty({M, heads, D}, qkv.options());
   const float *src = qkv.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
   const float* qn = q_norm ? q_norm->data_ptr<float>() : nullptr;
@@ -321,11 +360,16 @@ void merge_blocks(const AttnArgs& a, int64_t h, int64_t m, float* out) {
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lo,
                      const at::Tensor& len, const std::optional<at::Tensor>& allowed, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && q.scalar_type() == at::kFloat &&
+              k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+              k_cache.sizes() == v_cache.sizes(),
+              "attention needs fp32 q [M, H, D] and caches [Hkv, S, D] of one shape");
   const int64_t M = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), S = k_cache.size(1);
+  TORCH_CHECK(Hkv > 0 && k_cache.size(2) == D, "caches must be [Hkv, S, D] with D = ", D, ", got ", k_cache.sizes());
   TORCH_CHECK(q.is_contiguous() && D % KS == 0 && H % Hkv == 0, "bad attention shapes");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous [Hkv, S, D]");
-  TORCH_CHECK(lo.numel() == M && len.numel() == M && lo.scalar_type() == at::kLong && len.scalar_type() == at::kLong,
-              "lo and len must be int64 [M]");
+  TORCH_CHECK(lo.numel() == M && len.numel() == M && lo.scalar_type() == at::kLong && len.scalar_type() == at::kLong &&
+              lo.is_contiguous() && len.is_contiguous(), "lo and len must be contiguous int64 [M]");
   const int64_t *lp = lo.data_ptr<int64_t>(), *np = len.data_ptr<int64_t>();
   int64_t W = 0;
   for (int64_t m = 0; m < M; ++m) {
@@ -334,7 +378,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   }
   const uint8_t* al = nullptr;
   if (allowed) {
-    TORCH_CHECK(allowed->is_contiguous() && allowed->size(0) == M && allowed->size(1) >= W, "allowed must be [M, W]");
+    TORCH_CHECK(allowed->scalar_type() == at::kBool && allowed->dim() == 2 && allowed->is_contiguous() &&
+                allowed->size(0) == M && allowed->size(1) >= W, "allowed must be a contiguous bool [M, W] tensor, got ",
+                allowed->scalar_type(), " ", allowed->sizes());
     al = reinterpret_cast<const uint8_t*>(allowed->data_ptr());
     W = allowed->size(1);
   }
@@ -357,7 +403,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 // h += rms_norm(x) * w (Gemma 3's post-attention / post-feedforward norms), in place.
 void add_rms_norm(at::Tensor& h, const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(h.is_contiguous() && x.is_contiguous() && h.sizes() == x.sizes(), "h and x must match");
+  TORCH_CHECK(x.dim() == 2 && h.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
+              "h and x must be fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
+  check_vec(w, at::kFloat, K, "norm weight");
   std::vector<float> tmp(M * K);
   rms_rows(x.data_ptr<float>(), M, K, w.data_ptr<float>(), eps, tmp.data());
   float* hp = h.data_ptr<float>();

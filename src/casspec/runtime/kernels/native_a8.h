@@ -20,23 +20,36 @@ struct QuantRows {  // input rows as int8 per 32 values
   std::vector<float> s;   // [M, K / 32] d * sum(q)
 };
 
+// One block of 32: q = round(x / d), d = max|x| / 127 (nearest-even, as std::nearbyint), s = d * sum(q).
+inline void quantize_block(const float* xb, int8_t* q, float& d, float& s) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], m = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(xb + 8 * j);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  d = _mm_cvtss_f32(h) / 127.f;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i i[4];
+  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // MXCSR: nearest-even
+  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  s = d * static_cast<float>(_mm_cvtsi128_si32(t));
+  // packs interleave 128-bit lanes: dwords come out as i0 lo, i1 lo, i2 lo, i3 lo, i0 hi, ... -> reorder
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
 inline QuantRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t blocks = K / 32;
   QuantRows out{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
-  for (int64_t i = 0; i < M * blocks; ++i) {
-    const float* xb = x + i * 32;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-    int sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int q = static_cast<int>(std::nearbyint(xb[j] * id));
-      out.q[i * 32 + j] = static_cast<int8_t>(q);
-      sum += q;
-    }
-    out.d[i] = d;
-    out.s[i] = d * static_cast<float>(sum);
-  }
+  for (int64_t i = 0; i < M * blocks; ++i) quantize_block(x + i * 32, out.q.data() + i * 32, out.d[i], out.s[i]);
   return out;
 }
 

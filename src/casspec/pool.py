@@ -16,6 +16,7 @@ import torch
 from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
+from casspec.runtime import cache_files
 from casspec.runtime.plans import FULL, Act8, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
 from casspec.runtime.runner import TargetRunner
 from casspec.runtime.vocab import DraftVocab, corpus_texts, rank_tokens
@@ -102,8 +103,8 @@ class DrafterPool:
         if self.runner.vocab is not None:
             return
         t0 = time.perf_counter()
-        path = self._vocab_path()
-        order = torch.load(path) if path is not None and path.exists() else None
+        path, n = self._vocab_path(), self.runner.vocab_size
+        order = cache_files.load_tensor(path, lambda t: _is_permutation(t, n), "the draft vocabulary")
         what = "draft vocabulary (read from cache)"
         if order is None:
             if self.tokenizer is None:
@@ -111,8 +112,7 @@ class DrafterPool:
             order = rank_tokens(self.runner, [self.tokenizer.encode(t) for t in corpus_texts()])
             what = "draft vocabulary"
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(order, path)
+                cache_files.save_tensor(path, order)
         self.runner.vocab = DraftVocab(self.runner.weights.head, order)
         self.runner.build_log.append((what, time.perf_counter() - t0))
 
@@ -173,3 +173,9 @@ def default_hierarchy(runner: TargetRunner) -> tuple[str, ...]:
     if device == "cpu" and runner.vocab_size >= LARGE_VOCAB:
         return ("int8v", "pld")
     return DEFAULT_HIERARCHY[device]
+
+
+def _is_permutation(order: torch.Tensor, n: int) -> bool:
+    """Whether `order` ranks each of the `n` token ids exactly once (a cached ranking of this vocabulary)."""
+    return (order.dtype == torch.long and tuple(order.shape) == (n,)
+            and bool(torch.bincount(order.clamp(0, n), minlength=n + 1)[:n].eq(1).all()))

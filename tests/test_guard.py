@@ -1,0 +1,44 @@
+"""PayGuard's probe of the bottom level, and DyTC restricted to prompt lookup while its self levels pause."""
+from __future__ import annotations
+
+from casspec.scheduler.acceptance import GREEDY
+from casspec.scheduler.guard import PayGuard
+
+from test_dytc import PROMPT, make_dytc
+
+
+def test_probe_measures_the_alternative_before_judging():
+    g = PayGuard(min_rounds=4, min_plain=2, pause=3, probe=True)
+    for _ in range(4):
+        assert g.allows()
+        g.record(True, 1, 0.010, plain_estimate=0.0)  # 100 tok/s with the self levels
+    assert not g.allows() and g.left == 2 and g.pauses == 0  # a probe, not a pause
+    for _ in range(2):
+        g.record(False, 2, 0.010, plain_estimate=0.0)  # 200 tok/s with prompt lookup alone
+    assert g.allows()
+    g.record(True, 1, 0.010, plain_estimate=0.0)
+    assert not g.allows() and g.pauses == 1 and g.left == 3
+
+
+def test_probe_keeps_levels_that_pay():
+    g = PayGuard(min_rounds=4, min_plain=2, probe=True)
+    for _ in range(4):
+        g.record(True, 3, 0.010, plain_estimate=0.0)
+    for _ in range(2):
+        g.record(False, 1, 0.010, plain_estimate=0.0)
+    for _ in range(30):
+        g.record(True, 3, 0.010, plain_estimate=0.0)
+        assert g.allows()
+    assert g.pauses == 0
+
+
+def test_paused_self_levels_leave_prompt_lookup_alone(llama_engine):
+    ref = llama_engine.generate(PROMPT, "ar", max_new_tokens=30)
+    sched = make_dytc(llama_engine)
+    sched.self_guards[GREEDY] = guard = PayGuard(probe=True)
+    guard.left = 10_000
+    out = llama_engine.generate(PROMPT, sched, max_new_tokens=30)
+    assert out.token_ids == ref.token_ids
+    assert "int8" not in out.stats.drafters or out.stats.drafters["int8"].proposed == 0
+    out = llama_engine.generate(PROMPT, make_dytc(llama_engine), max_new_tokens=30)  # not paused: it drafts
+    assert out.token_ids == ref.token_ids and out.stats.drafters["int8"].proposed > 0
