@@ -23,6 +23,8 @@ run: setup
 	$(VENV)/bin/casspec generate "$(PROMPT)" --chat --max-new-tokens 160
 
 test: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: setup

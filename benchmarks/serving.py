@@ -40,7 +40,7 @@ def start_server(model: str | None, method: str, max_batch: int, port: int) -> s
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+                raise RuntimeError(proc.stderr.read().decode()[-2000:]) from None
             time.sleep(0.5)
     raise RuntimeError("server did not come up")
 
@@ -84,24 +84,26 @@ def main() -> None:
 
 
 def summary(rep: dict) -> dict:
-    """The figures the README quotes, from one loadtest report (see casspec/loadtest_stats.py)."""
+    """The figures the README quotes, from one loadtest report (see casspec/loadtest/stats.py)."""
     kinds = rep.get("errors_by_kind") or {}
     rejected = sum(v for k, v in kinds.items() if "429" in str(k))
     return {"requests": rep["ok"], "errors": rep["errors"] - rejected, "rejected_429": rejected,
             "tok_s": rep["tokens_per_s"], "latency_p50": rep["latency_s"].get("p50"),
             "latency_p95": rep["latency_s"].get("p95"), "ttft_p50": rep["ttft_s"].get("p50"),
             "ttft_p95": rep["ttft_s"].get("p95"), "itl_p50": rep["itl_s"].get("p50"),
-            "mean_accepted_length": (rep.get("server") or {}).get("mean_accepted_length")}
+            "mean_accepted_length": (rep.get("server") or {}).get("mean_accepted_length"),
+            "planner_ms_per_step": (rep.get("planner") or {}).get("ms_per_step")}
 
 
 def write_table(rows: list[dict], path: Path) -> None:
     lines = ["| method | max_batch | clients | requests | errors | 429 | tok/s | p50 latency s | p95 latency s | "
-             "p50 TTFT s | p95 TTFT s | p50 ITL ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 TTFT s | p95 TTFT s | p50 ITL ms | planner ms/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, s=1.0, d=2: "-" if v is None else f"{v * s:.{d}f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['method']} | {r['max_batch']} | {r['clients']} | {r['requests']} | {r['errors']} | "
                      f"{r['rejected_429']} | {f(r['tok_s'], d=1)} | {f(r['latency_p50'])} | {f(r['latency_p95'])} | "
-                     f"{f(r['ttft_p50'])} | {f(r['ttft_p95'])} | {f(r['itl_p50'], 1e3, 1)} |")
+                     f"{f(r['ttft_p50'])} | {f(r['ttft_p95'])} | {f(r['itl_p50'], 1e3, 1)} | "
+                     f"{f(r.get('planner_ms_per_step'), d=3)} |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

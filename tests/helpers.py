@@ -6,8 +6,8 @@ import random
 import torch
 
 from casspec.drafters.self_draft import SelfDrafter
-from casspec.state import DecodeState
 from casspec.runtime.plans import FULL
+from casspec.state import DecodeState
 from casspec.tree import DraftTree
 
 

@@ -51,7 +51,7 @@ def test_mixed_batch_equals_each_request_alone(engine):
     for n, r in enumerate(requests):
         arrivals.setdefault(n % 5, []).append(r)
     got = _run(BatchEngine(engine, max_batch=6), arrivals)
-    for key, prompt, method, kw in requests:
+    for key, prompt, _method, kw in requests:
         assert got[key] == _alone(engine, prompt, "ar", **kw), (key, kw)
 
 

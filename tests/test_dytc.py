@@ -61,7 +61,6 @@ def test_chain_ablation_builds_chains_only(llama_engine):
 
 
 def _brute_force(sched, tree, state, leaf):
-    n, ctx = len(tree), state.ctx_len
     best = None
     for level in sched.levels:
         for opt in sched._options(tree, state, leaf, level, 0.0, 1.0):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from casspec.scheduler.acceptance import GREEDY
 from casspec.scheduler.guard import PayGuard
-
+from casspec.verify.accept import AcceptResult
 from test_dytc import PROMPT, make_dytc
 
 
@@ -42,3 +42,24 @@ def test_paused_self_levels_leave_prompt_lookup_alone(llama_engine):
     assert "int8" not in out.stats.drafters or out.stats.drafters["int8"].proposed == 0
     out = llama_engine.generate(PROMPT, make_dytc(llama_engine), max_new_tokens=30)  # not paused: it drafts
     assert out.token_ids == ref.token_ids and out.stats.drafters["int8"].proposed > 0
+
+
+def test_bottom_estimate_is_measured_while_other_levels_win(llama_engine):
+    """Prompt lookup's shadow continuation is scored against the committed tokens as verification would have:
+    each token only if the ones before it matched, nothing beyond what was committed."""
+    sched = make_dytc(llama_engine)
+    state = llama_engine.start("one two three", "ar", max_new_tokens=4).state
+    est = sched.bottom.estimator
+    n0 = est.num_observed
+    sched._observe_shadow(([5, 6, 7, 8], 3), AcceptResult(path=[0, 1], tokens=[5, 6, 9]), state)
+    assert est.num_observed == n0 + 3  # 5 and 6 match, 7 is rejected, 8 is never seen
+    sched._observe_shadow(([5, 6, 7], 3), AcceptResult(path=[0], tokens=[5]), state)
+    assert est.num_observed == n0 + 4  # one committed token: one observation
+
+
+def test_shadow_lookup_keeps_the_output(llama_engine):
+    prompt = "one two three four one two three four one two three four one two"
+    ref = llama_engine.generate(prompt, "ar", max_new_tokens=40)
+    sched = make_dytc(llama_engine, alphas=(0.99, 0.01))
+    assert llama_engine.generate(prompt, sched, max_new_tokens=40).token_ids == ref.token_ids
+    assert sched.bottom.estimator.num_observed > 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from casspec.decoder import SpeculativeDecoder
 from casspec.drafters.layer_search import LayerSetSearch
-from casspec.scheduler.static import NoDraft
 from casspec.runtime.plans import FULL
+from casspec.scheduler.static import NoDraft
 
 
 def _generated_state(engine, n_new=48):

@@ -18,8 +18,14 @@ import torch
 
 from casspec.bench import cli as bench_cli
 from casspec.bench.compare import compare_to_reference, first_departure
-from casspec.bench.llamacpp import (INSTALL_HINT, LLAMACPP_PEERS, LlamaCppPeers, context_size,
-                                    sampling_kwargs, unavailable_reason)
+from casspec.bench.llamacpp import (
+    INSTALL_HINT,
+    LLAMACPP_PEERS,
+    LlamaCppPeers,
+    context_size,
+    sampling_kwargs,
+    unavailable_reason,
+)
 from casspec.bench.prompts import Question
 from casspec.bench.report import departure_section, summarize
 from casspec.bench.runner import BenchConfig, run_model

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from casspec.loadtest import Report, Sample, format_report, main, run_load
-from casspec.loadtest_stats import poisson_arrivals, timing_stats, tpot
+from casspec.loadtest.stats import poisson_arrivals, timing_stats, tpot
 
 
 class FakeOpenAI:
@@ -79,7 +79,7 @@ class FakeOpenAI:
         send({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}})
         send("[DONE]")
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 

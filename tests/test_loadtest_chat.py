@@ -8,7 +8,7 @@ import random
 import pytest
 
 from casspec.loadtest import format_report, main, run_load
-from casspec.loadtest_chat import CHARS_PER_TOKEN, filler
+from casspec.loadtest.chat import CHARS_PER_TOKEN, filler
 from casspec.server import create_app
 from test_loadtest import FakeOpenAI
 from test_server import ThreadServer

@@ -241,7 +241,7 @@ def test_batch_with_cancellations_and_a_tiny_store_never_leaks(llama_engine):
         stems = [e.encode_prompt("Shared start of a prompt, "), e.encode_prompt("Another one: ")]
         batch = BatchEngine(e, max_batch=3, pool_tokens=4096)
         gens = []
-        for step in range(40):
+        for _ in range(40):
             if rng.random() < 0.4 and len(gens) < 12:
                 ids = rng.choice(stems) + e.encode_prompt(f"item {rng.randint(0, 5)}")
                 gens.append(batch.submit(ids, "casspec", max_new_tokens=rng.randint(1, 10)))

@@ -54,7 +54,7 @@ class ThreadServer:
         kw.setdefault("api_key", "unused")
         return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=120, **kw)
 
-    def __enter__(self) -> "ThreadServer":
+    def __enter__(self) -> ThreadServer:
         self.thread.start()
         t0 = time.monotonic()
         while not self.server.started:

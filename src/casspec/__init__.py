@@ -1,6 +1,8 @@
 """casspec: CAS-Spec (arXiv 2510.26843), training-free lossless cascade self-speculative decoding."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from casspec.errors import CasspecError, ContextOverflowError, InvalidRequestError, ModelNotFoundError
 from casspec.metrics import GenerationResult, GenerationStats
 
@@ -8,8 +10,11 @@ __all__ = ["load", "Engine", "CasspecError", "ContextOverflowError", "InvalidReq
            "GenerationResult", "GenerationStats"]
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from casspec.api import Engine
 
-def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> "Engine":
+
+def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> Engine:
     """Load a model (None/"smollm2", "gemma3-270m", an HF directory, a .gguf file or a hub id) into an Engine."""
     import time
 

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-
 from pathlib import Path
 
 import torch
@@ -19,20 +18,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from casspec.config import SamplingConfig
 from casspec.decoder import SpeculativeDecoder
 from casspec.errors import ContextOverflowError, InvalidRequestError
-from casspec.methods import METHODS, DrafterPool
 from casspec.generation import Generation
+from casspec.methods import METHODS, DrafterPool
 from casspec.metrics import GenerationResult, GenerationStats, StreamChunk
 from casspec.prompt import Prompt, TextAssembler, encode_prompt
 from casspec.runtime.adapter import check_prompt_ids, check_tokenizer
 from casspec.runtime.kv_cache import KVPool
-from casspec.runtime.prefix_cache import PrefixCache
-from casspec.sizes import generation_slots
-from casspec.scheduler.base import Scheduler
-from casspec.state import DecodeState
 from casspec.runtime.plans import FULL
+from casspec.runtime.prefix_cache import PrefixCache
 from casspec.runtime.runner import TargetRunner
 from casspec.runtime.sources import GGUFSource
-
+from casspec.scheduler.base import Scheduler
+from casspec.sizes import generation_slots
+from casspec.state import DecodeState
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape

@@ -8,14 +8,13 @@ import time
 
 import torch
 
+from casspec.runtime.runner import TargetRunner
 from casspec.scheduler.base import Scheduler
 from casspec.sizes import PREFILL_CHUNK, TREE_CAPACITY
 from casspec.state import DecodeState
-from casspec.runtime.runner import TargetRunner
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult, accept
 from casspec.verify.logprobs import path_logprobs
-
 
 
 def commit(state: DecodeState, tree: DraftTree, logits: torch.Tensor, result: AcceptResult) -> None:

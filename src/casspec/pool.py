@@ -33,12 +33,13 @@ from casspec.scheduler.latency import LatencyModel
 DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld"), "native": ("a8", "pld")}
 FLOAT_BLOCKS = {0, 1, 30}  # F32, F16, BF16: no integer view, so no activation-quantized draft
 LARGE_VOCAB = 131072
-MAX_DRAFT_COST = 0.6  # a self-draft level slower than this fraction of a target step is left out of DyTC  # from here on the CPU default drafts with a pruned head ("int8v"): the head dominates
+MAX_DRAFT_COST = 0.6  # a self-draft level slower than this fraction of a target step is left out of DyTC
 DRAFTERS = ("a8", "a8v", "vocab", "int8", "int8v", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
 # Starting acceptance estimates (the EMA takes over after one window of verified tokens). A level is only
 # tried while its estimate says it pays, so a pessimistic prior would never be corrected: these are the
 # teacher-forced top-1 agreements measured on both models (README, "Draft levels"), rounded down.
-PRIORS = {"a8": 0.9, "a8v": 0.88, "vocab": 0.95, "int8": 0.95, "int8v": 0.93, "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
+PRIORS = {"a8": 0.9, "a8v": 0.88, "vocab": 0.95, "int8": 0.95, "int8v": 0.93, "int4": 0.7, "int8+skip": 0.5,
+          "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
 _SKIP_LEVELS = {"skip0.4": (0.4, FULL), "skip0.6": (0.6, FULL), "int8+skip": (0.2, Int8())}
 
 

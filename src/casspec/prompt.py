@@ -1,13 +1,11 @@
 """Prompt encoding (raw text, chat messages or token ids) and incremental detokenization with stop strings."""
 from __future__ import annotations
 
-from typing import Union
-
 from transformers import PreTrainedTokenizerBase
 
 from casspec.errors import InvalidRequestError
 
-Prompt = Union[str, list[dict], list[int]]
+Prompt = str | list[dict] | list[int]
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool | None = None,

@@ -170,7 +170,7 @@ class _Mark:
     rng: object = None
 
     @classmethod
-    def of(cls, g: Generation) -> "_Mark":
+    def of(cls, g: Generation) -> _Mark:
         s = g.state
         rng = s.generator.get_state() if s.generator is not None else None
         return cls(len(s.tokens), s.cache.length, len(s.token_logprobs), len(s.stats.accept_lengths), rng)

@@ -23,10 +23,10 @@ import torch
 
 from casspec.batching.planner import MAX_DRAFT, BatchPlanner, Candidate, Choice
 from casspec.decoder import SpeculativeDecoder, commit, prefill_segments, record_step
-from casspec.pool import PRIORS, DrafterPool
 from casspec.drafters.self_draft import pick_drafts
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
+from casspec.pool import PRIORS, DrafterPool
 from casspec.runtime.batch import Segment
 from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from casspec.runtime import cache_files
-from casspec.state import DecodeState
 from casspec.runtime.plans import ExecutionPlan, LayerSkip
 from casspec.runtime.runner import TargetRunner
 from casspec.sizes import SCRATCH_OFFSET, SEARCH_WINDOW
-
+from casspec.state import DecodeState
 
 
 class LayerSetSearch:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from casspec.state import DecodeState
 from casspec.runtime.plans import ExecutionPlan
 from casspec.runtime.runner import TargetRunner
+from casspec.state import DecodeState
 from casspec.tree import DraftTree
 from casspec.verify.coupling import coupled_choice, noise_keys
 from casspec.verify.sampling import candidates, logits_to_probs, sample

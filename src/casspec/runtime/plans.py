@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 PRECISION = ("fp32", "a8", "int8", "int4")  # mixing two plans keeps the lower precision
 
 

@@ -12,9 +12,9 @@ import torch
 
 from casspec.runtime import cache_files
 from casspec.runtime.backend import TimedBackend
-from casspec.scheduler.latency import LatencyModel, calibration_grid
 from casspec.runtime.plans import ExecutionPlan
 from casspec.runtime.runner import TargetRunner
+from casspec.scheduler.latency import LatencyModel, calibration_grid
 
 
 def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3) -> float:

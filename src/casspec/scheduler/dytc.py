@@ -45,8 +45,8 @@ from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.acceptance import GREEDY, AcceptanceEstimator, RatioEstimator, regime
 from casspec.scheduler.guard import PayGuard
-from casspec.sizes import MAX_CHAIN
 from casspec.scheduler.latency import LatencyModel
+from casspec.sizes import MAX_CHAIN
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult
@@ -129,15 +129,15 @@ class DyTC:
         self.guards: dict[str, PayGuard] = {}  # regime -> drafting vs plain decoding (sampled regimes)
         self.self_guards: dict[str, PayGuard] = {}  # regime -> self-draft levels vs the bottom level alone
         self._active = levels  # the levels this round may use
-        self._round: tuple[DraftTree, float, PayGuard | None, PayGuard | None] | None = None  # being timed
+        self._round: _Round | None = None  # the round being timed
 
     # ---- plan + draft -------------------------------------------------------------------------------
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
         guard, lone = self._guards(state)
+        self._round = _Round(tree, time.perf_counter(), guard, None, self._shadow_lookup(state))
         if guard is not None and not guard.allows():
-            self._round = (tree, time.perf_counter(), guard, None)
             return
-        self._round = (tree, time.perf_counter(), guard, lone)
+        self._round.lone = lone
         self._active = self.levels if lone is None or lone.allows() else [self.bottom]
         spent, closed = 0.0, set()
         while len(tree) < min(self.cfg.max_nodes, tree.capacity):
@@ -248,6 +248,28 @@ class DyTC:
     def _siblings(self) -> int:
         return self.cfg.siblings if self.cfg.use_tree else 0
 
+    def _shadow_lookup(self, state: DecodeState) -> tuple[list[int], int] | None:
+        """Prompt lookup's continuation of the committed tokens, looked up whether or not the round drafts with it
+        (a lookup costs ~0.1 ms). Compared with the tokens the round commits, it keeps the bottom level's estimate
+        measured while other levels win every expansion: otherwise a pessimistic estimate is never corrected, and
+        a8 chains costing half a step each run where prompt lookup would copy ten tokens at once. Exact for greedy
+        and coupled sampling, where a draft token is accepted iff it equals the committed one."""
+        if not (self.cfg.use_ema and self.bottom.is_lookup) or not (state.sampling.is_greedy or state.sampling.is_coupled):
+            return None
+        root = DraftTree(state.tokens[-1], state.cache.length, 2)
+        draft, match = self.bottom.drafter.lookup(root, state, 0, min(self.cfg.max_k, state.max_depth()))
+        return (draft, match) if draft else None
+
+    def _observe_shadow(self, shadow: tuple[list[int], int], result: AcceptResult, state: DecodeState) -> None:
+        """Score the shadow lookup's tokens against the committed ones, as verification would have (each token
+        observed only if the ones before it matched; none beyond what was committed)."""
+        draft, match = shadow
+        est, conf = self.bottom.estimate(regime(state.sampling)), match / self.bottom.drafter.max_n
+        for token, committed in zip(draft, result.tokens):
+            est.observe(token == committed, conf)
+            if token != committed:
+                return
+
     def _guards(self, state: DecodeState) -> tuple[PayGuard | None, PayGuard | None]:
         """This round's guards: drafting vs plain (sampled regimes) and self levels vs the bottom alone (a
         hierarchy with both; it probes the bottom alone, whose rate has no prediction)."""
@@ -324,18 +346,30 @@ class DyTC:
         for plan, n_query, ctx, seconds in state.forward_log:
             if seconds > 0 and (plan == "full" or plan in self.by_name or plan.startswith(SAMPLE)):
                 self.latency.observe(plan, n_query, ctx, seconds)
-        if self._round is not None and self._round[0] is tree:
-            _, t0, guard, lone = self._round
-            seconds = time.perf_counter() - t0
-            if guard is not None:
+        if self._round is not None and self._round.tree is tree:
+            r, seconds = self._round, time.perf_counter() - self._round.t0
+            if r.guard is not None:
                 plain = 1.0 / self._t_verify(1, state.ctx_len, True)
-                guard.record(len(tree) > 1, len(result.tokens), seconds, plain)
-            if lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
-                lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
+                r.guard.record(len(tree) > 1, len(result.tokens), seconds, plain)
+            if r.lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
+                r.lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
+            if r.shadow and not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
+                self._observe_shadow(r.shadow, result, state)
         self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
                 level.drafter.set_plan(level.search.plan)
+
+
+@dataclass
+class _Round:
+    """The round being timed: its tree, start, guards, and prompt lookup's shadow continuation."""
+
+    tree: DraftTree
+    t0: float
+    guard: PayGuard | None
+    lone: PayGuard | None
+    shadow: tuple[list[int], int] | None
 
 
 def _is_first_choice(tree: DraftTree, node: int) -> bool:

@@ -12,17 +12,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-
-from casspec.batching import BATCH_METHODS
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from casspec.batching import BATCH_METHODS
+
+from .batch_worker import BatchScheduler
 from .errors import install_error_handlers
-from .openapi import install_openapi
 from .http import APIError, BodyLimitMiddleware, GateMiddleware, prometheus_text
+from .openapi import install_openapi
 from .requests import chat_messages, completion_prompts, gen_request, reject_unsupported
 from .schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .service import MODEL_ALIAS, CompletionService, ServerConfig
-from .batch_worker import BatchScheduler
 from .worker import Metrics, Scheduler
 
 log = logging.getLogger("casspec.server")

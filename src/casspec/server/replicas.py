@@ -45,11 +45,11 @@ def _token_auth() -> None:
 
 
 _token_auth()
-import ray  # noqa: E402
+import ray  # noqa: E402  (after _token_auth: Ray reads its auth settings at import)
 from ray import serve  # noqa: E402
 
-from . import app_kwargs, load_engine
-from .app import create_app
+from . import app_kwargs, load_engine  # noqa: E402
+from .app import create_app  # noqa: E402
 
 __all__ = ["EngineReplica", "default_threads", "run_replicas", "serve_replicas"]
 

@@ -14,10 +14,10 @@ body over the server's --max-body-bytes (413), and a busy server (429).
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, model_validator
-
 
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**64 - 1)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import threading
 import warnings
@@ -60,17 +61,34 @@ def module() -> ModuleType:
 def _load() -> ModuleType | None:
     if os.environ.get("CASSPEC_KERNELS", "1") == "0" or not supported_cpu():
         return None
-    try:
-        from torch.utils.cpp_extension import load
+    damaged = False
+    while True:
+        try:
+            return _build(build_dir())
+        except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the torch backend
+            folder = _folder_or_none()
+            if not damaged and folder is not None and any(folder.glob("*.so")):
+                damaged = True  # a build that no longer loads (a truncated .so): remove it and build once more
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            warnings.warn(f"casspec CPU kernels unavailable, using stock torch ops ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})", RuntimeWarning, stacklevel=2)
+            return None
 
-        folder = build_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        if not any(folder.glob("*.so")):
-            print("casspec: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr,
-                  flush=True)
-        return load(name="casspec_kernels", sources=[str(f) for f in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=str(folder), verbose=False)
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the torch backend
-        warnings.warn(f"casspec CPU kernels unavailable, using stock torch ops ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''})", RuntimeWarning, stacklevel=2)
+
+def _build(folder: Path) -> ModuleType:
+    """Compile (first use) or load the kernels kept in `folder`."""
+    from torch.utils.cpp_extension import load
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob("*.so")):
+        print("casspec: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr, flush=True)
+    return load(name="casspec_kernels", sources=[str(f) for f in SOURCES], extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+
+
+def _folder_or_none() -> Path | None:
+    try:
+        return build_dir()
+    except Exception:  # noqa: BLE001 - no cache folder at all
         return None

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 ITL_NOTE = ("inter-token latency is measured between streamed content chunks; speculative decoding can "
             "commit several tokens per step, so one chunk may carry several tokens (see TPOT for per-token time)")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from casspec.loadtest_stats import summary
+from casspec.loadtest.stats import summary
 
 CHARS_PER_TOKEN = 4  # the usual estimate for English text under a BPE tokenizer
 WORDS = ("the of and to in is that for it as was with be by on not this are or from at which but have an they "
