@@ -51,10 +51,17 @@ def test_kernel_runner_equals_torch_runner(runners, plan):
     assert torch.equal(out[0].argmax(-1), out[1].argmax(-1))
 
 
-def test_long_inputs_use_the_torch_path_and_agree(runners):
+def test_long_inputs_use_the_torch_path_and_agree(runners, monkeypatch):
     fast, ref = runners
+    calls = []
+    linear = fast.torch_backend.linear
+    monkeypatch.setattr(fast.torch_backend, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
     n = MAX_KERNEL_ROWS + 8
     ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(n)
     out = [r.forward(ids, pos, pos, r.new_cache(n + 4), prefill=True) for r in runners]
+    assert calls  # a long prefill of fp32 weights ran on the torch backend (MKL's GEMM) ...
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+    calls.clear()
+    fast.forward(ids[:8], pos[:8], pos[:8], fast.new_cache(12), prefill=True)
+    assert not calls  # ... a short one on the kernels

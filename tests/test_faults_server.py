@@ -19,7 +19,7 @@ from casspec.batching import BatchEngine
 from casspec.errors import NonFiniteLogitsError
 from casspec.runtime.plans import FULL
 from casspec.server import create_app
-from casspec.server.batch_worker import BatchScheduler
+from casspec.server.batch_worker import BatchWorker
 from casspec.server.worker import GenRequest, Job, Metrics, WorkerCrashError
 from casspec.testing import tiny_engine
 
@@ -131,7 +131,7 @@ def test_step_raising_after_cancellations(eng, solo, monkeypatch):
 
 
 # -- the batched server worker: counters, exactly-once endings, the supervisor ---------------------------------
-def drive(sched: BatchScheduler, reqs: list[GenRequest], act=None, timeout: float = 60.0) -> list[list[tuple]]:
+def drive(sched: BatchWorker, reqs: list[GenRequest], act=None, timeout: float = 60.0) -> list[list[tuple]]:
     """Submit jobs to a started scheduler and collect every item each receives (until its final one)."""
     async def main():
         loop = asyncio.get_running_loop()
@@ -162,7 +162,7 @@ def text_of(items) -> list[int]:
 
 
 def test_worker_isolates_a_failing_request_and_counts_return_to_zero(eng, solo, monkeypatch):
-    sched = BatchScheduler(eng, "casspec", max_queue=4, metrics=Metrics(), max_batch=4)
+    sched = BatchWorker(eng, "casspec", max_queue=4, metrics=Metrics(), max_batch=4)
     lookup = eng.pool.ngram.lookup
 
     def raising_lookup(tree, state, leaf, k):
@@ -190,7 +190,7 @@ def test_worker_crash_is_supervised(eng, monkeypatch):
     """Something escapes the step loop itself: the supervisor logs and counts it, ends the held jobs with an
     error (once each), resets the batch, and the same thread serves the next request."""
     metrics = Metrics()
-    sched = BatchScheduler(eng, "casspec", max_queue=4, metrics=metrics, max_batch=4)
+    sched = BatchWorker(eng, "casspec", max_queue=4, metrics=metrics, max_batch=4)
     deliver = sched._deliver
     state = {"n": 0}
 
@@ -216,7 +216,7 @@ def test_worker_crash_is_supervised(eng, monkeypatch):
 
 def test_dropped_jobs_release_their_prompts_at_once(eng):
     """200 submit-and-drop cycles while the batch is full: none stays queued, no prompt stays alive."""
-    sched = BatchScheduler(eng, "casspec", max_queue=4, metrics=Metrics(), max_batch=2, step_delay=0.02)
+    sched = BatchWorker(eng, "casspec", max_queue=4, metrics=Metrics(), max_batch=2, step_delay=0.02)
     refs = []
 
     async def main():
@@ -310,7 +310,7 @@ def test_50mb_body_gets_413_before_parsing_without_memory_growth(eng):
 def test_start_replaces_a_dead_worker_thread(eng):
     """Were the worker thread ever gone, the next submit starts a new one from a clean state and counts it."""
     metrics = Metrics()
-    sched = BatchScheduler(eng, "casspec", max_queue=1, metrics=metrics, max_batch=2)
+    sched = BatchWorker(eng, "casspec", max_queue=1, metrics=metrics, max_batch=2)
     dead = threading.Thread(target=lambda: None)
     dead.start()
     dead.join()

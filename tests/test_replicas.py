@@ -79,7 +79,7 @@ class ReplicaServer:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(30)
+                self.proc.wait(90)  # Ray's shutdown takes tens of seconds on a loaded 2-core machine
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -676,13 +676,13 @@ def test_logprobs_with_openai_client(tiny, ref):
 # -- the batched worker ------------------------------------------------------------------------------------------
 def test_batch_worker_queue_full_outputs_and_metrics(ref):
     """max_batch=4, max_queue=1: of 8 simultaneous streams, 5 are served (exactly the engine's greedy output), 3 get 429."""
-    from casspec.server.batch_worker import BatchScheduler
+    from casspec.server.batch_worker import BatchWorker
     from casspec.testing import tiny_engine
 
     app = create_app(tiny_engine(), max_batch=4, max_queue=1, step_delay=0.05, max_tokens_limit=64,
                      request_timeout=60)
     sched = app.state.scheduler
-    assert isinstance(sched, BatchScheduler) and sched.max_batch == 4
+    assert isinstance(sched, BatchWorker) and sched.max_batch == 4
     prompts = [f"Batch client {i} asks" for i in range(8)]
     want = {p: ref.generate(p, "casspec", max_new_tokens=24, temperature=0.0, chat=False).text for p in prompts}
     with ThreadServer(app) as srv:
@@ -759,10 +759,10 @@ def test_batch_scheduler_admission_counts_running_plus_queue(ref, monkeypatch):
     """submit refuses exactly beyond max_batch running + max_queue waiting, however far the worker lags behind."""
     import asyncio
 
-    from casspec.server.batch_worker import BatchScheduler
+    from casspec.server.batch_worker import BatchWorker
     from casspec.server.worker import Metrics, QueueFullError
 
-    sched = BatchScheduler(ref, "casspec", max_queue=1, metrics=Metrics(), max_batch=4)
+    sched = BatchWorker(ref, "casspec", max_queue=1, metrics=Metrics(), max_batch=4)
     monkeypatch.setattr(sched, "start", lambda: None)  # the worker has not picked anything up yet
     loop = asyncio.new_event_loop()
     try:
@@ -781,10 +781,10 @@ def test_batch_scheduler_abandon_while_starting_counts_once(ref, monkeypatch):
     """A request abandoned while the worker is submitting it to the batch is counted out exactly once."""
     import asyncio
 
-    from casspec.server.batch_worker import BatchScheduler
+    from casspec.server.batch_worker import BatchWorker
     from casspec.server.worker import Metrics
 
-    sched = BatchScheduler(ref, "casspec", max_queue=2, metrics=Metrics(), max_batch=2)
+    sched = BatchWorker(ref, "casspec", max_queue=2, metrics=Metrics(), max_batch=2)
     submit = sched.batch.submit
 
     def racing_submit(*a, tag=None, **kw):
@@ -816,9 +816,9 @@ def test_serve_help_lists_max_batch_and_create_app_rejects_zero():
     with pytest.raises(ValueError, match="max_batch"):
         create_app(FakeEngine(), max_batch=0)
     # max_batch=1, or an engine without a runner: the one-at-a-time worker
-    from casspec.server.worker import Scheduler
+    from casspec.server.worker import FifoWorker
 
-    assert isinstance(create_app(FakeEngine(), max_batch=4).state.scheduler, Scheduler)
+    assert isinstance(create_app(FakeEngine(), max_batch=4).state.scheduler, FifoWorker)
 
 
 # -- property-based fuzzing against the published OpenAPI schema -------------------------------------------------

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -93,7 +94,7 @@ class Engine:
         """Token ids of a text prompt, chat messages, or a token-id prompt (checked against the vocabulary)."""
         return encode_prompt(self.tokenizer, prompt, chat, self.runner.vocab_size)
 
-    def generate(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: object) -> GenerationResult:
+    def generate(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: Any) -> GenerationResult:
         """Generate a completion; see `iter_generate` for the arguments."""
         result = None
         for chunk in self.iter_generate(prompt, method, **kwargs):
@@ -102,7 +103,7 @@ class Engine:
         return result
 
     def generate_batch(self, prompts: list[Prompt], method: str = "casspec", *, max_batch: int = 8,
-                       **kwargs: object) -> list[GenerationResult]:
+                       **kwargs: Any) -> list[GenerationResult]:
         """Generate several completions together (continuous batching; arguments as `start`)."""
         from casspec.batching import BatchEngine
 
@@ -112,14 +113,14 @@ class Engine:
         need = sum(self.cache_size(n, min(new, max(1, self.context_length - n))) for n in lengths[:max_batch])
         return BatchEngine(self, max_batch, pool_tokens=need).generate(prompts, method, **kwargs)
 
-    def stream(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: object) -> Iterator[str]:
+    def stream(self, prompt: Prompt, method: str | Scheduler = "casspec", **kwargs: Any) -> Iterator[str]:
         """Yield text chunks as tokens are committed."""
         for chunk in self.iter_generate(prompt, method, **kwargs):
             if chunk.text:
                 yield chunk.text
 
     def iter_generate(self, prompt: Prompt, method: str | Scheduler = "casspec", *,
-                      cancel: threading.Event | None = None, **kwargs: object) -> Iterator[StreamChunk]:
+                      cancel: threading.Event | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
         """Stream chunks of a generation; the last chunk carries the GenerationResult. Arguments: `start`."""
         gen = self.start(prompt, method, cancel=cancel, **kwargs)
         decoder = SpeculativeDecoder(self.runner, self.scheduler(method))
@@ -153,7 +154,8 @@ class Engine:
         `kv_pool`: reserve the cache in this shared pool (batched decoding: placed on admission);
         default a private cache.
         """
-        sampling = SamplingConfig(temperature, top_p, top_k, seed, min_p, sampling_rule)
+        rule = cast(Literal["gumbel", "rejection"], sampling_rule)  # any str: SamplingConfig rejects others
+        sampling = SamplingConfig(temperature, top_p, top_k, seed, min_p, rule)
         self.scheduler(method)  # unknown method: an error before any work
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
@@ -183,9 +185,11 @@ class Engine:
                    kv_pool: KVPool | None = None) -> DecodeState:
         gen = None
         if not sampling.is_greedy:
-            if sampling.seed is None:  # one seed per request: the coupled noise and the generator derive from it
-                sampling = replace(sampling, seed=int(torch.randint(0, 2**62, ()).item()))
-            gen = torch.Generator().manual_seed(sampling.seed)
+            seed = sampling.seed
+            if seed is None:  # one seed per request: the coupled noise and the generator derive from it
+                seed = int(torch.randint(0, 2**62, ()).item())
+                sampling = replace(sampling, seed=seed)
+            gen = torch.Generator().manual_seed(seed)
         need = self.cache_size(len(ids), max_new)
         if kv_pool is None:
             cache = self.runner.new_cache(need)
@@ -203,7 +207,7 @@ class Engine:
 
     def plan_weights(self, plan_name: str) -> dict[str, object]:
         """What a forward under a plan reads: {"formats": "Q4_1+Q8_0", "bytes": weight bytes per step}."""
-        plan = FULL if plan_name == "full" else self.pool.get(plan_name).plan
+        plan = FULL if plan_name == "full" else self.pool.self_level(plan_name).plan
         formats, nbytes = self.runner.plan_weights(plan)
         return {"formats": formats, "bytes": nbytes}
 
@@ -212,7 +216,7 @@ class Engine:
         {"total", "matmul" (the linears), "attention", "rest" (total - matmul)}."""
         from casspec.scheduler.calibrate import forward_breakdown
 
-        plan = FULL if plan_name == "full" else self.pool.get(plan_name).plan
+        plan = FULL if plan_name == "full" else self.pool.self_level(plan_name).plan
         return forward_breakdown(self.runner, plan, n_query, ctx_len, repeats)
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -10,7 +10,7 @@ from casspec.config import SAMPLING_RULES
 from casspec.errors import CasspecError
 
 # subcommands owned by other modules: module path -> its add_parser(subparsers)
-_PLUGINS = ("casspec.bench.cli", "casspec.server", "casspec.chat", "casspec.loadtest")
+_PLUGINS = ("casspec.bench.cli", "casspec.server.cli", "casspec.chat", "casspec.loadtest")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
     for chunk in engine.iter_generate(args.prompt, args.method, **kwargs):
         print(chunk.text, end="", flush=True)
         result = chunk.result or result
+    assert result is not None, "iter_generate always ends with a chunk that carries the result"
     s = result.stats
     print(f"\n\n[{s.method}] {s.new_tokens} tokens in {s.wall_time:.2f}s: {s.tokens_per_s:.1f} tok/s, "
           f"mean accepted length {s.mean_accepted_length:.2f}, target forwards {s.target_forwards} "

@@ -33,9 +33,15 @@ def record_step(state: DecodeState, tree: DraftTree, result: AcceptResult, t_dra
     s.verify_time += t_verify
     s.accept_lengths.append(len(result.tokens))
     for i in range(1, len(tree)):
-        s.drafter(tree.drafter[i]).proposed += 1
+        s.drafter(_drafter(tree, i)).proposed += 1
     for i in result.path[1:]:
-        s.drafter(tree.drafter[i]).accepted += 1
+        s.drafter(_drafter(tree, i)).accepted += 1
+
+
+def _drafter(tree: DraftTree, i: int) -> str:
+    name = tree.drafter[i]
+    assert name is not None, "only the root has no drafter"
+    return name
 
 
 def take(state: DecodeState, tokens: list[int]) -> tuple[list[int], bool]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import cast
 
 from casspec.decoder import take
 from casspec.metrics import GenerationResult, StreamChunk
@@ -20,6 +21,8 @@ from casspec.state import DecodeState
 
 class Generation:
     """A request in flight: its state, method, text assembler and cancel flag."""
+
+    error: Exception  # set only on a generation that failed in a batch (BatchEngine)
 
     def __init__(self, state: DecodeState, method: str, text: TextAssembler,
                  cancel: threading.Event | None = None, tag: object = None,
@@ -103,7 +106,7 @@ class Generation:
         out = self.state.token_logprobs[self._logprobs_sent:self._logprobs_sent + n]
         self._logprobs_sent += n
         decode = self.text.tokenizer.decode
-        for lp in out:
-            lp.text = decode([lp.token])
-            lp.top_text = [decode([i]) for i, _ in lp.top]
+        for lp in out:  # (decode of one id list is a str; transformers types it str | list[str])
+            lp.text = cast(str, decode([lp.token]))
+            lp.top_text = [cast(str, decode([i])) for i, _ in lp.top]
         return out

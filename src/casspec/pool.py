@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.calibrate import is_calibrated, load_or_calibrate, machine_key
 from casspec.scheduler.dytc import DyTC, DyTCConfig, Level
 from casspec.scheduler.latency import LatencyModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Default draft hierarchies, strongest first, prompt lookup last. On CPU the int8 copy (acceptance ~0.98 at
 # 0.4 of a target step) and prompt lookup pay; layer sparsity breaks these small models (README, "Draft
@@ -47,7 +51,7 @@ class DrafterPool:
     """Drafters built once per engine and shared by every method."""
 
     def __init__(self, runner: TargetRunner, model_name: str, cache_dir: Path | None = None,
-                 hierarchy: tuple[str, ...] | None = None, tokenizer: object = None) -> None:
+                 hierarchy: tuple[str, ...] | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.runner, self.model_name, self.cache_dir, self.tokenizer = runner, model_name, cache_dir, tokenizer
         self.hierarchy = tuple(hierarchy or default_hierarchy(runner))
         unknown = [d for d in self.hierarchy if d not in DRAFTERS]
@@ -62,6 +66,10 @@ class DrafterPool:
         """A drafter by hierarchy name."""
         if name == "pld":
             return self.ngram
+        return self.self_level(name)
+
+    def self_level(self, name: str) -> SelfDrafter:
+        """A self-draft level by hierarchy name (any but "pld")."""
         if name not in self._self:
             self._self[name] = SelfDrafter(self.runner, self._plan(name), name=name)
         return self._self[name]
@@ -86,7 +94,7 @@ class DrafterPool:
         return [d for d in self.hierarchy if d != "pld"] or ["int8"]
 
     def self_levels(self) -> list[SelfDrafter]:
-        return [self.get(d) for d in self.self_names()]
+        return [self.self_level(d) for d in self.self_names()]
 
     # ---- built once ---------------------------------------------------------------------------------
     def prepare(self, progress: bool = True) -> None:
@@ -122,7 +130,7 @@ class DrafterPool:
         return None if key is None or self.cache_dir is None else self.cache_dir / "vocab" / f"{key}.pt"
 
     def _pending(self) -> list[str]:
-        kinds = {self.get(d).plan.weights for d in self.self_names()} - {"fp32", "a8"}
+        kinds = {self.self_level(d).plan.weights for d in self.self_names()} - {"fp32", "a8"}
         out = [f"{k} weights" for k in sorted(kinds)
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
         if not is_calibrated(self._latency_path(), list(self._latency_plans())):
@@ -132,7 +140,7 @@ class DrafterPool:
         return out
 
     def _latency_plans(self) -> dict[str, ExecutionPlan]:
-        return {"full": FULL, **{d: self.get(d).plan for d in DRAFTERS if d in self.self_names()}}
+        return {"full": FULL, **{d: self.self_level(d).plan for d in DRAFTERS if d in self.self_names()}}
 
     def _latency_path(self) -> Path | None:
         if self.cache_dir is None:

@@ -1,6 +1,8 @@
 """Prompt encoding (raw text, chat messages or token ids) and incremental detokenization with stop strings."""
 from __future__ import annotations
 
+from typing import TypeGuard, cast
+
 from transformers import PreTrainedTokenizerBase
 
 from casspec.errors import InvalidRequestError
@@ -23,9 +25,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool
     if not isinstance(prompt, list) or not prompt:
         raise InvalidRequestError("prompt must be a non-empty string, or a non-empty list of chat messages "
                                   "or of token ids")
-    for m in prompt:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise InvalidRequestError("each chat message must be {'role': str, 'content': str}")
+    if not _is_messages(prompt):
+        raise InvalidRequestError("each chat message must be {'role': str, 'content': str}")
     if not all(m["content"].strip() for m in prompt if m["role"] == "user") :
         raise InvalidRequestError("chat messages have an empty user message")
     if not getattr(tokenizer, "chat_template", None):
@@ -34,7 +35,12 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def is_token_ids(prompt: object) -> bool:
+def _is_messages(prompt: list) -> TypeGuard[list[dict]]:
+    return all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in prompt)
+
+
+def is_token_ids(prompt: object) -> TypeGuard[list]:
     """Whether a prompt is given as token ids (a non-empty list whose first item is an int)."""
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
@@ -60,7 +66,7 @@ class TextAssembler:
         self._emitted = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))  # (typed str | list[str])
 
     def _find_stop(self, text: str) -> int:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]

@@ -1,6 +1,8 @@
 """Tiny random-weight models for tests: Llama, Qwen2 and Gemma 3 families, with a byte-level tokenizer."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -34,9 +36,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(family: str = "llama", vocab_size: int = 260, **sizes: int):
     """A few-layer config of the given family with sizes that run in milliseconds (`sizes` override them)."""
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                  bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
     common.update(sizes)
     if family == "llama":
         return LlamaConfig(**common)

@@ -23,6 +23,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from casspec.batching.step import BatchDecoder, BatchHost
 from casspec.generation import Generation
 from casspec.metrics import GenerationResult, StreamChunk
@@ -96,9 +98,10 @@ class BatchEngine:
         results: dict[int, GenerationResult] = {}
         while self.busy:
             for g, chunk in self.step():
-                if getattr(g, "error", None) is not None:
+                error = getattr(g, "error", None)
+                if error is not None:
                     self.abort()
-                    raise g.error
+                    raise error
                 if chunk.result is not None:
                     results[id(g)] = chunk.result
         return [results[id(g)] for g in gens]
@@ -167,7 +170,7 @@ class _Mark:
     cached: int
     logprobs: int
     steps: int
-    rng: object = None
+    rng: torch.Tensor | None = None  # the generator's state
 
     @classmethod
     def of(cls, g: Generation) -> _Mark:
@@ -180,4 +183,5 @@ class _Mark:
         del s.tokens[self.tokens:], s.token_logprobs[self.logprobs:], s.stats.accept_lengths[self.steps:]
         s.cache.length = self.cached
         if self.rng is not None:
+            assert s.generator is not None  # it had one when marked
             s.generator.set_state(self.rng)

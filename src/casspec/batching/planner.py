@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from casspec.drafters.ngram import NgramDrafter
 from casspec.scheduler.latency import LatencyModel
 from casspec.sizes import MAX_CHAIN
 
@@ -46,7 +47,7 @@ class Candidate:
 class BatchPlanner:
     """Chooses every request's draft so that expected committed tokens per second of the step is largest."""
 
-    def __init__(self, latency: LatencyModel, self_plan: str, lookup: object = None) -> None:
+    def __init__(self, latency: LatencyModel, self_plan: str, lookup: NgramDrafter | None = None) -> None:
         """`lookup`: the prompt-lookup drafter, whose measured `cost` (seconds per lookup) the plan charges."""
         self.latency, self.self_plan, self.lookup = latency, self_plan, lookup
         self.overhead = 0.0  # seconds of a step outside its forwards (planning, masks, accept), learnt online
@@ -135,7 +136,10 @@ class _Step:
         self.choices[i] = choice
 
     def _tokens(self, i: int, c: Choice) -> float:
-        return expected_tokens(self.requests[i].alphas.get(c.source, 0.0), c.k) if c.k else 1.0
+        if not c.k:
+            return 1.0
+        assert c.source is not None  # a draft of k > 0 tokens has a source
+        return expected_tokens(self.requests[i].alphas.get(c.source, 0.0), c.k)
 
     def _count(self, c: Choice, sign: int) -> None:
         if c.source == self.p.self_plan:

@@ -17,7 +17,7 @@ measures its own planning time (lookups + planner) per step: `planner_stats()`.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +27,7 @@ from casspec.drafters.self_draft import pick_drafts
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
 from casspec.pool import PRIORS, DrafterPool
+from casspec.prompt import Prompt
 from casspec.runtime.batch import Segment
 from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner
@@ -49,6 +50,8 @@ class BatchHost(Protocol):
 
     def scheduler(self, method: str) -> Scheduler: ...
 
+    def start(self, prompt: Prompt, *args: Any, **kwargs: Any) -> Generation: ...  # as api.Engine.start
+
 
 class BatchDecoder:
     """Steps a batch of generations of one engine; adaptive state (acceptance per request) lives here."""
@@ -57,7 +60,7 @@ class BatchDecoder:
         self.engine, self.runner, self.pool = engine, engine.runner, engine.pool
         self.prefill_chunk = prefill_chunk
         self.level = self.pool.self_names()[0]  # the self-draft level batched chains use
-        self.drafter = self.pool.get(self.level)
+        self.drafter = self.pool.self_level(self.level)
         self.planner = BatchPlanner(self.pool.latency(), self.level, self.pool.ngram)
         self.global_alpha = {s: AcceptanceEstimator(prior=PRIORS[s]) for s in (self.level, "pld")}
         self._alpha: dict[int, dict[str, AcceptanceEstimator]] = {}  # id(generation) -> source -> estimate

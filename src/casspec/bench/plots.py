@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .prompts import OVERALL
 
-METHOD_COLOURS = matplotlib.colormaps["tab20"]
+METHOD_COLOURS = cast(ListedColormap, matplotlib.colormaps["tab20"])  # the registry is typed as plain Colormap
 
 
 def _save(fig: Figure, path: Path) -> str:
@@ -30,7 +32,8 @@ def plot_speedup(model_summary: dict[str, Any], model: str, path: Path) -> str:
     fig = Figure(figsize=(min(14.0, max(6.0, width)), 4.2))
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(methods))
-    colours = METHOD_COLOURS.colors  # 20 distinct colours: one per method, none repeated
+    # 20 distinct colours: one per method, none repeated (a tuple of RGB tuples; the stubs say ArrayLike)
+    colours = cast("Sequence[Any]", METHOD_COLOURS.colors)
     for i, m in enumerate(methods):
         ys = [model_summary["table"][m][c]["speedup"] or 0.0 for c in cats]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(cats))]

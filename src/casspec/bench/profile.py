@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -41,7 +42,7 @@ def run_profile(engine: Any, *, ctx_len: int = 512, max_query: int = 32, repeats
         raise InvalidRequestError(f"unknown plan(s) {unknown}; engine has: {', '.join(engine.plan_names)}")
     ctx_len = min(ctx_len, int(engine.context_length) - max_query)
     queries = query_sizes(max_query)
-    curves = {plan: {part: [] for part in PARTS} for plan in names}
+    curves: dict[str, dict[str, list[float]]] = {plan: {part: [] for part in PARTS} for plan in names}
     bar = tqdm(total=len(names) * len(queries), desc="profile", unit="pt", disable=not progress)
     for n in queries:  # plans interleaved per point, so a burst of machine noise hits all of them
         for plan in names:
@@ -64,12 +65,15 @@ def plot_profile(result: dict[str, Any], path: Path) -> str:
     """Milliseconds per forward vs query tokens: total (solid) and matmul part (dashed), one colour per plan."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    colours = matplotlib.colormaps["tab10"].colors
+    tab10 = matplotlib.colormaps["tab10"]
+    assert isinstance(tab10, ListedColormap)  # a fixed list of 10 colours (`.colors`)
+    colours = cast("Sequence[Any]", tab10.colors)  # (stubs: ArrayLike; a tuple of RGB tuples)
     for i, (plan, cur) in enumerate(result["plans"].items()):
         colour = colours[i % len(colours)]
         ax.plot(result["n_query"], [1e3 * s for s in cur["total"]], marker="o", markersize=3, color=colour,

@@ -91,8 +91,8 @@ class LayerSetSearch:
         key_pos[scratch:] = pos
         logits = self.runner.forward(ids, pos, slots, cache, plan, allowed, key_pos)  # [w, V]
         target = torch.tensor(state.tokens[start + 1:cache.length + 1])
-        ids = self.runner.token_ids(plan)  # a pruned-vocabulary plan's columns are a subset of tokens
-        got = logits.argmax(-1) if ids is None else ids[logits.argmax(-1)]
+        cols = self.runner.token_ids(plan)  # a pruned-vocabulary plan's columns are a subset of tokens
+        got = logits.argmax(-1) if cols is None else cols[logits.argmax(-1)]
         return float((got.cpu() == target).float().mean())
 
     def _random_set(self) -> frozenset:

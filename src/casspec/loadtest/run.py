@@ -155,6 +155,8 @@ def run_load(url: str, clients: int = DEFAULT_CLIENTS, duration: float = 60.0, m
 
 def _planner_delta(before: dict | None, after: dict | None) -> dict:
     """The casspec batch planner's steps and time in the window (from /metrics), or {}."""
+    if after is None:  # /metrics unavailable
+        return {}
     try:
         a, b = after["batch_planner"], (before or {}).get("batch_planner") or {}
         steps = a["steps"] - b.get("steps", 0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 ITL_NOTE = ("inter-token latency is measured between streamed content chunks; speculative decoding can "
@@ -68,7 +68,7 @@ def timing_stats(samples: Iterable[TimedSample]) -> dict:
             "tpot_s": summary(tpots), "tpot_samples": len(tpots)}
 
 
-def fill_report(rep: Any, done: list[TimedSample], wall: float) -> None:
+def fill_report(rep: Any, done: Sequence[TimedSample], wall: float) -> None:
     """Counts, rates and timing summaries of the finished samples into ``rep`` (a loadtest Report)."""
     ok = [s for s in done if s.ok]
     rep.wall_s, rep.requests, rep.ok, rep.errors = round(wall, 3), len(done), len(ok), len(done) - len(ok)
@@ -93,7 +93,8 @@ def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:
     """
     if not rate > 0 or not math.isfinite(rate):
         raise ValueError(f"rate must be a positive finite number, got {rate!r}")
-    rng, t, out = random.Random(seed), 0.0, []
+    rng, t = random.Random(seed), 0.0
+    out: list[float] = []
     while True:
         t += rng.expovariate(rate)
         if t >= duration:
@@ -103,6 +104,8 @@ def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:
 
 def server_delta(before: dict | None, after: dict | None) -> dict:
     """Server-side numbers over the run, from two casspec /metrics snapshots."""
+    if before is None or after is None:  # /metrics unavailable
+        return {}
     try:
         g0, g1 = before["generation"], after["generation"]
         t0, t1 = before["tokens"], after["tokens"]

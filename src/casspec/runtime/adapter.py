@@ -10,6 +10,8 @@ A config field the loop does not reproduce is refused at load (`check_supported`
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,9 +38,10 @@ class LlamaAdapter:
     pre_mlp_norm = "post_attention_layernorm"
 
     def __init__(self, model: nn.Module, source: ModuleSource | GGUFSource | None = None) -> None:
-        self.config = cfg = getattr(model.config, "text_config", None) or model.config
-        self.base = model.model
-        self.lm_head = model.lm_head
+        hf: Any = model  # an HF causal LM of any family: `config`, `model` (the stack), `lm_head` are duck-typed
+        self.config = cfg = getattr(hf.config, "text_config", None) or hf.config
+        self.base = hf.model
+        self.lm_head = hf.lm_head
         self.layers = list(self.base.layers)
         self.num_layers = len(self.layers)
         check_supported(cfg, self.layers)
@@ -167,7 +170,7 @@ def _half(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _activation(cfg: object) -> str:
-    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    return getattr(cfg, "hidden_activation", "") or getattr(cfg, "hidden_act", "silu")  # ("": unset, as None)
 
 
 def check_supported(cfg: object, layers: list[nn.Module]) -> None:
@@ -175,8 +178,9 @@ def check_supported(cfg: object, layers: list[nn.Module]) -> None:
     def refuse(field: str, value: object, why: str) -> None:
         raise UnsupportedModelError(f"unsupported model config: {field}={value!r} ({why})")
 
-    if getattr(cfg, "attn_logit_softcapping", None):
-        refuse("attn_logit_softcapping", cfg.attn_logit_softcapping, "attention soft-capping is not implemented")
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    if softcap:
+        refuse("attn_logit_softcapping", softcap, "attention soft-capping is not implemented")
     if _activation(cfg) not in ACTIVATIONS:
         refuse("hidden_act", _activation(cfg), f"supported: {sorted(ACTIVATIONS)}")
     types = getattr(cfg, "layer_types", None)
@@ -186,8 +190,9 @@ def check_supported(cfg: object, layers: list[nn.Module]) -> None:
         refuse("sliding_window", None, "layer_types has sliding layers but no window is set")
     if getattr(cfg, "use_bidirectional_attention", False):
         refuse("use_bidirectional_attention", True, "only causal decoders are supported")
-    if getattr(cfg, "pretraining_tp", 1) not in (1, None):
-        refuse("pretraining_tp", cfg.pretraining_tp, "split projections are not supported")
+    tp = getattr(cfg, "pretraining_tp", 1)
+    if tp not in (1, None):
+        refuse("pretraining_tp", tp, "split projections are not supported")
     for field, params in _rope_parameters(cfg):
         factor = params.get("partial_rotary_factor", 1.0)
         if factor is not None and float(factor) != 1.0:
@@ -203,8 +208,9 @@ def check_supported(cfg: object, layers: list[nn.Module]) -> None:
             refuse(field, value, "only full rotary embeddings are implemented")
     if getattr(cfg, "use_sliding_window", False) and not getattr(cfg, "sliding_window", None):
         refuse("sliding_window", None, "use_sliding_window is set but no window is")
-    if getattr(cfg, "attention_chunk_size", None) is not None:
-        refuse("attention_chunk_size", cfg.attention_chunk_size, "chunked attention is not implemented")
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if chunk is not None:
+        refuse("attention_chunk_size", chunk, "chunked attention is not implemented")
     for field in ("logits_scaling", "embedding_multiplier", "residual_multiplier", "attention_multiplier"):
         if getattr(cfg, field, None) not in (None, 1, 1.0):  # Granite-style scalings, ignored by the loop
             refuse(field, getattr(cfg, field), "not implemented by the runtime's layer loop")

@@ -14,6 +14,7 @@ allclose. The runner sends prefills longer than `MAX_KERNEL_ROWS` tokens to the 
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None], sin[:, None]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+class Backend(Protocol):
+    """The interface: what the runner calls (TorchBackend, KernelBackend, TimedBackend)."""
+
+    name: str
+
+    def linear(self, x: torch.Tensor, p: Proj, norm: torch.Tensor | None = None, eps: float = 0.0,
+               out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def rope_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,
+                q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float) -> torch.Tensor: ...
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: torch.Tensor,
+                  lens: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor: ...
+
+    def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None: ...
 
 
 class TorchBackend:
@@ -64,6 +83,7 @@ class TorchBackend:
         m, d = qkv.shape[0], k_cache.shape[-1]
         q, k, v = qkv.view(m, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
         if q_norm is not None:
+            assert k_norm is not None, "q_norm and k_norm come together"
             q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k_cache.index_copy_(1, slots, k.transpose(0, 1).to(k_cache.dtype))
@@ -129,7 +149,7 @@ class TimedBackend:
     """Wraps a backend and adds up the seconds spent in its linears and in everything else it runs
     (`casspec profile`: how much of a forward is weight traffic and how much is the rest)."""
 
-    def __init__(self, inner: TorchBackend) -> None:
+    def __init__(self, inner: Backend) -> None:
         self.inner, self.name = inner, inner.name
         self.seconds = {"linear": 0.0, "attention": 0.0, "other": 0.0}
 

@@ -83,7 +83,9 @@ def _stack(masks: list[torch.Tensor | None], rows: list[int], width: int, device
     if all(m is None for m in masks):
         return None
     if len(masks) == 1:
-        return masks[0].contiguous()
+        only = masks[0]
+        assert only is not None  # not all None, and there is one
+        return only.contiguous()
     out = torch.ones(sum(rows), width, dtype=torch.bool, device=device)
     r = 0
     for m, n in zip(masks, rows):

@@ -49,7 +49,7 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def write_atomic(path: Path, write: Callable[[Path], None],
+def write_atomic(path: Path, write: Callable[[Path], object],
                  errors: tuple[type[BaseException], ...] = ()) -> bool:
     """Run `write(tmp)` on a temporary path, then rename it to `path`. False (and one warning per folder)
     where the folder cannot be written: an OSError, or one of `errors` (what the writer raises for one,
@@ -59,13 +59,14 @@ def write_atomic(path: Path, write: Callable[[Path], None],
     if folder in _unwritable:
         return False
     tmp = temp_name(path)
+    caught: tuple[type[BaseException], ...] = (OSError, *errors)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
         _remove_stale(path)
         return True
-    except (OSError, *errors) as exc:
+    except caught as exc:
         with _lock:
             _unwritable.add(folder)
         warn_once("write", folder, f"cannot write the cache folder {folder} ({_reason(exc)}); "

@@ -14,6 +14,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -107,7 +108,7 @@ class _Reader:
 
     def __init__(self, head: bytes, f: object) -> None:
         self.buf, self.f, self.pos = head, f, 0
-        self.meta: dict[str, object] = {}
+        self.meta: dict[str, Any] = {}  # a key's value as the file types it: str, int, float, bool; None: an array
 
     def _need(self, n: int) -> None:
         while self.pos + n > len(self.buf):

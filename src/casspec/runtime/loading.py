@@ -230,7 +230,7 @@ def load_gguf_native(gguf: Path, name: str, cache: Path) -> LoadedModel:
                        source=source, gguf_path=gguf)
 
 
-def _file_tokenizer(folder: Path) -> object:
+def _file_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
     """The fast tokenizer of `folder` built straight from its tokenizer.json. A family class (e.g. transformers'
     GemmaTokenizer) rebuilds it from Python copies of the vocabulary and merges it then keeps: ~350 MB more
     for Gemma's 262k vocabulary than the same tokenizer read from the file (same ids, tested)."""
@@ -250,7 +250,8 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _read_metadata(folder: Path) -> tuple[object, object, object]:
+def _read_metadata(folder: Path) -> tuple[transformers.PreTrainedTokenizerFast, transformers.PretrainedConfig,
+                                          transformers.GenerationConfig]:
     """The tokenizer, config and generation config `_save_gguf_metadata` saved in `folder`."""
     try:
         tokenizer = _file_tokenizer(folder)
@@ -396,7 +397,8 @@ def _load_dir(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(f"cannot load '{source}': {_first_line(exc)}") from None
-    model = model.to(device).eval()
+    # (transformers' @wraps(nn.Module.to) makes mypy read `to` as unbound: its first argument as the model)
+    model = model.to(device).eval()  # type: ignore[arg-type]
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

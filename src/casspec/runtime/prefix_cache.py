@@ -28,10 +28,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
 from casspec.runtime.kv_cache import SeqCache
+
+if TYPE_CHECKING:
+    from casspec.runtime.runner import TargetRunner
 
 BLOCK = 16  # tokens per block (vLLM's default)
 DEFAULT_BYTES = 1 << 30  # default store size: 1 GiB of KV, at most DEFAULT_MAX_TOKENS tokens
@@ -76,7 +80,7 @@ class PrefixCache:
         self.counters = {"lookups": 0, "hits": 0, "hit_tokens": 0, "stored_tokens": 0, "evicted_blocks": 0}
 
     @classmethod
-    def for_runner(cls, runner: object, max_tokens: int | None = None, block: int = BLOCK) -> PrefixCache:
+    def for_runner(cls, runner: TargetRunner, max_tokens: int | None = None, block: int = BLOCK) -> PrefixCache:
         """A cache for a TargetRunner's KV layout; default size: DEFAULT_BYTES of KV (at most DEFAULT_MAX_TOKENS)."""
         a = runner.adapter
         if max_tokens is None:
@@ -212,10 +216,12 @@ class PrefixCache:
         self._nodes.add(child)
 
     def _remove(self, node: _Node) -> None:
-        group = node.parent.children[node.tokens[0]]
+        parent = node.parent
+        assert parent is not None  # the root is never removed
+        group = parent.children[node.tokens[0]]
         group.remove(node)
         if not group:
-            del node.parent.children[node.tokens[0]]
+            del parent.children[node.tokens[0]]
         self._nodes.discard(node)
         self._free.append(node.block)
 
@@ -238,6 +244,7 @@ class PrefixCache:
         while heap and freed < blocks:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
+            assert parent is not None  # a node in the heap is never the root
             self._remove(node)
             freed += 1
             if parent is not self.root and parent.ref == 0 and not parent.children:

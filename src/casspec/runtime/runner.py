@@ -17,7 +17,7 @@ from torch import nn
 
 from casspec.runtime import kernels, weight_cache
 from casspec.runtime.adapter import LlamaAdapter, make_adapter
-from casspec.runtime.backend import MAX_KERNEL_ROWS, KernelBackend, TorchBackend
+from casspec.runtime.backend import MAX_KERNEL_ROWS, Backend, KernelBackend, TorchBackend
 from casspec.runtime.batch import Rows, Segment
 from casspec.runtime.kv_cache import KVPool, SeqCache, StaticKVCache
 from casspec.runtime.plans import FULL, ExecutionPlan
@@ -46,7 +46,7 @@ class TargetRunner:
         if use_kernels:
             self.dtype = torch.float32  # activations and the KV cache; bf16 / fp16 weights stay as they are
         self.torch_backend = TorchBackend()
-        self.backend: TorchBackend = KernelBackend() if use_kernels else self.torch_backend
+        self.backend: Backend = KernelBackend() if use_kernels else self.torch_backend
         self.kernel_build = kernels.build_dir().name if use_kernels else "-"  # identifies the compiled kernels
         self.weights: ModelWeights = self.adapter.weights(tile=use_kernels)
         self._quantized: dict[str, ModelWeights] = {}
@@ -97,7 +97,8 @@ class TargetRunner:
     def quantized_cache_path(self, kind: str) -> Path | None:
         """Where the `kind` copy of these weights is kept on disk (None without a cache folder)."""
         key = self.fingerprint()
-        return None if key is None else weight_cache.cache_path(self.cache_dir, key, kind)
+        # a fingerprint is only taken with a cache folder, so key is None exactly when cache_dir is
+        return None if key is None or self.cache_dir is None else weight_cache.cache_path(self.cache_dir, key, kind)
 
     def _load_or_quantize(self, kind: str) -> ModelWeights:
         t0 = time.perf_counter()
@@ -159,7 +160,7 @@ class TargetRunner:
             return a.softcap(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).float()
         return a.softcap(ops.linear(h, w.head, w.final_norm, a.eps)).float()
 
-    def _attention(self, ops: TorchBackend, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def _attention(self, ops: Backend, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    rows: Rows, mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """h += attention sub-layer (in place)."""
         a = self.adapter
@@ -172,7 +173,7 @@ class TargetRunner:
         else:
             ops.add_rms_norm(h, ops.linear(o, lw.o), lw.post_attn_norm, a.eps)
 
-    def _mlp(self, ops: TorchBackend, lw: LayerWeights, h: torch.Tensor) -> None:
+    def _mlp(self, ops: Backend, lw: LayerWeights, h: torch.Tensor) -> None:
         """h += gated MLP sub-layer (in place)."""
         a = self.adapter
         g = ops.linear(h, lw.gate_up, lw.mlp_norm, a.eps)  # [M, F] = act(gate) * up

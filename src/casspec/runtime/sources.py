@@ -10,11 +10,16 @@ Both answer by HF module name ("model.layers.3.self_attn.q_proj"), so the adapte
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import gguf
 import torch
 from torch import nn
 
 from casspec.runtime.gguf_file import GGUFFile, NativeTensor
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 Weight = torch.Tensor | NativeTensor
 
@@ -39,7 +44,7 @@ class ModuleSource:
 class GGUFSource:
     """Tensors of a GGUF file under HF module names."""
 
-    def __init__(self, file: GGUFFile, config: object, num_layers: int) -> None:
+    def __init__(self, file: GGUFFile, config: PretrainedConfig, num_layers: int) -> None:
         self.file = file
         archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
         if file.arch not in archs:
@@ -60,8 +65,10 @@ class GGUFSource:
         base = self._name(name)
         w = self.file[f"{base}.weight"]
         if self.permuted and base.endswith(("attn_q", "attn_k")):
+            assert isinstance(w, NativeTensor)  # a 2-D weight (1-D tensors alone are torch tensors)
             w = _unpermute(w, self.heads[0] if base.endswith("attn_q") else self.heads[1])
         bias = self.file.tensors.get(f"{base}.bias")
+        assert bias is None or isinstance(bias, torch.Tensor)  # 1-D: an fp32 torch tensor
         return w, bias
 
     def vector(self, name: str) -> torch.Tensor:
@@ -76,6 +83,7 @@ class GGUFSource:
 
     def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:  # [M] -> [M, d] fp32
         w, _ = self.linear("model.embed_tokens")
+        assert isinstance(w, NativeTensor)  # a 2-D weight (1-D tensors alone are torch tensors)
         return w.dequantize(ids.cpu())
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from casspec.runtime.gguf_file import NativeTensor
 from casspec.runtime.weights import Proj, make_proj, quantize
 
 CORPUS = Path(__file__).with_name("vocab_corpus.txt")
@@ -76,9 +77,10 @@ class DraftVocab:
         if (kind, key) not in self._heads:
             if key:  # the context part changed: drop its older versions
                 self._heads = {k: v for k, v in self._heads.items() if k[1] == 0}
-            bias = None if self.full.bias is None else [self.full.bias[rows]]
+            bias: list[torch.Tensor | None] | None = None if self.full.bias is None else [self.full.bias[rows]]
             native = self.full.native[0] if self.full.native is not None else None
             copy = kind in ("int8", "int4")  # a quantized copy; else the target's own weights, only these rows
+            weight: torch.Tensor | NativeTensor
             if native is None:
                 weight = self.full.weights()[0].index_select(0, rows)  # [n, d]; per-row quantization is row-local
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,6 +21,9 @@ from casspec.runtime import cache_files
 from casspec.runtime.sources import GGUFSource
 from casspec.runtime.weights import TILE_K, TILE_ROWS, ModelWeights, Proj
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 FORMAT = "1"  # bump when the tiled layouts change
 _SAMPLES = 64  # values hashed per parameter
 
@@ -27,7 +31,8 @@ _SAMPLES = 64  # values hashed per parameter
 def fingerprint(model: nn.Module, source: GGUFSource | None = None) -> str:
     """A short id of the weights: the config plus shape and strided samples of every parameter (a GGUF
     file: its path, size and modification time)."""
-    h = hashlib.sha1(model.config.to_json_string().encode())
+    config = cast("PretrainedConfig", model.config)  # (nn.Module types its attributes as Tensor | Module)
+    h = hashlib.sha1(config.to_json_string().encode())
     if source is not None:
         stat = source.file.path.stat()
         h.update(f"{source.file.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())

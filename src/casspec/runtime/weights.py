@@ -86,7 +86,7 @@ def make_proj(parts: list[torch.Tensor | NativeTensor], bias: list[torch.Tensor 
     native = [p if isinstance(p, NativeTensor) else _as_blocks(p) for p in parts] if tile else []
     if native and all(t is not None and k % 32 == 0 for t in native) and any(
             isinstance(p, NativeTensor) or p.dtype != torch.float32 for p in parts):
-        return Proj(sizes, k, bias=b, glu=glu, kind="native", native=tuple(native))
+        return Proj(sizes, k, bias=b, glu=glu, kind="native", native=tuple(t for t in native if t is not None))
     parts_t = tuple(p.dequantize() if isinstance(p, NativeTensor) else p.detach() for p in parts)
     proj = Proj(sizes, k, parts_t, b, glu)
     if tile and tileable(proj):
@@ -108,6 +108,7 @@ def tileable(p: Proj) -> bool:
     if p.native is not None:
         return p.k % TILE_K == 0 and (p.glu is None or (len(p.sizes) == 2 and p.sizes[0] % 2 == 0))
     w = p.parts[0] if p.parts is not None else p.tiled
+    assert w is not None  # a projection has float parts or tiled weights
     return (w.device.type == "cpu" and (p.kind != "fp32" or w.dtype == torch.float32) and p.k % TILE_K == 0
             and (p.glu is None or (len(p.sizes) == 2 and p.sizes[0] % 2 == 0)))
 
@@ -204,15 +205,17 @@ def _tile_groups(s: torch.Tensor) -> torch.Tensor:
 
 def _dequantize(p: Proj) -> torch.Tensor:
     """Kernel-order fp32 rows [N, K] of a tiled quantized projection."""
-    t = p.tiled
+    t, scale = p.tiled, p.scale
+    assert t is not None and scale is not None  # a tiled quantized projection has both
     if p.kind == "int8":
         rows = t.transpose(1, 2).reshape(-1, p.k)[: p.n].float()
-        return rows * p.scale[:, None]
+        return rows * scale[:, None]
     tiles, groups = t.shape[0], t.shape[1]
     lo, hi = t & 0x0F, t >> 4  # [tiles, K/G, 4, G/2]
     q = torch.stack([lo.reshape(*lo.shape[:3], -1, 16), hi.reshape(*hi.shape[:3], -1, 16)], dim=-2)
     q = q.reshape(tiles, groups, TILE_ROWS, p.group).float()
-    w = q * p.scale.float()[..., None] + p.mins.float()[..., None]  # [tiles, K/G, 4, G]
+    assert p.mins is not None  # int4
+    w = q * scale.float()[..., None] + p.mins.float()[..., None]  # [tiles, K/G, 4, G]
     return w.transpose(1, 2).reshape(tiles * TILE_ROWS, p.k)[: p.n]
 
 
@@ -252,7 +255,9 @@ class ModelWeights:
 
     def map_projections(self, fn: Callable[[str, Proj], Proj]) -> ModelWeights:
         """A copy with every projection replaced by fn(key, projection); norms are shared."""
-        layers = [replace(lw, **{name: fn(f"{i}.{name}", p) for name, p in zip(PROJ_NAMES, lw.projections())})
+        # (the keys are LayerWeights' Proj fields; mypy checks a **dict against every field's type)
+        layers = [replace(lw, **{name: fn(f"{i}.{name}", p)  # type: ignore[arg-type]
+                                 for name, p in zip(PROJ_NAMES, lw.projections())})
                   for i, lw in enumerate(self.layers)]
         return ModelWeights(layers, fn("head", self.head), self.final_norm)
 

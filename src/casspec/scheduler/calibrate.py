@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,13 +35,14 @@ def forward_breakdown(runner: TargetRunner, plan: ExecutionPlan, n_query: int, c
     rows: list[dict[str, float]] = []
     try:
         for _ in range(repeats + 1):
-            if timed:
-                runner.backend = TimedBackend(backend)
+            timer = TimedBackend(backend) if timed else None
+            if timer is not None:
+                runner.backend = timer
             t0 = time.perf_counter()
             runner.forward(ids, pos, pos, cache, plan)
             runner.synchronize()
             total = time.perf_counter() - t0
-            parts = runner.backend.seconds if timed else {"linear": 0.0, "attention": 0.0}
+            parts = timer.seconds if timer is not None else {"linear": 0.0, "attention": 0.0}
             rows.append({"total": total, "matmul": parts["linear"], "attention": parts["attention"],
                          "rest": total - parts["linear"]})
     finally:
@@ -66,7 +68,7 @@ def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: La
 
 
 def load_or_calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], path: Path | None,
-                      **kwargs: object) -> tuple[LatencyModel, bool]:
+                      **kwargs: Any) -> tuple[LatencyModel, bool]:
     """A calibrated LatencyModel, from `path` if it holds every plan, else measured now and saved there
     (best effort: an unreadable file is measured again, an unwritable folder only means no cache).
     The flag says whether any plan was measured now."""

@@ -139,7 +139,8 @@ class DyTC:
             return
         self._round.lone = lone
         self._active = self.levels if lone is None or lone.allows() else [self.bottom]
-        spent, closed = 0.0, set()
+        spent = 0.0
+        closed: set[int] = set()
         while len(tree) < min(self.cfg.max_nodes, tree.capacity):
             leaf = self._best_leaf(tree, state, closed)
             if leaf is None:
@@ -190,8 +191,9 @@ class DyTC:
         n, ctx, kmax = len(tree), state.ctx_len, min(self.cfg.max_k, state.max_depth() - tree.depth[leaf])
         sampled = not state.sampling.is_greedy
         room = min(self.cfg.max_nodes, tree.capacity) - n  # nodes the budget still allows
-        if level.is_lookup:
-            draft, match = level.drafter.lookup(tree, state, leaf, min(kmax, room))
+        drafter = level.drafter
+        if isinstance(drafter, NgramDrafter):  # (level.is_lookup)
+            draft, match = drafter.lookup(tree, state, leaf, min(kmax, room))
             if not draft:
                 return []
             a, group, lookup = self._lookup_alpha(level, match, state), [leaf], (draft, match)
@@ -202,7 +204,7 @@ class DyTC:
             group, lookup = self._group(tree, leaf), ([], 0)
             kmax = min(kmax, room // (len(group) * (1 + self._siblings())))
             a = self._alpha(level, None, state)
-            lacking = sum(1 for i in tree.path(leaf) if not level.drafter.kv_layers <= tree.kv_layers[i])
+            lacking = sum(1 for i in tree.path(leaf) if not drafter.kv_layers <= tree.kv_layers[i])
             rows = len(group) if sampled else 0  # positions sampled per draft step
             per_step = self._t_draft(level, len(group), ctx, rows)
             first = self._t_draft(level, len(group) + max(lacking - 1, 0), ctx, rows)
@@ -227,15 +229,16 @@ class DyTC:
 
     def _expand(self, tree: DraftTree, state: DecodeState, opt: Option) -> None:
         level = opt.level
-        if level.is_lookup:
+        drafter = level.drafter
+        if isinstance(drafter, NgramDrafter):  # (level.is_lookup)
             draft, match = opt.lookup
-            level.drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._lookup_alpha(level, match, state))
+            drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._lookup_alpha(level, match, state))
             return
         est = level.estimate(regime(state.sampling))
         score = est.token_prob if self.cfg.use_ema else (lambda _c: est.prior)
         ratio = level.sibling_ratio(regime(state.sampling)) if self.cfg.use_ema else None
         scale = max(ratio.ratio, 1e-6) if ratio is not None else 1.0
-        new = level.drafter.propose(tree, state, opt.group, opt.k, siblings=self._siblings(),
+        new = drafter.propose(tree, state, opt.group, opt.k, siblings=self._siblings(),
                                     min_p_acc=opt.min_p_acc, min_sibling_p_acc=opt.min_sibling_p_acc / scale,
                                     score=score)
         if scale != 1.0:  # runner-ups: the heuristic p_acc times what this regime measured of it
@@ -254,17 +257,21 @@ class DyTC:
         measured while other levels win every expansion: otherwise a pessimistic estimate is never corrected, and
         a8 chains costing half a step each run where prompt lookup would copy ten tokens at once. Exact for greedy
         and coupled sampling, where a draft token is accepted iff it equals the committed one."""
-        if not (self.cfg.use_ema and self.bottom.is_lookup) or not (state.sampling.is_greedy or state.sampling.is_coupled):
+        bottom = self.bottom.drafter
+        sampling = state.sampling
+        if not (self.cfg.use_ema and isinstance(bottom, NgramDrafter)) or not (sampling.is_greedy or sampling.is_coupled):
             return None
         root = DraftTree(state.tokens[-1], state.cache.length, 2)
-        draft, match = self.bottom.drafter.lookup(root, state, 0, min(self.cfg.max_k, state.max_depth()))
+        draft, match = bottom.lookup(root, state, 0, min(self.cfg.max_k, state.max_depth()))
         return (draft, match) if draft else None
 
     def _observe_shadow(self, shadow: tuple[list[int], int], result: AcceptResult, state: DecodeState) -> None:
         """Score the shadow lookup's tokens against the committed ones, as verification would have (each token
         observed only if the ones before it matched; none beyond what was committed)."""
         draft, match = shadow
-        est, conf = self.bottom.estimate(regime(state.sampling)), match / self.bottom.drafter.max_n
+        bottom = self.bottom.drafter
+        assert isinstance(bottom, NgramDrafter)  # a shadow comes from prompt lookup at the bottom
+        est, conf = self.bottom.estimate(regime(state.sampling)), match / bottom.max_n
         for token, committed in zip(draft, result.tokens):
             est.observe(token == committed, conf)
             if token != committed:
@@ -289,6 +296,7 @@ class DyTC:
 
     def _lookup_alpha(self, level: Level, match: int, state: DecodeState) -> float:
         """Prompt lookup's acceptance estimate; its confidence is the match length over the longest n-gram."""
+        assert isinstance(level.drafter, NgramDrafter)  # a lookup level
         return self._alpha(level, match / level.drafter.max_n, state)
 
     def _t_verify(self, n_query: int, ctx: int, sampled: bool = False) -> float:
@@ -324,8 +332,9 @@ class DyTC:
 
     def _t_lookup(self) -> float:
         """Seconds per prompt lookup: the drafter's own measured EMA."""
-        if self.cfg.use_latency and self.bottom.is_lookup:
-            return self.bottom.drafter.cost
+        bottom = self.bottom.drafter
+        if self.cfg.use_latency and isinstance(bottom, NgramDrafter):  # (self.bottom.is_lookup)
+            return bottom.cost
         return FIXED_COST["lookup"] * self._t_verify(1, 0)
 
     # ---- learn --------------------------------------------------------------------------------------
@@ -334,7 +343,8 @@ class DyTC:
         ratios = {lv.name: (r, r.ratio) for lv in self.levels
                   if self.cfg.use_ema and (r := lv.sibling_ratio(reg)) is not None}
         for node in range(1, len(tree)):
-            level = self.by_name.get(tree.drafter[node])
+            name = tree.drafter[node]  # (None only at the root)
+            level = self.by_name.get(name) if name is not None else None
             parent = tree.parents[node]
             if level is None or parent not in on_path:
                 continue
@@ -347,17 +357,18 @@ class DyTC:
             if seconds > 0 and (plan == "full" or plan in self.by_name or plan.startswith(SAMPLE)):
                 self.latency.observe(plan, n_query, ctx, seconds)
         if self._round is not None and self._round.tree is tree:
-            r, seconds = self._round, time.perf_counter() - self._round.t0
-            if r.guard is not None:
+            rnd, seconds = self._round, time.perf_counter() - self._round.t0
+            if rnd.guard is not None:
                 plain = 1.0 / self._t_verify(1, state.ctx_len, True)
-                r.guard.record(len(tree) > 1, len(result.tokens), seconds, plain)
-            if r.lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
-                r.lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
-            if r.shadow and not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
-                self._observe_shadow(r.shadow, result, state)
+                rnd.guard.record(len(tree) > 1, len(result.tokens), seconds, plain)
+            if rnd.lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
+                rnd.lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
+            if rnd.shadow and not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
+                self._observe_shadow(rnd.shadow, result, state)
         self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
+                assert isinstance(level.drafter, SelfDrafter)  # a skip-set search refines a self-draft level
                 level.drafter.set_plan(level.search.plan)
 
 

@@ -39,7 +39,8 @@ class PayGuard:
 
     def rates(self) -> tuple[float | None, float | None]:
         """Measured tokens per second of drafted and of plain rounds (None: none yet)."""
-        return tuple(s[0] / s[1] if s[2] and s[1] > 0 else None for s in (self._drafted, self._plain))
+        drafted, plain = (s[0] / s[1] if s[2] and s[1] > 0 else None for s in (self._drafted, self._plain))
+        return drafted, plain
 
     def record(self, drafted: bool, tokens: int, seconds: float, plain_estimate: float) -> None:
         """One finished round: whether it drafted, the tokens it committed, its seconds, and the predicted
@@ -55,7 +56,8 @@ class PayGuard:
         if not drafted or self._drafted[2] < self.min_rounds:
             return
         if self.probe and self._plain[2] < self.min_plain:
-            self.left = self.min_plain - self._plain[2]  # measure the alternative, then compare
+            # measure the alternative, then compare ([2] is a round count, in a list of floats)
+            self.left = self.min_plain - int(self._plain[2])
             return
         plain = self._plain[0] / self._plain[1] if self._plain[2] >= self.min_plain else plain_estimate
         if self._drafted[0] / self._drafted[1] < plain:

@@ -284,7 +284,7 @@ class LatencyModel:
                     np.isfinite(fit.mean).all() and np.isfinite(fit.cov).all()):
                 raise ValueError(f"latency state of plan {p!r} has the wrong shape")
             for b, obs in s["buckets"].items():
-                q = deque(maxlen=self.bucket_keep)
+                q: deque[tuple[int, int, float]] = deque(maxlen=self.bucket_keep)
                 q.extend((int(n), int(c), float(t)) for n, c, t in obs)
                 if not all(math.isfinite(t) and t > 0 for _, _, t in q):
                     raise ValueError(f"latency state of plan {p!r} holds a non-positive time")

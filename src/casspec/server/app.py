@@ -16,20 +16,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from casspec.batching import BATCH_METHODS
 
-from .batch_worker import BatchScheduler
+from .batch_worker import BatchWorker
 from .errors import install_error_handlers
 from .http import APIError, BodyLimitMiddleware, GateMiddleware, prometheus_text
 from .openapi import install_openapi
 from .requests import chat_messages, completion_prompts, gen_request, reject_unsupported
 from .schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .service import MODEL_ALIAS, CompletionService, ServerConfig
-from .worker import Metrics, Scheduler
+from .worker import FifoWorker, Metrics
 
 log = logging.getLogger("casspec.server")
 
 __all__ = ["MODEL_ALIAS", "APIError", "create_app"]
 
-_ERR = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 504)}
+_ERR: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 504)}
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # request bodies over this get a 413 before they are parsed
 
 
@@ -82,14 +82,14 @@ def create_app(engine: Any, *, method: str = "casspec", api_key: str | None = No
 
 
 def _scheduler(engine: Any, method: str, max_queue: int, metrics: Metrics, step_delay: float,
-               max_batch: int) -> Scheduler | BatchScheduler:
+               max_batch: int) -> FifoWorker | BatchWorker:
     """The batched worker where the engine and method batch; else requests run one at a time."""
     if max_batch > 1 and hasattr(engine, "runner") and method in BATCH_METHODS:
-        return BatchScheduler(engine, method, max_queue, metrics, max_batch, step_delay)
+        return BatchWorker(engine, method, max_queue, metrics, max_batch, step_delay)
     if max_batch > 1 and hasattr(engine, "runner"):
         log.warning("method %s does not batch (batched: %s): serving one request at a time", method,
                     ", ".join(BATCH_METHODS))
-    return Scheduler(engine, method, max_queue, metrics, step_delay=step_delay)
+    return FifoWorker(engine, method, max_queue, metrics, step_delay=step_delay)
 
 
 def _add_info_routes(app: FastAPI, service: CompletionService) -> None:
@@ -105,15 +105,15 @@ def _add_info_routes(app: FastAPI, service: CompletionService) -> None:
     @app.get("/metrics", summary="Server counters: JSON, or Prometheus text with ?format=prometheus")
     async def get_metrics(request: Request, format: str | None = None):
         snap = {"model": service.model_name, "method": cfg.method,
-                "queue": {"waiting": scheduler.waiting, "running": getattr(scheduler, "running", int(scheduler.busy)),
-                          "max_queue": cfg.max_queue, "max_batch": getattr(scheduler, "max_batch", 1)},
+                "queue": {"waiting": scheduler.waiting, "running": scheduler.running,
+                          "max_queue": cfg.max_queue, "max_batch": scheduler.max_batch},
                 **service.metrics.snapshot()}
         prefix = getattr(service.engine, "prefix_cache", None)
         if prefix is not None:  # occupancy and hits of the KV kept between requests
             snap["prefix_cache"] = prefix.stats()
-        decoder = getattr(getattr(scheduler, "batch", None), "decoder", None)
-        if hasattr(decoder, "planner_stats"):  # the batch planner's own time (lookups + planning) per step
-            snap["batch_planner"] = decoder.planner_stats()
+        planner = scheduler.planner_stats()
+        if planner is not None:  # the batch planner's own time (lookups + planning) per step
+            snap["batch_planner"] = planner
         accept = request.headers.get("accept", "")
         if format == "prometheus" or (format is None and ("openmetrics" in accept or accept.startswith("text/plain"))):
             return PlainTextResponse(prometheus_text(snap), media_type="text/plain; version=0.0.4")

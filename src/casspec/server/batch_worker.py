@@ -1,6 +1,6 @@
 """Continuous batching for the server: one worker thread runs a BatchEngine; requests join between steps.
 
-Same contract as the one-at-a-time `worker.Scheduler` (submit, abandon, busy, waiting, start, stop):
+Same contract as the one-at-a-time `worker.FifoWorker` (submit, abandon, busy, waiting, start, stop):
 a request becomes a Job; the thread moves queued jobs into the running batch while it has places
 (`max_batch`), runs one batched step, and hands each job its chunks with ``loop.call_soon_threadsafe``.
 A cancelled job (client gone, timeout) leaves the batch at the next step and frees its KV region; the
@@ -20,12 +20,12 @@ from typing import Any
 from casspec.batching import BatchEngine
 
 from ..errors import GenerationError
-from .worker import Job, JobTimeoutError, Metrics, QueueFullError, _Worker, counts_as_failure
+from .worker import Job, JobTimeoutError, Metrics, QueueFullError, Worker, counts_as_failure
 
 log = logging.getLogger("casspec.server")
 
 
-class BatchScheduler(_Worker):
+class BatchWorker(Worker):
     """Admission + a single worker thread that owns a BatchEngine over the engine."""
 
     thread_name = "casspec-batch"
@@ -45,6 +45,9 @@ class BatchScheduler(_Worker):
     @property
     def busy(self) -> bool:
         return bool(self._running)
+
+    def planner_stats(self) -> dict | None:
+        return self.batch.decoder.planner_stats()
 
     @property
     def running(self) -> int:

@@ -30,7 +30,7 @@ def install_openapi(app: FastAPI, *, model_names: list[str], max_tokens: int, vo
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
 
 
 def state_limits(models: dict, model_names: list[str], max_tokens: int, vocab_size: int | None) -> None:

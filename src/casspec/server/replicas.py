@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 def _token_auth() -> None:
@@ -48,8 +48,8 @@ _token_auth()
 import ray  # noqa: E402  (after _token_auth: Ray reads its auth settings at import)
 from ray import serve  # noqa: E402
 
-from . import app_kwargs, load_engine  # noqa: E402
 from .app import create_app  # noqa: E402
+from .cli import app_kwargs, load_engine  # noqa: E402
 
 __all__ = ["EngineReplica", "default_threads", "run_replicas", "serve_replicas"]
 
@@ -139,7 +139,8 @@ def run_replicas(args: argparse.Namespace, replicas: int, threads: int | None = 
     print(f"ray started; deploying {replicas} replicas ({threads} torch threads each)...", file=sys.stderr, flush=True)
     serve.start(http_options={"host": args.host, "port": args.port},
                 logging_config={"log_level": args.log_level.upper(), "enable_access_log": args.log_level == "debug"})
-    deployment = EngineReplica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1},
+    # @serve.deployment turned the class into a Deployment; mypy keeps a decorated class's own type
+    deployment = cast(serve.Deployment, EngineReplica).options(num_replicas=replicas, ray_actor_options={"num_cpus": 1},
                                        max_ongoing_requests=args.max_batch + args.max_queue,
                                        max_constructor_retry_count=replicas + 1, health_check_period_s=5)
     spec = {name: getattr(args, name, None) for name in _ARG_NAMES}

@@ -18,9 +18,13 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic.config import JsonDict
 
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**64 - 1)]
+# The server takes any 64-bit integer; the published schema states the range every JSON client can send exactly
+# (doubles hold +-(2^53 - 1)): bounds at 2^63 print as floats, which a property-based client rounded past.
+Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**64 - 1,
+                                       json_schema_extra={"minimum": -(2**53 - 1), "maximum": 2**53 - 1})]
 # Integer fields (token-id prompts included) where a whole float reads as its integer (_Sampling._whole_numbers)
 WHOLE_FIELDS = frozenset({"n", "top_k", "seed", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
                           "best_of", "prompt"})
@@ -132,8 +136,8 @@ class ContentPart(_Base):
     text: StrictStr | None = Field(None, json_schema_extra=only({"type": "string"}))
 
 
-_TEXT = {"type": "string", "pattern": NONBLANK}
-_USER_TEXT = {"anyOf": [_TEXT, {"type": "array", "contains": {"type": "object", "required": ["text"],
+_TEXT: JsonDict = {"type": "string", "pattern": NONBLANK}
+_USER_TEXT: JsonDict = {"anyOf": [_TEXT, {"type": "array", "contains": {"type": "object", "required": ["text"],
                                                               "properties": {"text": _TEXT}}}]}
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .errors import map_error
 from .http import APIError, SSEResponse, short, sse
-from .worker import GenRequest, Job, JobTimeoutError, Metrics, QueueFullError, Scheduler
+from .worker import GenRequest, Job, JobTimeoutError, Metrics, QueueFullError, Worker
 
 MODEL_ALIAS = "casspec"
 
@@ -65,7 +65,7 @@ def finish_reason(stats: Any) -> str:
 class CompletionService:
     """Runs validated requests through the FIFO worker and shapes OpenAI responses."""
 
-    def __init__(self, engine: Any, cfg: ServerConfig, scheduler: Scheduler, metrics: Metrics) -> None:
+    def __init__(self, engine: Any, cfg: ServerConfig, scheduler: Worker, metrics: Metrics) -> None:
         self.engine, self.cfg, self.scheduler, self.metrics = engine, cfg, scheduler, metrics
         self.methods = tuple(getattr(engine, "methods", ()) or ())
         self.model_name = str(getattr(engine, "name", MODEL_ALIAS))
@@ -117,9 +117,10 @@ class CompletionService:
         item = first
         try:
             while item[0] == "chunk":
-                item = await self._next_item(job, request, chat, "generating")
-                if item is None:
+                following = await self._next_item(job, request, chat, "generating")
+                if following is None:
                     return Response(status_code=499)
+                item = following
         finally:
             job.finished = True
             self.release(job, "done")
@@ -294,7 +295,7 @@ class CompletionService:
 
 def _sum_usage(results: list) -> dict:
     """The usage of several choices together."""
-    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+    total: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
              "prompt_tokens_details": {"cached_tokens": 0}}
     for r in results:
         u = usage(r.stats)

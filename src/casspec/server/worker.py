@@ -24,7 +24,7 @@ from ..errors import CasspecError, GenerationError
 from .metrics import Metrics
 from .tokens import TokenBytes
 
-__all__ = ["GenRequest", "Job", "JobTimeoutError", "Metrics", "QueueFullError", "Scheduler", "WorkerCrashError"]
+__all__ = ["GenRequest", "Job", "JobTimeoutError", "Metrics", "QueueFullError", "FifoWorker", "Worker", "WorkerCrashError"]
 
 log = logging.getLogger("casspec.server")
 
@@ -58,7 +58,7 @@ class GenRequest:
     sampling_rule: str | None = None  # None: the engine's default ("gumbel")
 
     def kwargs(self) -> dict:
-        kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   top_k=self.top_k, seed=self.seed, stop=self.stop, chat=self.chat)
         # only when set: engines without these options keep working
         for name, value in (("logprobs", self.logprobs), ("min_p", self.min_p or None),
@@ -157,10 +157,33 @@ def counts_as_failure(exc: BaseException) -> bool:
     return not isinstance(exc, (CasspecError, JobTimeoutError))
 
 
-class _Worker:
+class Worker:
     """What both workers share: admission counting, the inbox, the supervised worker thread, abandoning a job."""
 
     thread_name = "casspec-worker"
+    metrics: Metrics  # set by each worker's own __init__
+    max_batch = 1  # requests decoded together (the batch worker sets its own)
+
+    # -- what app.py and service.py read (each worker defines these) ---------------------------------------
+    @property
+    def busy(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def waiting(self) -> int:
+        """Requests admitted and not yet running."""
+        raise NotImplementedError
+
+    @property
+    def running(self) -> int:
+        return int(self.busy)
+
+    def submit(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def planner_stats(self) -> dict | None:
+        """The batch planner's own time per step (None: this worker does not batch)."""
+        return None
 
     def __init__(self, engine: Any) -> None:
         self._lock = threading.Lock()
@@ -243,7 +266,7 @@ class _Worker:
         raise NotImplementedError
 
 
-class Scheduler(_Worker):
+class FifoWorker(Worker):
     """FIFO admission + a single worker thread that owns the engine."""
 
     thread_name = "casspec-engine"

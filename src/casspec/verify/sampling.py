@@ -118,7 +118,7 @@ def _nucleus(x: torch.Tensor, t: float, vals: torch.Tensor, cols: torch.Tensor, 
     p = torch.exp(vals.double() - lse.double())
     cum = p.cumsum(-1)
     keep = cum - p < top_p
-    short = (cum[:, -1] < top_p).nonzero()[:, 0] if not closed else []
+    short: torch.Tensor | list[int] = (cum[:, -1] < top_p).nonzero()[:, 0] if not closed else []
     if len(short) == 0:
         return vals, cols, keep
     width = min(x.shape[1], vals.shape[1] * WIDEN)
