@@ -48,7 +48,8 @@ class ReplicaServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "casspec.server", "--tiny-engine", "llama", "--replicas", "2", "--threads", "1",
              "--port", str(self.port), "--max-tokens-limit", "64", "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as a script's background job: stop anyway
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

@@ -169,6 +169,9 @@ def serve_replicas(args: argparse.Namespace) -> int:
         print(f"error: unknown method {args.method!r}; choose one of {', '.join(METHODS)}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C / SIGINT stops the replicas even where SIGINT came in ignored (a background job of a script, a parent
+    # that ignored it when it started us): Python installs its handler only when SIGINT is not ignored at start.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         url = run_replicas(args, args.replicas, args.threads)
         print(f"serving {args.replicas} replicas (method {args.method}) on {url}/v1", file=sys.stderr, flush=True)
