@@ -134,7 +134,7 @@ class DyTC:
     # ---- plan + draft -------------------------------------------------------------------------------
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
         guard, lone = self._guards(state)
-        self._round = _Round(tree, time.perf_counter(), guard, None, self._shadow_lookup(state))
+        self._round = _Round(tree, time.perf_counter(), guard, None, self._root_lookup(tree, state))
         if guard is not None and not guard.allows():
             return
         self._round.lone = lone
@@ -193,7 +193,7 @@ class DyTC:
         room = min(self.cfg.max_nodes, tree.capacity) - n  # nodes the budget still allows
         drafter = level.drafter
         if isinstance(drafter, NgramDrafter):  # (level.is_lookup)
-            draft, match = drafter.lookup(tree, state, leaf, min(kmax, room))
+            draft, match = self._lookup(drafter, tree, state, leaf, min(kmax, room))
             if not draft:
                 return []
             a, group, lookup = self._lookup_alpha(level, match, state), [leaf], (draft, match)
@@ -251,23 +251,34 @@ class DyTC:
     def _siblings(self) -> int:
         return self.cfg.siblings if self.cfg.use_tree else 0
 
-    def _shadow_lookup(self, state: DecodeState) -> tuple[list[int], int] | None:
-        """Prompt lookup's continuation of the committed tokens, looked up whether or not the round drafts with it
-        (a lookup costs ~0.1 ms). Compared with the tokens the round commits, it keeps the bottom level's estimate
+    def _root_lookup(self, tree: DraftTree, state: DecodeState) -> tuple[list[int], int] | None:
+        """Prompt lookup's continuation of the committed tokens (the tree is the root alone), once a round, at the
+        longest length any expansion of the root asks for: `_options` cuts it (a continuation does not depend on
+        its length), and `observe` scores it against the committed tokens whether or not the round drafted with
+        it (`_observe_shadow`)."""
+        bottom = self.bottom.drafter
+        if not isinstance(bottom, NgramDrafter):
+            return None
+        return bottom.lookup(tree, state, 0, min(self.cfg.max_k, state.max_depth()))
+
+    def _lookup(self, drafter: NgramDrafter, tree: DraftTree, state: DecodeState, leaf: int,
+                k: int) -> tuple[list[int], int]:
+        """Prompt lookup's continuation at `leaf`, up to k tokens; the root's is the round's own."""
+        rnd = self._round
+        if leaf == 0 and rnd is not None and rnd.tree is tree and rnd.root is not None:
+            draft, match = rnd.root
+            return draft[:k], match
+        return drafter.lookup(tree, state, leaf, k)
+
+    def _observe_shadow(self, shadow: tuple[list[int], int], result: AcceptResult, state: DecodeState) -> None:
+        """Score the root's lookup against the committed tokens, as verification would have (each token observed
+        only if the ones before it matched; none beyond what was committed). It keeps the bottom level's estimate
         measured while other levels win every expansion: otherwise a pessimistic estimate is never corrected, and
         a8 chains costing half a step each run where prompt lookup would copy ten tokens at once. Exact for greedy
         and coupled sampling, where a draft token is accepted iff it equals the committed one."""
-        bottom = self.bottom.drafter
         sampling = state.sampling
-        if not (self.cfg.use_ema and isinstance(bottom, NgramDrafter)) or not (sampling.is_greedy or sampling.is_coupled):
-            return None
-        root = DraftTree(state.tokens[-1], state.cache.length, 2)
-        draft, match = bottom.lookup(root, state, 0, min(self.cfg.max_k, state.max_depth()))
-        return (draft, match) if draft else None
-
-    def _observe_shadow(self, shadow: tuple[list[int], int], result: AcceptResult, state: DecodeState) -> None:
-        """Score the shadow lookup's tokens against the committed ones, as verification would have (each token
-        observed only if the ones before it matched; none beyond what was committed)."""
+        if not self.cfg.use_ema or not (sampling.is_greedy or sampling.is_coupled):
+            return
         draft, match = shadow
         bottom = self.bottom.drafter
         assert isinstance(bottom, NgramDrafter)  # a shadow comes from prompt lookup at the bottom
@@ -363,8 +374,8 @@ class DyTC:
                 rnd.guard.record(len(tree) > 1, len(result.tokens), seconds, plain)
             if rnd.lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
                 rnd.lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
-            if rnd.shadow and not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
-                self._observe_shadow(rnd.shadow, result, state)
+            if rnd.root and rnd.root[0] and not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
+                self._observe_shadow(rnd.root, result, state)
         self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
@@ -374,13 +385,13 @@ class DyTC:
 
 @dataclass
 class _Round:
-    """The round being timed: its tree, start, guards, and prompt lookup's shadow continuation."""
+    """The round being timed: its tree, start, guards, and prompt lookup's continuation at the root."""
 
     tree: DraftTree
     t0: float
     guard: PayGuard | None
     lone: PayGuard | None
-    shadow: tuple[list[int], int] | None
+    root: tuple[list[int], int] | None
 
 
 def _is_first_choice(tree: DraftTree, node: int) -> bool:

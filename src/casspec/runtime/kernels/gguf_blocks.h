@@ -89,16 +89,10 @@ struct Q8_0B {
 
 struct Q4_0B {
   static constexpr int64_t QK = 32, BYTES = 18;
-  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
-    const uint8_t* b = row + c * BYTES;
-    const __m256 d = _mm256_set1_ps(f16(b));
-    __m128i lo, hi;
-    nibbles(b + 2, lo, hi);
-    const __m128i eight = _mm_set1_epi8(8);
-    lo = _mm_sub_epi8(lo, eight);
-    hi = _mm_sub_epi8(hi, eight);
-    const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[j])));
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {  // the integer view, widened
+    float d, unused_a1, unused_off;
+    const __m256i q = ints(row, c, d, unused_a1, unused_off);
+    widen32(q, _mm256_set1_ps(d), w);
   }
   static constexpr bool INTS = true, SIGNED = true;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
