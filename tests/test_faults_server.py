@@ -280,7 +280,7 @@ def _raw_post(port: int, headers: str, body_chunks) -> bytes:
 
 
 def test_50mb_body_gets_413_before_parsing_without_memory_growth(eng):
-    from test_server import ThreadServer
+    from helpers import ThreadServer
 
     app = create_app(eng, max_body_bytes=1 << 20)
     with ThreadServer(app) as srv:

@@ -10,8 +10,8 @@ import pytest
 from casspec.loadtest import format_report, main, run_load
 from casspec.loadtest.chat import CHARS_PER_TOKEN, filler
 from casspec.server import create_app
+from helpers import ThreadServer
 from test_loadtest import FakeOpenAI
-from test_server import ThreadServer
 
 
 class RecordingOpenAI(FakeOpenAI):

@@ -16,7 +16,7 @@ from casspec.server.service import openai_logprobs
 from casspec.server.tokens import TokenBytes
 from casspec.testing import tiny_engine, tiny_tokenizer
 from casspec.verify.logprobs import TokenLogprob
-from test_server import FakeEngine, ThreadServer
+from helpers import FakeEngine, ThreadServer
 
 
 # -- honest errors -------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from casspec.errors import InvalidRequestError
 from casspec.server import create_app
-from test_server import ThreadServer, assert_error, sse_events
+from helpers import ThreadServer, assert_error, sse_events
 
 TEXT = "Token ids and text give one answer"
 

@@ -105,9 +105,12 @@ void linear_q4_tiles(const LinearArgs& a, const uint8_t* w, const uint16_t* d, c
       for (int64_t k = 0; k < G; ++k) s += a.x[m * a.K + g * G + k];
       xsum[m * groups + g] = s;
     }
+  const int64_t tile_bytes = NB * a.K / 2, ahead = tiles_ahead(tile_bytes, tiles * tile_bytes, a.M);
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      tile_rows(a, t, Q4Dot{a, w + t * NB * a.K / 2, d + t * groups * NB, mn + t * groups * NB, xsum.data(), G});
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + ahead < t1) prefetch_bytes(w + (t + ahead) * tile_bytes, tile_bytes);
+      tile_rows(a, t, Q4Dot{a, w + t * tile_bytes, d + t * groups * NB, mn + t * groups * NB, xsum.data(), G});
+    }
   });
 }
 

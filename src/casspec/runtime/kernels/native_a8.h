@@ -98,9 +98,10 @@ template <class B>
 void a8_tiles(const LinearArgs& a, const QuantRows& x, const uint8_t* w, const uint8_t* up, int64_t rows) {
   const int64_t row_bytes = a.K / B::QK * B::BYTES;
   const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
+  const int64_t ahead = tiles_ahead(NB * row_bytes, rows * row_bytes, a.M);
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      if (t + 1 < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, t + 1), row_bytes);
+      if (t + ahead < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, t + ahead), row_bytes);
       tile_rows(a, t, A8Dot<B>{a, x, tile_rows_of(w, up, rows, row_bytes, t)});
     }
   });

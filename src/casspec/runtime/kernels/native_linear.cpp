@@ -112,11 +112,12 @@ template <class B>
 void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
   const int64_t row_bytes = a.K / B::QK * B::BYTES;
   const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
+  const int64_t ahead = tiles_ahead(NB * row_bytes, rows * row_bytes, a.M);
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(a.M > MAX_REG_ROWS ? NB * a.K : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const Rows r = tile_rows_of(w, up, rows, row_bytes, t);
-      if (t + 1 < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, t + 1), row_bytes);
+      if (t + ahead < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, t + ahead), row_bytes);
       if (a.M <= 3) {
         tile_rows(a, t, RegDot<B>{a, r});
       } else if (a.M <= MAX_REG_ROWS) {
