@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CasspecError, GenerationError
+from ..runtime.threads import release_openmp_pool
 from .metrics import Metrics
 from .tokens import TokenBytes
 
@@ -211,6 +212,7 @@ class Worker:
         with self._lock:
             if self._thread is thread:  # nobody started one meanwhile
                 self._stopping = False
+                release_openmp_pool()  # this thread's pool would halve the worker's speed (runtime/threads.py)
                 self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
                 self._thread.start()
 

@@ -420,12 +420,16 @@ void add_rms_norm(at::Tensor& h, const at::Tensor& x, const at::Tensor& w, doubl
 
 // Bound with pybind11 rather than registered as torch ops: a call costs ~0.4 us instead of ~3 us of
 // dispatcher boxing, and a forward makes ~180 of them.
+// The ops run without the GIL (they touch no Python object): a server's event loop thread formats and
+// sends what its worker thread produced while the worker computes, instead of waiting for the GIL
+// between kernel calls.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = rmsnorm(x) W^T + b: fp32, int8 or int4 tiled weights; store, accumulate or GLU");
-  m.def("rope_kv", &rope_kv, "RoPE on q and k, k and v written to the caches at slots; returns q [M, H, D]");
-  m.def("attention", &attention, "decode attention: row m over keys lo[m] .. lo[m] + len[m] - 1, optional [M, W] mask");
-  m.def("add_rms_norm", &add_rms_norm, "h += rmsnorm(x) * w, in place");
-  m.def("native_linear", &native_linear, "y = rmsnorm(x) W^T + b over weights in GGUF / bf16 / fp16 blocks, per part; act8: int8 activations");
-  m.def("dequantize_rows", &dequantize_rows, "rows of a block tensor as fp32 (bit-identical to gguf-py)");
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("linear", &linear, nogil(), "y = rmsnorm(x) W^T + b: fp32, int8 or int4 tiled weights; store, accumulate or GLU");
+  m.def("rope_kv", &rope_kv, nogil(), "RoPE on q and k, k and v written to the caches at slots; returns q [M, H, D]");
+  m.def("attention", &attention, nogil(), "decode attention: row m over keys lo[m] .. lo[m] + len[m] - 1, optional [M, W] mask");
+  m.def("add_rms_norm", &add_rms_norm, nogil(), "h += rmsnorm(x) * w, in place");
+  m.def("native_linear", &native_linear, nogil(), "y = rmsnorm(x) W^T + b over weights in GGUF / bf16 / fp16 blocks, per part; act8: int8 activations");
+  m.def("dequantize_rows", &dequantize_rows, nogil(), "rows of a block tensor as fp32 (bit-identical to gguf-py)");
   m.def("native_type_supported", &native_type_supported, "whether a ggml type has a kernel");
 }
