@@ -48,6 +48,7 @@ _token_auth()
 import ray  # noqa: E402  (after _token_auth: Ray reads its auth settings at import)
 from ray import serve  # noqa: E402
 
+from ..runtime.threads import release_openmp_pool  # noqa: E402
 from .app import create_app  # noqa: E402
 from .cli import app_kwargs, load_engine  # noqa: E402
 
@@ -107,6 +108,7 @@ class EngineReplica:
         ns = argparse.Namespace(**args)
         with _load_lock():  # concurrent first loads would race writing the int8 / latency-model caches
             self.engine = load_engine(ns)
+        release_openmp_pool()  # the decode worker thread takes the model over (runtime/threads.py)
         self.fastapi_app = create_app(self.engine, **app_kwargs(ns))
         try:
             replica = serve.get_replica_context().replica_id.unique_id
