@@ -24,7 +24,7 @@ from casspec.tree import DraftTree
 class _Base:
     name = "test"
 
-    def observe(self, tree, result, state) -> None:
+    def observe(self, tree, result, state, times) -> None:
         pass
 
 

@@ -82,13 +82,14 @@ class SpeculativeDecoder:
         t2 = time.perf_counter()
         # 4. Accept: greedy match or recursive rejection sampling; always yields >= 1 token.
         result = accept(tree, logits, state.sampling, state.generator)
+        times = state.times  # the drafters' timings of this step, then the target's
         if not state.sampling.is_greedy:  # the sampling work over the tree, for DyTC's cost model
-            state.log_forward("sample:full", len(tree), time.perf_counter() - t2, ctx_len=0)
-        # 5. Commit: keep the accepted path's KV, append tokens, feed back the verdict.
+            times.record("sample:full", len(tree), 0, time.perf_counter() - t2)
+        # 5. Commit: keep the accepted path's KV, append tokens, feed back the verdict and the timings.
         commit(state, tree, logits, result)
-        state.log_forward("full", len(tree), t2 - t1, ctx_len=tree.base)
-        self.scheduler.observe(tree, result, state)
-        state.forward_log.clear()
+        times.record("full", len(tree), tree.base, t2 - t1)
+        self.scheduler.observe(tree, result, state, times)
+        times.clear()
         record_step(state, tree, result, t1 - t0, t2 - t1)
         return result
 

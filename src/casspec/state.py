@@ -8,6 +8,7 @@ import torch
 from casspec.config import SamplingConfig
 from casspec.metrics import GenerationStats
 from casspec.runtime.kv_cache import SeqCache
+from casspec.scheduler.latency import ForwardTimes
 from casspec.verify.logprobs import TokenLogprob
 
 
@@ -22,14 +23,10 @@ class DecodeState:
     remaining: int  # new tokens still allowed
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = field(default_factory=frozenset)
-    forward_log: list[tuple[str, int, int, float]] = field(default_factory=list)  # (plan, n_query, ctx_len, s)
+    times: ForwardTimes = field(default_factory=ForwardTimes)  # this step's timings; the step hands them to observe
     vocab_seen: int = 0  # tokens[:vocab_seen] already added to a pruned draft head's vocabulary
     logprobs: int | None = None  # None: no logprobs; k: each committed token's logprob and the top k
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed new token
-
-    def log_forward(self, plan: str, n_query: int, seconds: float, ctx_len: int | None = None) -> None:
-        """Record one forward's cost for the latency model (read by the scheduler, cleared after each step)."""
-        self.forward_log.append((plan, n_query, self.cache.length if ctx_len is None else ctx_len, seconds))
 
     @property
     def ctx_len(self) -> int:

@@ -33,6 +33,7 @@ from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner
 from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.base import FixedPolicy, Scheduler
+from casspec.scheduler.latency import ForwardTimes
 from casspec.scheduler.static import PLD_LENGTH
 from casspec.sizes import PREFILL_RIDE, TREE_CAPACITY
 from casspec.tree import DraftTree
@@ -66,7 +67,6 @@ class BatchDecoder:
         self._alpha: dict[int, dict[str, AcceptanceEstimator]] = {}  # id(generation) -> source -> estimate
         self._idle: dict[int, tuple[int, int]] = {}  # id(generation) -> (steps left out still, last wait)
         self._plan_totals = {"steps": 0, "seconds": 0.0, "planned": 0, "left_out": 0}
-        self._forward_seconds = 0.0  # forward time within the current step
 
     @staticmethod
     def check_method(method: str) -> None:
@@ -81,15 +81,16 @@ class BatchDecoder:
             return {g: SpeculativeDecoder(self.runner, self.engine.scheduler(g.method)).step(g.state).tokens}
         chunks = self._prefill_chunks([g for g in gens if g.prefilling], bool(decoding))
         t0 = time.perf_counter()
-        self._forward_seconds = 0.0
+        times = ForwardTimes()  # this step's draft and target forwards
         # 1. Plan: each request's draft source and length, for the batch's goodput.
         choices, lookups = self.plan(decoding, sum(len(ids) for _, ids, _ in chunks))
         # 2. Draft: lookups per request, self-drafts one batched forward per depth.
-        trees = self.draft(decoding, choices, lookups)
+        trees = self.draft(decoding, choices, lookups, times)
         t1 = time.perf_counter()
         # 3. Verify: every tree and the prompt chunks in one target forward.
-        logits = self.verify(decoding, trees, chunks)
+        logits = self.verify(decoding, trees, chunks, times)
         t2 = time.perf_counter()
+        self.planner.latency.observe_all(times)
         out = {}
         for g, tree, lg, choice in zip(decoding, trees, logits, choices):
             # 4. Accept per request (its own sampling settings and generator); 5. commit.
@@ -99,7 +100,7 @@ class BatchDecoder:
             out[g] = result.tokens
         for g, ids, _ in chunks:
             g.state.cache.length += len(ids)
-        self.planner.observe_overhead(time.perf_counter() - t0 - self._forward_seconds)
+        self.planner.observe_overhead(time.perf_counter() - t0 - times.total())
         return out
 
     def forget(self, gen: Generation) -> None:
@@ -179,8 +180,9 @@ class BatchDecoder:
         return self._alpha[id(g)]
 
     # ---- 2. draft -------------------------------------------------------------------------------------
-    def draft(self, gens: list[Generation], choices: list[Choice],
-              lookups: list[tuple[list[int], int]]) -> list[DraftTree]:
+    def draft(self, gens: list[Generation], choices: list[Choice], lookups: list[tuple[list[int], int]],
+              times: ForwardTimes) -> list[DraftTree]:
+        """Each request's tree: its lookup chain, or its self-draft chain (forwards timed into `times`)."""
         trees = [DraftTree(g.state.tokens[-1], g.state.cache.length, TREE_CAPACITY) for g in gens]
         chains = []
         for g, tree, c, (draft, n) in zip(gens, trees, choices, lookups):
@@ -192,7 +194,7 @@ class BatchDecoder:
             live = [(g, t) for g, t, k in chains if depth < k and len(t) == depth + 1 and self._goes_on(g, t)]
             if not live:
                 break
-            self._draft_depth(live, depth)
+            self._draft_depth(live, depth, times)
         return trees
 
     def _goes_on(self, g: Generation, tree: DraftTree) -> bool:
@@ -204,7 +206,7 @@ class BatchDecoder:
         low = isinstance(policy, FixedPolicy) and not policy.chain_goes_on(tree.confidence[last])
         return not low and tree.tokens[last] not in g.state.eos_ids and tree.depth[last] < g.state.max_depth()
 
-    def _draft_depth(self, live: list[tuple[Generation, DraftTree]], depth: int) -> None:
+    def _draft_depth(self, live: list[tuple[Generation, DraftTree]], depth: int, times: ForwardTimes) -> None:
         """One self-draft forward: the depth-`depth` node of every live chain is a row."""
         for g, _ in live:
             self.drafter.token_ids(g.state)  # pruned heads learn every context's tokens first
@@ -215,8 +217,7 @@ class BatchDecoder:
         logits = self.runner.forward_batch(segments, self.drafter.plan)  # [len(live), V] (pruned: V')
         self.runner.synchronize()
         seconds = time.perf_counter() - t0
-        self._forward_seconds += seconds
-        self.planner.latency.observe(self.level, len(live), _mean_ctx(segments), seconds)
+        times.record(self.level, len(live), _mean_ctx(segments), seconds)
         picks = pick_drafts(logits, [g.state for g, _ in live], [t.base + depth + 1 for _, t in live], ids, 0,
                             self.runner.vocab_size)
         for (g, tree), pick in zip(live, picks):
@@ -227,17 +228,16 @@ class BatchDecoder:
 
     # ---- 3. verify ------------------------------------------------------------------------------------
     def verify(self, gens: list[Generation], trees: list[DraftTree],
-               chunks: list[tuple[Generation, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Target logits [N_i, V] of each tree; prompt chunks ride along without logits."""
+               chunks: list[tuple[Generation, torch.Tensor, torch.Tensor]], times: ForwardTimes) -> list[torch.Tensor]:
+        """Target logits [N_i, V] of each tree; prompt chunks ride along without logits. The forward is timed
+        into `times`."""
         segments = [tree.segment(g.state.cache) for g, tree in zip(gens, trees)]
         segments += [Segment(g.state.cache, ids, pos, pos) for g, ids, pos in chunks]
         n = sum(len(t) for t in trees)
         t0 = time.perf_counter()
         logits = self.runner.forward_batch(segments, FULL, torch.arange(n))  # [n, V]
         self.runner.synchronize()
-        seconds = time.perf_counter() - t0
-        self._forward_seconds += seconds
-        self.planner.latency.observe("full", sum(len(s) for s in segments), _mean_ctx(segments), seconds)
+        times.record("full", sum(len(s) for s in segments), _mean_ctx(segments), time.perf_counter() - t0)
         return list(torch.split(logits, [len(t) for t in trees])) if trees else []
 
     def _prefill_chunks(self, gens: list[Generation], others_decoding: bool

@@ -117,7 +117,7 @@ class SelfDrafter:
             picks = pick_drafts(logits, [state] * len(frontier), [tree.base + tree.depth[f] + 1 for f in frontier],
                                 ids, siblings, self.runner.vocab_size)
             if not state.sampling.is_greedy:  # the sampling work of this step, for DyTC's cost model
-                state.log_forward(f"sample:{self.name}", len(frontier), time.perf_counter() - t1, ctx_len=0)
+                state.times.record(f"sample:{self.name}", len(frontier), 0, time.perf_counter() - t1)
             for leaf, pick in zip(frontier, picks):
                 children = self.expand(tree, leaf, pick, ids, siblings, score, min_sibling_p_acc)
                 new += children
@@ -177,7 +177,7 @@ class SelfDrafter:
         t0 = time.perf_counter()
         logits = self.runner.forward_batch([tree.segment(state.cache, rows)], self.plan, logits_rows)
         self.runner.synchronize()
-        state.log_forward(self.name, len(rows), time.perf_counter() - t0)
+        state.times.record(self.name, len(rows), state.cache.length, time.perf_counter() - t0)
         for r in rows:
             tree.kv_layers[r] = tree.kv_layers[r] | self.kv_layers
         return logits

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from casspec.scheduler.latency import ForwardTimes
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult
@@ -17,8 +18,8 @@ class Scheduler(Protocol):
         """Grow `tree` (rooted at the last committed token) with draft tokens."""
         ...
 
-    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
-        """Feed back what verification accepted; `state.forward_log` holds what every forward cost."""
+    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, times: ForwardTimes) -> None:
+        """Feed back what verification accepted, and what the step's forwards (and sampling work) cost."""
         ...
 
 
@@ -28,7 +29,7 @@ class FixedPolicy:
 
     name = "static"
 
-    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
+    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, times: ForwardTimes) -> None:
         pass
 
     def batch_choice(self, state: DecodeState, lookup: tuple[list[int], int]) -> tuple[str | None, int]:

@@ -45,7 +45,7 @@ from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.acceptance import GREEDY, AcceptanceEstimator, RatioEstimator, regime
 from casspec.scheduler.guard import PayGuard
-from casspec.scheduler.latency import LatencyModel
+from casspec.scheduler.latency import ForwardTimes, LatencyModel
 from casspec.sizes import MAX_CHAIN
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
@@ -349,7 +349,11 @@ class DyTC:
         return FIXED_COST["lookup"] * self._t_verify(1, 0)
 
     # ---- learn --------------------------------------------------------------------------------------
-    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState) -> None:
+    def _learns(self, plan: str) -> bool:
+        """Whether a timing of this plan key feeds the latency model: the target, the levels, sampling work."""
+        return plan == "full" or plan in self.by_name or plan.startswith(SAMPLE)
+
+    def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, times: ForwardTimes) -> None:
         on_path, reg = set(result.path), regime(state.sampling)
         ratios = {lv.name: (r, r.ratio) for lv in self.levels
                   if self.cfg.use_ema and (r := lv.sibling_ratio(reg)) is not None}
@@ -364,9 +368,7 @@ class DyTC:
             elif level.name in ratios:  # a runner-up: how its heuristic p_acc (before correction) fared
                 ratio, scale = ratios[level.name]
                 ratio.observe(node in on_path, tree.p_acc[node] / max(tree.p_acc[parent], 1e-9) / max(scale, 1e-6))
-        for plan, n_query, ctx, seconds in state.forward_log:
-            if seconds > 0 and (plan == "full" or plan in self.by_name or plan.startswith(SAMPLE)):
-                self.latency.observe(plan, n_query, ctx, seconds)
+        self.latency.observe_all(times, self._learns)
         if self._round is not None and self._round.tree is tree:
             rnd, seconds = self._round, time.perf_counter() - self._round.t0
             if rnd.guard is not None:

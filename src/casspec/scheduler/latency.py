@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -82,6 +84,36 @@ def query_bucket(n_query: int) -> int:
         if g >= n_query:
             return g
     raise AssertionError("unreachable")
+
+
+class ForwardTime(NamedTuple):
+    """One timed forward (or the sampling work on its logits): plan key, query rows, context length, seconds."""
+
+    plan: str
+    n_query: int
+    ctx_len: int
+    seconds: float
+
+
+@dataclass
+class ForwardTimes:
+    """The timings of one step, in the order they were taken. Drafters and the decoding loop record into it,
+    the scheduler's `observe` receives it, and `LatencyModel.observe_all` learns from it."""
+
+    _records: list[ForwardTime] = field(default_factory=list)
+
+    def record(self, plan: str, n_query: int, ctx_len: int, seconds: float) -> None:
+        self._records.append(ForwardTime(plan, n_query, ctx_len, seconds))
+
+    def __iter__(self) -> Iterator[ForwardTime]:
+        return iter(self._records)
+
+    def total(self) -> float:
+        """Seconds of all records together."""
+        return sum(r.seconds for r in self._records)
+
+    def clear(self) -> None:
+        self._records.clear()
 
 
 @dataclass
@@ -152,6 +184,14 @@ class LatencyModel:
         bucket.append((int(n_query), int(ctx_len), t))
         fit.num_obs += 1
         fit.corr_cache.clear()
+
+    def observe_all(self, times: ForwardTimes, learns: Callable[[str], bool] | None = None) -> None:
+        """Add every record of `times`, in order, whose plan `learns` accepts (None: every plan); records of
+        0 seconds (below the clock's resolution) are skipped. Both decoding loops (DyTC.observe, the batched
+        step) learn through here."""
+        for t in times:
+            if t.seconds > 0 and (learns is None or learns(t.plan)):
+                self.observe(t.plan, t.n_query, t.ctx_len, t.seconds)
 
     def predict(self, plan: str, n_query: int, ctx_len: int) -> float:
         """Posterior mean time in seconds (bucket correction included), at least 1e-6."""

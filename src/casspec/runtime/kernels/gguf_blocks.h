@@ -50,7 +50,8 @@ inline void nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {
 // ---- integer view for the activation-quantized kernels (native_a8.h) -----------------------------
 // `B::ints(row, c, a0, a1, b)`: the c-th run of 32 weights as 32 int8 q with w = a * q + b, where a is a0
 // for values 0..15 and a1 for 16..31 (they differ only for Q6_K's 16-value sub-blocks). SIGNED says
-// whether q may be negative (unsigned q feed `maddubs` directly; signed ones need the sign trick).
+// whether q may be negative (unsigned q feed `maddubs` directly; signed ones need the sign trick),
+// SPLIT whether a0 may differ from a1, OFFSET whether b may be non-zero.
 inline __m256i nibbles32(const uint8_t* p) {  // 16 bytes of nibbles -> 32 bytes q[0..31]
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low4 = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
@@ -78,7 +79,7 @@ struct Q8_0B {
     const __m256 d = _mm256_set1_ps(f16(b));
     for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(i8x8(b + 2 + 8 * j), d);
   }
-  static constexpr bool INTS = true, SIGNED = true;
+  static constexpr bool INTS = true, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
     const uint8_t* b = row + c * BYTES;
     a0 = a1 = f16(b);
@@ -94,7 +95,7 @@ struct Q4_0B {
     const __m256i q = ints(row, c, d, unused_a1, unused_off);
     widen32(q, _mm256_set1_ps(d), w);
   }
-  static constexpr bool INTS = true, SIGNED = true;
+  static constexpr bool INTS = true, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
     const uint8_t* b = row + c * BYTES;
     a0 = a1 = f16(b);
@@ -113,7 +114,7 @@ struct Q4_1B {
     const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     for (int j = 0; j < 4; ++j) w[j] = _mm256_add_ps(_mm256_mul_ps(d, u8x8(q[j])), m);
   }
-  static constexpr bool INTS = true, SIGNED = false;
+  static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
     const uint8_t* b = row + c * BYTES;
     a0 = a1 = f16(b);
@@ -129,7 +130,7 @@ struct Q5_0B {
     const __m256i q = ints(row, c, d, unused_a1, unused_off);
     widen32(q, _mm256_set1_ps(d), w);
   }
-  static constexpr bool INTS = true, SIGNED = true;
+  static constexpr bool INTS = true, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
     const uint8_t* b = row + c * BYTES;
     a0 = a1 = f16(b);
@@ -160,7 +161,7 @@ struct Q4_KB {
       w[2 * h + 1] = _mm256_sub_ps(_mm256_mul_ps(ds, u8x8(_mm_srli_si128(v, 8))), dm);
     }
   }
-  static constexpr bool INTS = true, SIGNED = false;
+  static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
     const uint8_t* b = row + (c / 8) * BYTES;
     const int j = static_cast<int>(c % 8);
@@ -195,7 +196,7 @@ struct Q6_KB {
       w[2 * h + 1] = _mm256_mul_ps(ds, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
     }
   }
-  static constexpr bool INTS = true, SIGNED = true;
+  static constexpr bool INTS = true, SIGNED = true, SPLIT = true, OFFSET = false;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
     const uint8_t* b = row + (c / 8) * BYTES;
     const int j = static_cast<int>(c % 8), half = j / 4, t = j % 4;
@@ -213,7 +214,7 @@ struct Q6_KB {
 };
 
 struct F32B {
-  static constexpr bool INTS = false, SIGNED = true;
+  static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 128;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
@@ -223,7 +224,7 @@ struct F32B {
 };
 
 struct F16B {
-  static constexpr bool INTS = false, SIGNED = true;
+  static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
@@ -233,7 +234,7 @@ struct F16B {
 };
 
 struct BF16B {
-  static constexpr bool INTS = false, SIGNED = true;
+  static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {

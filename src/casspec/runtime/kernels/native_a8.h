@@ -79,10 +79,11 @@ struct A8Dot {
           if (B::SIGNED) xq = _mm256_sign_epi8(xq, q);
           const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, xq), ones);  // [8] int32, 4 values each
           const float dx = x.d[i];
-          const __m256 scale = a0 == a1 ? _mm256_set1_ps(a0 * dx)
-                                        : _mm256_set_m128(_mm_set1_ps(a1 * dx), _mm_set1_ps(a0 * dx));
+          __m256 scale;
+          if constexpr (B::SPLIT) scale = _mm256_set_m128(_mm_set1_ps(a1 * dx), _mm_set1_ps(a0 * dx));
+          else scale = _mm256_set1_ps(a0 * dx);
           acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r][m]);
-          off[r][m] += b * x.s[i];
+          if constexpr (B::OFFSET) off[r][m] += b * x.s[i];
         }
       }
     }
