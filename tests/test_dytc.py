@@ -63,7 +63,8 @@ def test_chain_ablation_builds_chains_only(llama_engine):
 def _brute_force(sched, tree, state, leaf):
     """The best (score, level, k) at the root by the documented objective, computed here from the cost and
     acceptance models alone (not through DyTC's own option list): a self level's chain of k costs k draft steps
-    plus verifying 1 + k nodes and ranks with the bottom level's tail; prompt lookup costs one lookup."""
+    plus verifying 1 + k nodes and ranks with the bottom level's tail; prompt lookup costs one lookup and drafts
+    no deeper than max(cfg.lookup_depth, 2 x state.lookup_run)."""
     assert leaf == 0 and len(tree) == 1
     ctx, cfg, bottom = state.ctx_len, sched.cfg, sched.bottom
     room = min(cfg.max_nodes, tree.capacity) - 1
@@ -71,7 +72,8 @@ def _brute_force(sched, tree, state, leaf):
     best = None
     for level in sched.levels:
         if level.is_lookup:
-            draft, match = level.drafter.lookup(tree, state, 0, min(kmax, room))
+            reach = max(cfg.lookup_depth, 2 * state.lookup_run)
+            draft, match = level.drafter.lookup(tree, state, 0, min(kmax, room, reach))
             a, ks, tail = level.estimator.token_prob(match / level.drafter.max_n), range(1, len(draft) + 1), 0.0
             cost = lambda k: sched._t_lookup() + sched._t_verify(1 + k, ctx)  # noqa: E731
         else:
@@ -94,8 +96,9 @@ def test_chosen_expansion_maximises_the_objective(llama_engine):
     ids = e.encode_prompt(PROMPT)
     state = DecodeState(list(ids), e.runner.new_cache(256), SamplingConfig(), GenerationStats("t"), 50)
     state.cache.length = len(ids) - 1
-    for alphas, expect_level in [((0.9, 0.1), "int8"), ((0.05, 0.95), "pld")]:
+    for alphas, expect_level, run in [((0.9, 0.1), "int8", 0), ((0.05, 0.95), "pld", 0), ((0.05, 0.95), "pld", 3)]:
         sched = make_dytc(e, alphas=alphas)
+        state.lookup_run = run
         tree = DraftTree(ids[-1], state.cache.length)
         opt = sched._best_option(tree, state, 0, 0.0)
         score, name, k = _brute_force(sched, tree, state, 0)
@@ -112,3 +115,33 @@ def test_no_expansion_when_drafting_cannot_pay(llama_engine):
     sched = make_dytc(llama_engine, alphas=(0.3, 0.0), latency=slow)
     out = llama_engine.generate("zq", sched, max_new_tokens=10)
     assert out.stats.drafters.get("int8") is None or out.stats.drafters["int8"].proposed == 0
+
+
+def test_prompt_lookup_reaches_as_deep_as_its_last_run_allows(llama_engine):
+    """A lookup chain stops at max(cfg.lookup_depth, 2 x the tokens lookup got committed last round); the
+    round's run is its accepted lookup chain from the root."""
+    from casspec.config import SamplingConfig
+    from casspec.metrics import GenerationStats
+    from casspec.state import DecodeState
+    from casspec.verify.accept import AcceptResult
+
+    e = llama_engine
+    ids = e.encode_prompt(" ".join(["one two three four five six seven eight nine ten"] * 4) + " one")
+    state = DecodeState(list(ids), e.runner.new_cache(256), SamplingConfig(), GenerationStats("t"), 50)
+    state.cache.length = len(ids) - 1
+    sched = make_dytc(e, alphas=(0.05, 0.99))
+    depths = {}
+    for run in (0, 1, 3, 20):
+        state.lookup_run = run
+        tree = DraftTree(ids[-1], state.cache.length)
+        sched.draft(tree, state)
+        assert set(tree.drafter[1:]) == {"pld"}
+        depths[run] = max(tree.depth)
+    cfg = sched.cfg
+    assert depths[0] == depths[1] == cfg.lookup_depth and depths[3] == 6 and depths[20] > 6
+    # the run a round leaves: the accepted lookup chain from the root
+    tree = DraftTree(ids[-1], state.cache.length)
+    state.lookup_run = 0
+    sched.draft(tree, state)
+    result = AcceptResult(path=[0, 1, 2], tokens=[tree.tokens[1], tree.tokens[2], 7])
+    assert sched._lookup_run(tree, result, []) == 2

@@ -100,6 +100,7 @@ class DyTCConfig:
     use_ema: bool = True  # False: fixed acceptance = the estimator's prior
     use_tree: bool = True  # False: a single chain
     max_draft_cost: float = 0.6  # T > 0: a self-draft step over this share of a plain step is left out
+    lookup_depth: int = 4  # prompt lookup drafts no deeper than max(this, 2 x its last root run) (_lookup_room)
     guard: bool = True  # pause self levels while they measure slower than prompt lookup alone, and at T > 0
     # drafting while drafted rounds measure slower than plain ones (PayGuard;
     # it times rounds, so like the latency model it is off under use_latency=False, which decides by fixed costs)
@@ -193,7 +194,7 @@ class DyTC:
         room = min(self.cfg.max_nodes, tree.capacity) - n  # nodes the budget still allows
         drafter = level.drafter
         if isinstance(drafter, NgramDrafter):  # (level.is_lookup)
-            draft, match = self._lookup(drafter, tree, state, leaf, min(kmax, room))
+            draft, match = self._lookup(drafter, tree, state, leaf, min(kmax, room, self._lookup_room(tree, state, leaf)))
             if not draft:
                 return []
             a, group, lookup = self._lookup_alpha(level, match, state), [leaf], (draft, match)
@@ -260,6 +261,27 @@ class DyTC:
         if not isinstance(bottom, NgramDrafter):
             return None
         return bottom.lookup(tree, state, 0, min(self.cfg.max_k, state.max_depth()))
+
+    def _lookup_room(self, tree: DraftTree, state: DecodeState, leaf: int) -> int:
+        """Lookup tokens a leaf may still take: none deeper than max(cfg.lookup_depth, 2 x the tokens the last
+        round's root continuation got committed). One acceptance rate per match length cannot tell a continuation
+        that copies a loop the text is in (all of it accepted) from one that leaves the text after two tokens;
+        with the estimate high from a loop, DyTC drafted 23-token chains that got 2 accepted, each verified row
+        costing ~2 ms of Gemma's 262k head. What this generation's lookups just achieved bounds the next one,
+        doubling while they keep being accepted."""
+        return max(self.cfg.lookup_depth, 2 * state.lookup_run) - tree.depth[leaf]
+
+    def _lookup_run(self, tree: DraftTree, result: AcceptResult, root_draft: list[int]) -> int:
+        """Tokens prompt lookup got committed from the root this round: its accepted chain where it drafted
+        there, else how much of its continuation (the shadow) the round committed."""
+        if any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
+            run = 0
+            for node in result.path[1:]:
+                if tree.drafter[node] != self.bottom.name:
+                    break
+                run += 1
+            return run
+        return _committed_prefix(root_draft, result.tokens)
 
     def _lookup(self, drafter: NgramDrafter, tree: DraftTree, state: DecodeState, leaf: int,
                 k: int) -> tuple[list[int], int]:
@@ -376,8 +398,10 @@ class DyTC:
                 rnd.guard.record(len(tree) > 1, len(result.tokens), seconds, plain)
             if rnd.lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
                 rnd.lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
-            if rnd.root and rnd.root[0] and not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
-                self._observe_shadow(rnd.root, result, state)
+            if rnd.root and rnd.root[0]:
+                state.lookup_run = self._lookup_run(tree, result, rnd.root[0])
+                if not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
+                    self._observe_shadow(rnd.root, result, state)
         self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
@@ -394,6 +418,16 @@ class _Round:
     guard: PayGuard | None
     lone: PayGuard | None
     root: tuple[list[int], int] | None
+
+
+def _committed_prefix(draft: list[int], committed: list[int]) -> int:
+    """How many leading tokens of a draft the round committed."""
+    n = 0
+    for token, done in zip(draft, committed):
+        if token != done:
+            break
+        n += 1
+    return n
 
 
 def _is_first_choice(tree: DraftTree, node: int) -> bool:
