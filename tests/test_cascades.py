@@ -298,3 +298,10 @@ def test_cascade_output_equals_autoregressive(engine, config):
             out = engine.generate(prompt, CONFIGS[config](engine), max_new_tokens=30, chat=False, **kw)
             assert out.token_ids == ref.token_ids, (config, prompt, kw)
             assert sum(s.proposed for s in out.stats.drafters.values()) > 0  # it did draft
+
+
+def test_horizontal_cascade_needs_one_length_of_at_least_one_per_stage():
+    with pytest.raises(ValueError, match="one draft length"):
+        HorizontalCascade([], None, ks=[2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one draft length"):
+        HorizontalCascade([None, None], None, ks=[2, 0])  # type: ignore[list-item, arg-type]

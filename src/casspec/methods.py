@@ -15,7 +15,7 @@ from casspec.scheduler.static import LookupThenSelf, NoDraft, PromptLookup, Self
 
 def _hc(pool: DrafterPool) -> HorizontalCascade:
     stages = pool.self_levels()
-    return HorizontalCascade(stages, pool.ngram, ks=[4, 2, 2][:len(stages)])
+    return HorizontalCascade(stages, pool.ngram, ks=[4 if i == 0 else 2 for i in range(len(stages))])
 
 
 METHODS: dict[str, Callable[[DrafterPool], Scheduler]] = {

@@ -47,6 +47,8 @@ class HorizontalCascade(FixedPolicy):
     name = "hc"
 
     def __init__(self, stages: list[SelfDrafter], ngram: NgramDrafter, ks: list[int], k_tail: int = 6) -> None:
+        if len(stages) != len(ks) or any(k < 1 for k in ks):
+            raise ValueError(f"one draft length >= 1 per stage: {len(stages)} stages, ks={ks}")
         self.stages, self.ngram, self.ks, self.k_tail = stages, ngram, ks, k_tail
 
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
