@@ -26,6 +26,11 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
     engine = Engine(loaded.model, loaded.tokenizer, name=loaded.name, cache_dir=model_cache_dir(), source=loaded.source,
                     gguf_path=loaded.gguf_path)
     engine.load_seconds = time.perf_counter() - t0
+    # loading ran parallel regions here: free this thread's OpenMP workers, so that a server may decode on
+    # another thread at full speed (runtime/threads.py); this thread builds them again if it computes on
+    from casspec.runtime.threads import release_openmp_pool
+
+    release_openmp_pool()
     return engine
 
 
