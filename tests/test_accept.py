@@ -107,3 +107,24 @@ def test_coupled_acceptance_commits_the_targets_own_samples():
         t.add(a, (second + 1) % V, "d", 1, 1)  # a wrong grandchild: the bonus token replaces it
         r = acc.accept(t, logits[:len(t)], cfg)
         assert r.path == [0, a] and r.tokens == [first, second]
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(temperature=0.8, seed=1),
+                                 SamplingConfig(temperature=0.8, seed=1, rule="rejection")],
+                         ids=["greedy", "coupled", "rejection"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "all -inf"])
+def test_a_row_with_nan_or_inf_or_nothing_finite_is_refused_in_every_rule(cfg, bad):
+    from casspec.errors import NonFiniteLogitsError
+
+    tree = DraftTree(0, 0, 8)
+    tree.add(0, 3, "d", 1.0, 0.9)
+    logits = torch.randn(2, 300)
+    if bad == "all -inf":
+        logits[1] = -math.inf
+    else:
+        logits[1, 17] = bad
+    with pytest.raises(NonFiniteLogitsError):
+        acc.accept(tree, logits, cfg, torch.Generator().manual_seed(0))
+    logits[1] = torch.randn(300)
+    logits[1, 5] = -math.inf  # -inf beside finite values is a masked token, not a fault
+    acc.accept(tree, logits, cfg, torch.Generator().manual_seed(0))

@@ -40,13 +40,19 @@ class AcceptResult:
 def accept(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
            generator: torch.Generator | None = None) -> AcceptResult:
     """Walk the tree with the target's logits [N, V]; raises NonFiniteLogitsError on NaN / inf rows."""
-    if not torch.isfinite(logits.amax(-1)).all():  # a NaN anywhere in a row makes its max NaN
-        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this request")
-    if cfg.is_greedy:
-        return _walk(tree, logits.argmax(-1).tolist().__getitem__)
+    if cfg.is_greedy:  # argmax picks a row's NaN or +inf, and lands on -inf only when all are: one pass, not two
+        best = logits.argmax(-1)  # [N]
+        _check_finite(logits.gather(1, best[:, None]))
+        return _walk(tree, best.tolist().__getitem__)
+    _check_finite(logits.amax(-1))  # a NaN anywhere in a row makes its max NaN
     if cfg.is_coupled:
         return _accept_coupled(tree, logits, cfg)
     return _accept_sampling(tree, logits, cfg, generator)
+
+
+def _check_finite(top: torch.Tensor) -> None:
+    if not torch.isfinite(top).all():
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this request")
 
 
 def _walk(tree: DraftTree, target: Callable[[int], int]) -> AcceptResult:
