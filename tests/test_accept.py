@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import casspec.verify.accept as acc
@@ -128,3 +130,13 @@ def test_a_row_with_nan_or_inf_or_nothing_finite_is_refused_in_every_rule(cfg, b
     logits[1] = torch.randn(300)
     logits[1, 5] = -math.inf  # -inf beside finite values is a masked token, not a fault
     acc.accept(tree, logits, cfg, torch.Generator().manual_seed(0))
+
+
+@given(st.integers(1, 4), st.integers(8, 20), st.integers(0, 2 ** 31 - 1), st.sampled_from([0.0, 0.01, 0.3]))
+@settings(max_examples=60, deadline=None)
+def test_first_argmax_is_torchs_argmax_ties_nan_and_inf_included(rows, blocks, seed, special):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (rows, blocks * acc.ARGMAX_BLOCK), generator=g).float()  # many ties
+    mask = torch.rand(x.shape, generator=g) < special
+    x[mask] = torch.tensor([math.nan, math.inf, -math.inf])[torch.randint(0, 3, (int(mask.sum()),), generator=g)]
+    assert torch.equal(acc.first_argmax(x), x.argmax(-1))
