@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 import casspec.verify.accept as acc
 from casspec.config import SamplingConfig
