@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import casspec.verify.accept as acc
+import casspec.verify.sampling as sampling
 from casspec.config import SamplingConfig
 from casspec.tree import DraftTree
 
@@ -136,7 +137,7 @@ def test_a_row_with_nan_or_inf_or_nothing_finite_is_refused_in_every_rule(cfg, b
 @settings(max_examples=60, deadline=None)
 def test_first_argmax_is_torchs_argmax_ties_nan_and_inf_included(rows, blocks, seed, special):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-3, 4, (rows, blocks * acc.ARGMAX_BLOCK), generator=g).float()  # many ties
+    x = torch.randint(-3, 4, (rows, blocks * sampling.BLOCK), generator=g).float()  # many ties
     mask = torch.rand(x.shape, generator=g) < special
     x[mask] = torch.tensor([math.nan, math.inf, -math.inf])[torch.randint(0, 3, (int(mask.sum()),), generator=g)]
-    assert torch.equal(acc.first_argmax(x), x.argmax(-1))
+    assert torch.equal(sampling.first_argmax(x), x.argmax(-1))

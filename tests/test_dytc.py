@@ -144,4 +144,4 @@ def test_prompt_lookup_reaches_as_deep_as_its_last_run_allows(llama_engine):
     state.lookup_run = 0
     sched.draft(tree, state)
     result = AcceptResult(path=[0, 1, 2], tokens=[tree.tokens[1], tree.tokens[2], 7])
-    assert sched._lookup_run(tree, result, []) == 2
+    assert sched._lookup_run(tree, result) == 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,16 +23,11 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 import casspec  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 SRC = str(Path(casspec.__file__).resolve().parents[1])
 RAY_START_TIMEOUT = 60.0  # seconds for `ray.init` (else skip: Ray cannot run on this machine)
 DEPLOY_TIMEOUT = 90.0  # seconds for both replicas to load their engines once Ray is up (else fail)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ReplicaServer:

@@ -271,17 +271,25 @@ class DyTC:
         doubling while they keep being accepted."""
         return max(self.cfg.lookup_depth, 2 * state.lookup_run) - tree.depth[leaf]
 
-    def _lookup_run(self, tree: DraftTree, result: AcceptResult, root_draft: list[int]) -> int:
-        """Tokens prompt lookup got committed from the root this round: its accepted chain where it drafted
-        there, else how much of its continuation (the shadow) the round committed."""
+    def _learn_lookup(self, tree: DraftTree, result: AcceptResult, state: DecodeState,
+                      root: tuple[list[int], int]) -> None:
+        """What the round's root lookup achieved: the tokens it got committed (`state.lookup_run`, which bounds
+        the next round's reach: `_lookup_room`), from its accepted chain where the round drafted with it, else
+        from its continuation scored against the committed tokens (the shadow, `_observe_shadow`)."""
         if any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
-            run = 0
-            for node in result.path[1:]:
-                if tree.drafter[node] != self.bottom.name:
-                    break
-                run += 1
-            return run
-        return _committed_prefix(root_draft, result.tokens)
+            state.lookup_run = self._lookup_run(tree, result)
+            return
+        state.lookup_run = _committed_prefix(root[0], result.tokens)
+        self._observe_shadow(root, result, state)
+
+    def _lookup_run(self, tree: DraftTree, result: AcceptResult) -> int:
+        """Tokens of the accepted path drafted by prompt lookup from the root on."""
+        run = 0
+        for node in result.path[1:]:
+            if tree.drafter[node] != self.bottom.name:
+                break
+            run += 1
+        return run
 
     def _lookup(self, drafter: NgramDrafter, tree: DraftTree, state: DecodeState, leaf: int,
                 k: int) -> tuple[list[int], int]:
@@ -305,10 +313,11 @@ class DyTC:
         bottom = self.bottom.drafter
         assert isinstance(bottom, NgramDrafter)  # a shadow comes from prompt lookup at the bottom
         est, conf = self.bottom.estimate(regime(state.sampling)), match / bottom.max_n
-        for token, committed in zip(draft, result.tokens):
-            est.observe(token == committed, conf)
-            if token != committed:
-                return
+        matched = _committed_prefix(draft, result.tokens)
+        for _ in range(matched):
+            est.observe(True, conf)
+        if matched < min(len(draft), len(result.tokens)):  # the first token that differs
+            est.observe(False, conf)
 
     def _guards(self, state: DecodeState) -> tuple[PayGuard | None, PayGuard | None]:
         """This round's guards: drafting vs plain (sampled regimes) and self levels vs the bottom alone (a
@@ -399,9 +408,7 @@ class DyTC:
             if rnd.lone is not None:  # whether the round could use the self levels, not whether DyTC did: unbiased
                 rnd.lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
             if rnd.root and rnd.root[0]:
-                state.lookup_run = self._lookup_run(tree, result, rnd.root[0])
-                if not any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
-                    self._observe_shadow(rnd.root, result, state)
+                self._learn_lookup(tree, result, state, rnd.root)
         self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):

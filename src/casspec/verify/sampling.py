@@ -48,6 +48,19 @@ def rank(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, cols.gather(1, idx)
 
 
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, -1) of rows x [N, V] (the first index of each row's max, NaN counting as the max), by the
+    block maxima `rank` prefilters with: the first block holding the max holds its first occurrence. torch's
+    argmax reads a 262k row in 0.14 ms on this CPU, amax ~15x faster; this takes 0.026 ms."""
+    n, v = x.shape
+    if v % BLOCK or v < 8 * BLOCK:
+        return x.argmax(-1)
+    blocks = x.reshape(n, v // BLOCK, BLOCK)  # [N, B, BLOCK]
+    b = blocks.amax(-1).argmax(-1)  # [N] the first block holding the max
+    inner = blocks[torch.arange(n), b].argmax(-1)  # [N]
+    return b * BLOCK + inner
+
+
 @dataclass
 class Candidates:
     """The columns of each row that survive the filters, best first (one row per sampled position)."""

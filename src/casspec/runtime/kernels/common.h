@@ -209,8 +209,7 @@ inline Rows tile_rows_of(const uint8_t* w, const uint8_t* up, int64_t rows, int6
 }
 
 inline void prefetch_rows(const Rows& w, int64_t row_bytes) {
-  for (int r = 0; r < NB; ++r)
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w.r[r] + b), _MM_HINT_T0);
+  for (int r = 0; r < NB; ++r) prefetch_bytes(w.r[r], row_bytes);
 }
 
 }  // namespace
