@@ -36,16 +36,31 @@ inline __m256 i8x8(const uint8_t* p) {  // 8 signed bytes -> 8 floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-inline __m256 u8x8(__m128i v) {  // the low 8 unsigned bytes of v -> 8 floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+// A run's 16 bytes of nibbles as four vectors of 8 int32, q[8j .. 8j + 7]: byte l holds weight l (low
+// nibble) and weight l + 16 (high), so two 8-byte zero-extensions straight from memory give all four
+// vectors by a mask or a shift. Decoding is bound by vector instructions (all 4 pipes busy), and this
+// spends 6 where packing 32 bytes and widening them spends 12.
+inline void nibble_dwords(const uint8_t* p, __m256i (&q)[4]) {
+  const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m256i low4 = _mm256_set1_epi32(0x0F);
+  q[0] = _mm256_and_si256(a, low4);
+  q[1] = _mm256_and_si256(b, low4);
+  q[2] = _mm256_srli_epi32(a, 4);
+  q[3] = _mm256_srli_epi32(b, 4);
 }
 
-// 16 bytes of nibbles -> q[0..15] (low nibbles) and q[16..31] (high nibbles) as bytes
-inline void nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low4 = _mm_set1_epi8(0x0F);
-  lo = _mm_and_si128(v, low4);
-  hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-}
+// Q5_0's fifth bits as an int32 offset per weight: row b of the table holds, for the 8 weights whose
+// high bits are the bits of byte b, 0 where the bit is set and -16 where not (q | h << 4) - 16 = q + that.
+// One load a vector instead of spreading 32 bits over bytes (5 instructions) and widening them.
+struct HighBits {
+  alignas(32) int32_t row[256][8];
+  constexpr HighBits() : row{} {
+    for (int b = 0; b < 256; ++b)
+      for (int l = 0; l < 8; ++l) row[b][l] = (b >> l) & 1 ? 0 : -16;
+  }
+};
+inline constexpr HighBits HIGH_BITS{};
 
 // ---- integer view for the activation-quantized kernels (native_a8.h) -----------------------------
 // `B::ints(row, c, a0, a1, b)`: the c-th run of 32 weights as 32 int8 q with w = a * q + b, where a is a0
@@ -65,14 +80,8 @@ inline __m256i bits32(uint32_t bits) {  // byte j = 0xFF where bit j of `bits` i
   return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
 }
 
-// 32 signed bytes q -> w[j] = a * q[8j .. 8j + 7] as floats (one multiply, as the per-8 decoders do)
-inline void widen32(__m256i q, __m256 a, __m256 (&w)[4]) {
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[j])));
-}
-
 struct Q8_0B {
+  static constexpr int PAIRED_UP_TO = 6;  // rows decoded in pairs up to this many input rows
   static constexpr int64_t QK = 32, BYTES = 34;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
@@ -89,11 +98,14 @@ struct Q8_0B {
 };
 
 struct Q4_0B {
+  static constexpr int PAIRED_UP_TO = 6;
   static constexpr int64_t QK = 32, BYTES = 18;
-  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {  // the integer view, widened
-    float d, unused_a1, unused_off;
-    const __m256i q = ints(row, c, d, unused_a1, unused_off);
-    widen32(q, _mm256_set1_ps(d), w);
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + c * BYTES;
+    const __m256 d = _mm256_set1_ps(f16(b));
+    __m256i q[4];
+    nibble_dwords(b + 2, q);
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q[j], _mm256_set1_epi32(8))));
   }
   static constexpr bool INTS = true, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
@@ -105,14 +117,14 @@ struct Q4_0B {
 };
 
 struct Q4_1B {
+  static constexpr int PAIRED_UP_TO = 6;
   static constexpr int64_t QK = 32, BYTES = 20;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
     const __m256 d = _mm256_set1_ps(f16(b)), m = _mm256_set1_ps(f16(b + 2));
-    __m128i lo, hi;
-    nibbles(b + 4, lo, hi);
-    const __m128i q[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_add_ps(_mm256_mul_ps(d, u8x8(q[j])), m);
+    __m256i q[4];
+    nibble_dwords(b + 4, q);
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q[j])), m);
   }
   static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
@@ -124,11 +136,17 @@ struct Q4_1B {
 };
 
 struct Q5_0B {
+  static constexpr int PAIRED_UP_TO = 6;
   static constexpr int64_t QK = 32, BYTES = 22;
-  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {  // the integer view, widened
-    float d, unused_a1, unused_off;
-    const __m256i q = ints(row, c, d, unused_a1, unused_off);
-    widen32(q, _mm256_set1_ps(d), w);
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + c * BYTES;
+    const __m256 d = _mm256_set1_ps(f16(b));
+    __m256i q[4];
+    nibble_dwords(b + 6, q);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i h = _mm256_load_si256(reinterpret_cast<const __m256i*>(HIGH_BITS.row[b[2 + j]]));
+      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(q[j], h)));
+    }
   }
   static constexpr bool INTS = true, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
@@ -143,6 +161,7 @@ struct Q5_0B {
 };
 
 struct Q4_KB {
+  static constexpr int PAIRED_UP_TO = 0;
   static constexpr int64_t QK = 256, BYTES = 144;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + (c / 8) * BYTES;
@@ -152,13 +171,11 @@ struct Q4_KB {
     const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
     const __m256 ds = _mm256_set1_ps(f16(b) * static_cast<float>(sc));
     const __m256 dm = _mm256_set1_ps(f16(b + 2) * static_cast<float>(mn));
-    const uint8_t* q = b + 16 + (j / 2) * 32;
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int h = 0; h < 2; ++h) {
-      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h));
-      v = _mm_and_si128(j % 2 ? _mm_srli_epi16(v, 4) : v, low4);
-      w[2 * h] = _mm256_sub_ps(_mm256_mul_ps(ds, u8x8(v)), dm);
-      w[2 * h + 1] = _mm256_sub_ps(_mm256_mul_ps(ds, u8x8(_mm_srli_si128(v, 8))), dm);
+    const uint8_t* q = b + 16 + (j / 2) * 32;  // sub-block j: the low (j even) or high nibbles of 32 bytes
+    for (int k = 0; k < 4; ++k) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * k)));
+      const __m256i n = j % 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(0x0F));
+      w[k] = _mm256_sub_ps(_mm256_mul_ps(ds, _mm256_cvtepi32_ps(n)), dm);
     }
   }
   static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
@@ -176,25 +193,15 @@ struct Q4_KB {
 };
 
 struct Q6_KB {
+  static constexpr int PAIRED_UP_TO = 5;
   static constexpr int64_t QK = 256, BYTES = 210;
-  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
-    const uint8_t* b = row + (c / 8) * BYTES;
-    const int j = static_cast<int>(c % 8), half = j / 4, t = j % 4;
-    const float d = f16(b + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const uint8_t* ql = b + half * 64 + (t % 2) * 32;
-    const uint8_t* qh = b + 128 + half * 32;
-    const __m128i low4 = _mm_set1_epi8(0x0F), three = _mm_set1_epi8(3), bias = _mm_set1_epi8(32);
-    for (int h = 0; h < 2; ++h) {  // values 16h .. 16h + 15 share scale 2j + h
-      __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 16 * h));
-      l = _mm_and_si128(t / 2 ? _mm_srli_epi16(l, 4) : l, low4);
-      __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * h));
-      u = _mm_and_si128(_mm_srl_epi16(u, _mm_cvtsi32_si128(2 * t)), three);
-      const __m128i q = _mm_sub_epi8(_mm_or_si128(l, _mm_slli_epi16(u, 4)), bias);
-      const __m256 ds = _mm256_set1_ps(d * static_cast<float>(scales[2 * j + h]));
-      w[2 * h] = _mm256_mul_ps(ds, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-      w[2 * h + 1] = _mm256_mul_ps(ds, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
-    }
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {  // the integer view, widened
+    float a0, a1, unused_off;
+    const __m256i q = ints(row, c, a0, a1, unused_off);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i part[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+    for (int k = 0; k < 4; ++k)  // values 16h .. 16h + 15 share scale a_h
+      w[k] = _mm256_mul_ps(_mm256_set1_ps(k < 2 ? a0 : a1), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[k])));
   }
   static constexpr bool INTS = true, SIGNED = true, SPLIT = true, OFFSET = false;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
@@ -214,6 +221,7 @@ struct Q6_KB {
 };
 
 struct F32B {
+  static constexpr int PAIRED_UP_TO = 6;
   static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 128;
@@ -224,6 +232,7 @@ struct F32B {
 };
 
 struct F16B {
+  static constexpr int PAIRED_UP_TO = 6;
   static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;
@@ -234,6 +243,7 @@ struct F16B {
 };
 
 struct BF16B {
+  static constexpr int PAIRED_UP_TO = 6;
   static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;

@@ -51,29 +51,38 @@ struct RegDot {  // decode in registers, 4 weight rows interleaved: for 1..3 inp
   }
 };
 
-// Decode in registers, one weight row at a time, for up to MAX_REG_ROWS input rows: each weight is
-// decoded once and meets every input row while in registers (M accumulators and 4 decoded vectors fit
-// the 16 AVX2 registers).
+// Decode in registers, R weight rows at a time, for up to MAX_REG_ROWS input rows: each weight is
+// decoded once and meets every input row while in registers. An FMA waits ~4 cycles on the one before
+// it in its chain and two issue a cycle, so it takes ~8 chains (R * M accumulators) to keep the units
+// busy: rows in pairs up to B::PAIRED_UP_TO input rows (Q8_0, M = 4: 0.86 ns per 8 weights and core
+// instead of 1.25), one at a time beyond (2 M accumulators and the decoded vectors outgrow the 16 AVX2
+// registers; each format's limit is where pairs measured faster).
 constexpr int64_t MAX_REG_ROWS = 8;
 
-template <class B, int M>
-void row_dots(const float* x, int64_t K, const uint8_t* row, __m256 (&acc)[M]) {
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+template <class B, int R, int M>
+void row_dots(const float* x, int64_t K, const uint8_t* const* rows, __m256 (*acc)[M]) {  // acc[R][M]
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t c = 0; c < K / 32; ++c) {
-    __m256 wv[4];
-    B::decode(row, c, wv);
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      __m256 wv[4];
+      B::decode(rows[r], c, wv);
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 4; ++j)
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + m * K + c * 32 + j * KS), acc[m]);
+        for (int m = 0; m < M; ++m)
+          acc[r][m] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + m * K + c * 32 + j * KS), acc[r][m]);
+    }
   }
 }
 
 // One tile for all M <= 8 input rows, then the epilogue in blocks of up to 3 rows.
 template <class B, int M>
 void tile_in_registers(const LinearArgs& a, int64_t t, const Rows& w) {
+  constexpr int R = M <= B::PAIRED_UP_TO ? 2 : 1;  // a K-quant's decode spills registers in pairs
   __m256 acc[NB][M];
-  for (int r = 0; r < NB; ++r) row_dots<B, M>(a.x, a.K, w.r[r], acc[r]);
+  for (int r = 0; r < NB; r += R) row_dots<B, R, M>(a.x, a.K, w.r + r, acc + r);
   for (int m0 = 0; m0 < M; m0 += 3) {
     const int mb = std::min<int>(3, M - m0);
     float v[NB][3];
