@@ -1,15 +1,23 @@
-"""The speculative decoding loop: plan -> draft -> verify -> accept -> commit, one step at a time.
+"""The speculative decoding step: plan -> draft -> verify -> accept -> commit (`decode_step`).
 
-Every method (plain decoding included: its tree is the root alone) runs through `SpeculativeDecoder.step`.
+One skeleton for one request and for a batch: every method (plain decoding included: its tree is the root
+alone) runs through `decode_step`, drafted by its scheduler for a single stream (`SpeculativeDecoder`) or by
+the batch planner for a batch (batching/step.py).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from casspec.runtime.batch import Segment
+from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner
 from casspec.scheduler.base import Scheduler
+from casspec.scheduler.latency import ForwardTimes
 from casspec.sizes import PREFILL_CHUNK, TREE_CAPACITY
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
@@ -56,6 +64,15 @@ def take(state: DecodeState, tokens: list[int]) -> tuple[list[int], bool]:
     return new, eos is not None or state.remaining <= 0
 
 
+@dataclass
+class PromptChunk:
+    """Prompt tokens of a request still prefilling that ride in a step's verify forward (no logits)."""
+
+    state: DecodeState
+    ids: torch.Tensor  # [c]
+    positions: torch.Tensor  # [c] (= the cache slots)
+
+
 def prefill_segments(state: DecodeState, limit: int = PREFILL_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids and positions (= slots) of the next prompt chunk not yet cached (the last token is the root)."""
     start = state.cache.length
@@ -63,39 +80,75 @@ def prefill_segments(state: DecodeState, limit: int = PREFILL_CHUNK) -> tuple[to
     return torch.tensor(state.tokens[start:end], dtype=torch.long), torch.arange(start, end)
 
 
+class StepDrafts(Protocol):
+    """The plan-and-draft half of one step over its requests (one, or a batch), and what it learns after."""
+
+    def draft(self, times: ForwardTimes) -> list[DraftTree]:
+        """1-2. Plan and draft: one tree per request, its forwards timed into `times`."""
+        ...
+
+    def observe(self, trees: list[DraftTree], results: list[AcceptResult], times: ForwardTimes) -> None:
+        """Learn from the verdicts and from what the step's forwards and sampling cost."""
+        ...
+
+
+def decode_step(runner: TargetRunner, drafts: StepDrafts, states: list[DecodeState], times: ForwardTimes,
+                chunks: Sequence[PromptChunk] = ()) -> list[AcceptResult]:
+    """plan -> draft -> verify -> accept -> commit for every request of `states` (a single stream is a batch
+    of one); prompt chunks of requests still prefilling ride in the verify forward. Commits >= 1 token each."""
+    t0 = time.perf_counter()
+    # 1-2. Plan and draft: which drafter drafts where, and how much; grow each request's tree.
+    trees = drafts.draft(times)
+    t1 = time.perf_counter()
+    # 3. Verify: one target forward over every tree (tree attention) and the prompt chunks.
+    logits = verify(runner, states, trees, chunks, times)  # [N_i, V] each
+    t2 = time.perf_counter()
+    # 4. Accept: greedy match or the sampling rule, per request with its own settings; >= 1 token each.
+    results = [accept(tree, lg, s.sampling, s.generator) for s, tree, lg in zip(states, trees, logits)]
+    sampled = sum(len(tree) for s, tree in zip(states, trees) if not s.sampling.is_greedy)
+    if sampled:  # the sampling work over the trees, for the cost models
+        times.record("sample:full", sampled, 0, time.perf_counter() - t2)
+    # 5. Commit: keep each accepted path's KV and tokens, the chunks' KV; learn from the verdicts.
+    for s, tree, lg, result in zip(states, trees, logits, results):
+        commit(s, tree, lg, result)
+        record_step(s, tree, result, t1 - t0, t2 - t1)
+    for c in chunks:
+        c.state.cache.length += len(c.ids)
+    drafts.observe(trees, results, times)
+    return results
+
+
+def verify(runner: TargetRunner, states: list[DecodeState], trees: list[DraftTree], chunks: Sequence[PromptChunk],
+           times: ForwardTimes) -> list[torch.Tensor]:
+    """Target logits [N_i, V] of each tree from one forward, timed into `times`; chunks get no logits."""
+    segments = [tree.segment(s.cache) for s, tree in zip(states, trees)]
+    segments += [Segment(c.state.cache, c.ids, c.positions, c.positions) for c in chunks]
+    rows = [len(t) for t in trees]
+    t0 = time.perf_counter()
+    logits = runner.forward_batch(segments, FULL, torch.arange(sum(rows)) if chunks else None)  # [sum(rows), V]
+    runner.synchronize()
+    times.record("full", sum(len(s) for s in segments), mean_ctx(segments), time.perf_counter() - t0)
+    return list(torch.split(logits, rows)) if trees else []
+
+
+def mean_ctx(segments: list[Segment]) -> int:
+    """Cached keys a forward's row sees on average (the latency model's ctx_len for a batch of segments)."""
+    return sum(len(s) * s.cache.length for s in segments) // max(1, sum(len(s) for s in segments))
+
+
 class SpeculativeDecoder:
-    """Runs one generation with a given scheduler."""
+    """Runs one generation with a given scheduler: the step over a batch of one, drafted by the scheduler."""
 
     def __init__(self, runner: TargetRunner, scheduler: Scheduler, tree_capacity: int = TREE_CAPACITY) -> None:
         self.runner, self.scheduler, self.tree_capacity = runner, scheduler, tree_capacity
 
     def step(self, state: DecodeState) -> AcceptResult:
-        """One speculative step; commits at least one token."""
-        tree = DraftTree(state.tokens[-1], state.cache.length, self.tree_capacity)
-        t0 = time.perf_counter()
-        # 1-2. Plan and draft: the scheduler picks drafter and length per expansion and grows the tree.
-        self.scheduler.draft(tree, state)
-        t1 = time.perf_counter()
-        # 3. Verify: one target forward over the whole tree (tree attention).
-        logits = self.verify(tree, state)  # [N, V]
-        self.runner.synchronize()
-        t2 = time.perf_counter()
-        # 4. Accept: greedy match or recursive rejection sampling; always yields >= 1 token.
-        result = accept(tree, logits, state.sampling, state.generator)
-        times = state.times  # the drafters' timings of this step, then the target's
-        if not state.sampling.is_greedy:  # the sampling work over the tree, for DyTC's cost model
-            times.record("sample:full", len(tree), 0, time.perf_counter() - t2)
-        # 5. Commit: keep the accepted path's KV, append tokens, feed back the verdict and the timings.
-        commit(state, tree, logits, result)
-        times.record("full", len(tree), tree.base, t2 - t1)
-        self.scheduler.observe(tree, result, state, times)
-        times.clear()
-        record_step(state, tree, result, t1 - t0, t2 - t1)
-        return result
-
-    def verify(self, tree: DraftTree, state: DecodeState) -> torch.Tensor:
-        """Target logits [N, V] for every tree node."""
-        return self.runner.forward_batch([tree.segment(state.cache)])
+        """One speculative step; commits at least one token. The drafters time their forwards into
+        `state.times`, which the step then hands to the scheduler's `observe`."""
+        try:
+            return decode_step(self.runner, _SchedulerDrafts(self, state), [state], state.times)[0]
+        finally:
+            state.times.clear()
 
     def prefill(self, state: DecodeState) -> None:
         """Cache the prompt except its last token (the first tree root), chunk by chunk."""
@@ -106,3 +159,18 @@ class SpeculativeDecoder:
             state.cache.length += len(ids)
         state.stats.prefill_time += time.perf_counter() - t0
 
+
+@dataclass
+class _SchedulerDrafts:
+    """One request's step drafts: its scheduler grows the tree and learns from the verdict."""
+
+    decoder: SpeculativeDecoder
+    state: DecodeState
+
+    def draft(self, times: ForwardTimes) -> list[DraftTree]:
+        tree = DraftTree(self.state.tokens[-1], self.state.cache.length, self.decoder.tree_capacity)
+        self.decoder.scheduler.draft(tree, self.state)  # its drafters record into state.times (= times)
+        return [tree]
+
+    def observe(self, trees: list[DraftTree], results: list[AcceptResult], times: ForwardTimes) -> None:
+        self.decoder.scheduler.observe(trees[0], results[0], self.state, times)

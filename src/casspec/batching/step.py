@@ -1,4 +1,5 @@
-"""One batched speculative step over every running generation: plan -> draft -> verify -> accept -> commit.
+"""One batched speculative step over every running generation: the single-stream step (decoder.decode_step:
+plan -> draft -> verify -> accept -> commit) over a list of requests, drafted for the batch.
 
 Self-drafts of all requests run together, one forward per depth (each request's chain node at that
 depth is one row); prompt lookups are per request; every request's tree, plus a chunk of a newly
@@ -17,19 +18,19 @@ measures its own planning time (lookups + planner) per step: `planner_stats()`.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from casspec.batching.planner import MAX_DRAFT, BatchPlanner, Candidate, Choice
-from casspec.decoder import SpeculativeDecoder, commit, prefill_segments, record_step
+from casspec.decoder import PromptChunk, SpeculativeDecoder, decode_step, mean_ctx, prefill_segments
 from casspec.drafters.self_draft import pick_drafts
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
 from casspec.pool import PRIORS, DrafterPool
 from casspec.prompt import Prompt
 from casspec.runtime.batch import Segment
-from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner
 from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.base import FixedPolicy, Scheduler
@@ -37,7 +38,7 @@ from casspec.scheduler.latency import ForwardTimes
 from casspec.scheduler.static import PLD_LENGTH
 from casspec.sizes import PREFILL_RIDE, TREE_CAPACITY
 from casspec.tree import DraftTree
-from casspec.verify.accept import AcceptResult, accept
+from casspec.verify.accept import AcceptResult
 
 BATCH_METHODS = ("ar", "pld", "self", "casspec")  # fixed policies, and the load-aware planner
 BACKOFF_MAX = 32  # most steps a casspec request whose drafts did not pay sits out before it is planned again
@@ -82,26 +83,10 @@ class BatchDecoder:
         chunks = self._prefill_chunks([g for g in gens if g.prefilling], bool(decoding))
         t0 = time.perf_counter()
         times = ForwardTimes()  # this step's draft and target forwards
-        # 1. Plan: each request's draft source and length, for the batch's goodput.
-        choices, lookups = self.plan(decoding, sum(len(ids) for _, ids, _ in chunks))
-        # 2. Draft: lookups per request, self-drafts one batched forward per depth.
-        trees = self.draft(decoding, choices, lookups, times)
-        t1 = time.perf_counter()
-        # 3. Verify: every tree and the prompt chunks in one target forward.
-        logits = self.verify(decoding, trees, chunks, times)
-        t2 = time.perf_counter()
-        self.planner.latency.observe_all(times)
-        out = {}
-        for g, tree, lg, choice in zip(decoding, trees, logits, choices):
-            # 4. Accept per request (its own sampling settings and generator); 5. commit.
-            result = accept(tree, lg, g.state.sampling, g.state.generator)
-            commit(g.state, tree, lg, result)
-            self._observe(g, tree, result, choice, t1 - t0, t2 - t1)
-            out[g] = result.tokens
-        for g, ids, _ in chunks:
-            g.state.cache.length += len(ids)
+        drafts = _BatchDrafts(self, decoding, sum(len(c.ids) for c in chunks))
+        results = decode_step(self.runner, drafts, [g.state for g in decoding], times, chunks)
         self.planner.observe_overhead(time.perf_counter() - t0 - times.total())
-        return out
+        return {g: r.tokens for g, r in zip(decoding, results)}
 
     def forget(self, gen: Generation) -> None:
         """Drop a finished generation's estimates."""
@@ -217,7 +202,7 @@ class BatchDecoder:
         logits = self.runner.forward_batch(segments, self.drafter.plan)  # [len(live), V] (pruned: V')
         self.runner.synchronize()
         seconds = time.perf_counter() - t0
-        times.record(self.level, len(live), _mean_ctx(segments), seconds)
+        times.record(self.level, len(live), mean_ctx(segments), seconds)
         picks = pick_drafts(logits, [g.state for g, _ in live], [t.base + depth + 1 for _, t in live], ids, 0,
                             self.runner.vocab_size)
         for (g, tree), pick in zip(live, picks):
@@ -226,22 +211,8 @@ class BatchDecoder:
             stats.forwards += 1
             stats.time += seconds / len(live)
 
-    # ---- 3. verify ------------------------------------------------------------------------------------
-    def verify(self, gens: list[Generation], trees: list[DraftTree],
-               chunks: list[tuple[Generation, torch.Tensor, torch.Tensor]], times: ForwardTimes) -> list[torch.Tensor]:
-        """Target logits [N_i, V] of each tree; prompt chunks ride along without logits. The forward is timed
-        into `times`."""
-        segments = [tree.segment(g.state.cache) for g, tree in zip(gens, trees)]
-        segments += [Segment(g.state.cache, ids, pos, pos) for g, ids, pos in chunks]
-        n = sum(len(t) for t in trees)
-        t0 = time.perf_counter()
-        logits = self.runner.forward_batch(segments, FULL, torch.arange(n))  # [n, V]
-        self.runner.synchronize()
-        times.record("full", sum(len(s) for s in segments), _mean_ctx(segments), time.perf_counter() - t0)
-        return list(torch.split(logits, [len(t) for t in trees])) if trees else []
-
-    def _prefill_chunks(self, gens: list[Generation], others_decoding: bool
-                        ) -> list[tuple[Generation, torch.Tensor, torch.Tensor]]:
+    # ---- prompt chunks ---------------------------------------------------------------------------------
+    def _prefill_chunks(self, gens: list[Generation], others_decoding: bool) -> list[PromptChunk]:
         """Prompt chunks for this step, first come first served: a chunk's worth while others stream,
         more when nobody waits on the forward."""
         budget = self.prefill_chunk if others_decoding else 4 * self.prefill_chunk
@@ -250,14 +221,13 @@ class BatchDecoder:
             if budget <= 0:
                 break
             ids, pos = prefill_segments(g.state, budget)
-            out.append((g, ids, pos))
+            out.append(PromptChunk(g.state, ids, pos))
             budget -= len(ids)
         return out
 
     # ---- learn ----------------------------------------------------------------------------------------
-    def _observe(self, g: Generation, tree: DraftTree, result: AcceptResult, choice: Choice,
-                 t_draft: float, t_verify: float) -> None:
-        record_step(g.state, tree, result, t_draft, t_verify)
+    def learn(self, g: Generation, tree: DraftTree, result: AcceptResult, choice: Choice) -> None:
+        """Acceptance estimates (the request's and the batch's) from one verdict on its chain."""
         on_path = set(result.path)
         est = self._estimates(g) if g.method == "casspec" else {}
         for node in range(1, len(tree)):
@@ -267,7 +237,25 @@ class BatchDecoder:
                         e.observe(node in on_path, tree.confidence[node])
 
 
-def _mean_ctx(segments: list[Segment]) -> int:
-    """Keys a row sees on average (what the latency model's ctx_len stands for in a batch)."""
-    rows = sum(len(s) for s in segments)
-    return sum(len(s) * (s.cache.length + len(s)) for s in segments) // max(1, rows)
+@dataclass
+class _BatchDrafts:
+    """A batched step's drafts: planned for the batch's goodput, self-draft chains one forward per depth."""
+
+    decoder: BatchDecoder
+    gens: list[Generation]
+    extra_rows: int  # prompt rows riding in the verify forward
+    choices: list[Choice] = field(default_factory=list)
+
+    def draft(self, times: ForwardTimes) -> list[DraftTree]:
+        self.choices, lookups = self.decoder.plan(self.gens, self.extra_rows)
+        return self.decoder.draft(self.gens, self.choices, lookups, times)
+
+    def observe(self, trees: list[DraftTree], results: list[AcceptResult], times: ForwardTimes) -> None:
+        self.decoder.planner.latency.observe_all(times, _forwards)
+        for g, tree, result, choice in zip(self.gens, trees, results, self.choices):
+            self.decoder.learn(g, tree, result, choice)
+
+
+def _forwards(plan: str) -> bool:
+    """The batch planner learns forward times only (DyTC's sampling costs are single-stream ones)."""
+    return not plan.startswith("sample:")
