@@ -109,7 +109,7 @@ void linear_q4_tiles(const LinearArgs& a, const uint8_t* w, const uint16_t* d, c
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if (t + ahead < t1) prefetch_bytes(w + (t + ahead) * tile_bytes, tile_bytes);
-      tile_rows(a, t, Q4Dot{a, w + t * tile_bytes, d + t * groups * NB, mn + t * groups * NB, xsum.data(), G});
+      tile_rows(a, TileCols::adjacent(a, t), Q4Dot{a, w + t * tile_bytes, d + t * groups * NB, mn + t * groups * NB, xsum.data(), G});
     }
   });
 }

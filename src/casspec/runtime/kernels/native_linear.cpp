@@ -79,7 +79,7 @@ void row_dots(const float* x, int64_t K, const uint8_t* const* rows, __m256 (*ac
 
 // One tile for all M <= 8 input rows, then the epilogue in blocks of up to 3 rows.
 template <class B, int M>
-void tile_in_registers(const LinearArgs& a, int64_t t, const Rows& w) {
+void tile_in_registers(const LinearArgs& a, const TileCols& o, const Rows& w) {
   constexpr int R = M <= B::PAIRED_UP_TO ? 2 : 1;  // a K-quant's decode spills registers in pairs
   __m256 acc[NB][M];
   for (int r = 0; r < NB; r += R) row_dots<B, R, M>(a.x, a.K, w.r + r, acc + r);
@@ -91,18 +91,18 @@ void tile_in_registers(const LinearArgs& a, int64_t t, const Rows& w) {
       _mm_store_ps(s, hsum4(acc[0][m0 + m], acc[1][m0 + m], acc[2][m0 + m], acc[3][m0 + m]));
       for (int r = 0; r < NB; ++r) v[r][m] = s[r];
     }
-    epilogue(a, t, m0, mb, v);
+    epilogue(a, o, m0, mb, v);
   }
 }
 
 template <class B>
-void tile_small_m(const LinearArgs& a, int64_t t, const Rows& w) {
+void tile_small_m(const LinearArgs& a, const TileCols& o, const Rows& w) {
   switch (a.M) {
-    case 4: tile_in_registers<B, 4>(a, t, w); break;
-    case 5: tile_in_registers<B, 5>(a, t, w); break;
-    case 6: tile_in_registers<B, 6>(a, t, w); break;
-    case 7: tile_in_registers<B, 7>(a, t, w); break;
-    default: tile_in_registers<B, 8>(a, t, w); break;
+    case 4: tile_in_registers<B, 4>(a, o, w); break;
+    case 5: tile_in_registers<B, 5>(a, o, w); break;
+    case 6: tile_in_registers<B, 6>(a, o, w); break;
+    case 7: tile_in_registers<B, 7>(a, o, w); break;
+    default: tile_in_registers<B, 8>(a, o, w); break;
   }
 }
 
@@ -118,23 +118,36 @@ void decode_tile(const Rows& w, int64_t K, float* out) {
 }
 
 template <class B>
+void native_tile(const LinearArgs& a, const TileCols& o, const Rows& r, float* scratch) {
+  if (a.M <= 3) {
+    tile_rows(a, o, RegDot<B>{a, r});
+  } else if (a.M <= MAX_REG_ROWS) {
+    tile_small_m<B>(a, o, r);
+  } else {
+    decode_tile<B>(r, a.K, scratch);
+    tile_rows(a, o, DenseDot<F32>{a, scratch});
+  }
+}
+
+template <class B>
 void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
   const int64_t row_bytes = a.K / B::QK * B::BYTES;
   const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
   const int64_t ahead = tiles_ahead(NB * row_bytes, rows * row_bytes, a.M);
+  const bool glu = up != nullptr;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(a.M > MAX_REG_ROWS ? NB * a.K : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Rows r = tile_rows_of(w, up, rows, row_bytes, t);
-      if (t + ahead < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, t + ahead), row_bytes);
-      if (a.M <= 3) {
-        tile_rows(a, t, RegDot<B>{a, r});
-      } else if (a.M <= MAX_REG_ROWS) {
-        tile_small_m<B>(a, t, r);
-      } else {
-        decode_tile<B>(r, a.K, scratch.data());
-        tile_rows(a, t, DenseDot<F32>{a, scratch.data()});
+    if (a.M <= RUN_ROWS) {  // four runs, no software prefetch (common.h, run_cols)
+      for (int64_t i = 0; i < t1 - t0; ++i) {
+        const TileCols o = run_cols(t0, t1, i, glu);
+        native_tile<B>(a, o, tile_rows_of(w, up, rows, row_bytes, o), scratch.data());
       }
+      return;
+    }
+    for (int64_t t = t0; t < t1; ++t) {  // adjacent rows, the tile `ahead` on prefetched
+      const TileCols o = TileCols::adjacent(a, t);
+      if (t + ahead < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, TileCols::adjacent(a, t + ahead)), row_bytes);
+      native_tile<B>(a, o, tile_rows_of(w, up, rows, row_bytes, o), scratch.data());
     }
   });
 }
