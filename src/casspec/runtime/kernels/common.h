@@ -16,6 +16,7 @@ constexpr int64_t NB = 4;  // weight rows per tile
 constexpr int64_t KS = 8;  // k per step (one AVX2 vector)
 
 enum Mode : int64_t { STORE = 0, ACCUMULATE = 1, GLU_SILU = 2, GLU_GELU_TANH = 3 };
+inline bool is_glu(int64_t mode) { return mode == GLU_SILU || mode == GLU_GELU_TANH; }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -107,14 +108,12 @@ struct LinearArgs {
 // j * stride (j = 0, 1: gate rows at r = j, up rows at r = 2 + j). Columns past the end are dropped.
 struct TileCols {
   int64_t first, stride;
-  static TileCols adjacent(const LinearArgs& a, int64_t tile) {  // the kernels' tiled layouts
-    return {tile * (a.mode == GLU_SILU || a.mode == GLU_GELU_TANH ? 2 : NB), 1};
-  }
+  static TileCols adjacent(int64_t tile, bool glu) { return {tile * (glu ? 2 : NB), 1}; }  // tile t's rows 4t..
 };
 
 // Finish one tile: per-row scale and bias, then store, accumulate or gate.
 inline void epilogue(const LinearArgs& a, const TileCols& o, int64_t m0, int mb, float (&v)[NB][3]) {
-  const bool glu = a.mode == GLU_SILU || a.mode == GLU_GELU_TANH;
+  const bool glu = is_glu(a.mode);
   for (int r = 0; r < NB; ++r) {  // scales are per kernel row of a tiled layout (adjacent tiles only)
     int64_t n = (glu ? 2 * o.first : o.first) + r;
     float s = !a.scale ? 1.f : n < a.N ? a.scale[n] : 0.f;
@@ -186,7 +185,7 @@ void linear_tiles(const LinearArgs& a, const typename W::T* w) {
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if (t + ahead < t1) prefetch_bytes(w + (t + ahead) * tile_len, tile_len * sizeof(typename W::T));
-      tile_rows(a, TileCols::adjacent(a, t), DenseDot<W>{a, w + t * tile_len});
+      tile_rows(a, TileCols::adjacent(t, is_glu(a.mode)), DenseDot<W>{a, w + t * tile_len});
     }
   });
 }
@@ -232,6 +231,28 @@ inline Rows tile_rows_of(const uint8_t* w, const uint8_t* up, int64_t rows, int6
 
 inline void prefetch_rows(const Rows& w, int64_t row_bytes) {
   for (int r = 0; r < NB; ++r) prefetch_bytes(w.r[r], row_bytes);
+}
+
+// fn(o, rows) for every tile of a thread's range [t0, t1) over rows of blocks (`up`: GLU gate|up pairs), in
+// the order that reads fastest: four runs at up to RUN_ROWS input rows, else adjacent rows with the tile
+// `ahead` on prefetched (tiles_ahead).
+template <class Fn>
+void each_block_tile(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows, int64_t row_bytes,
+                     int64_t t0, int64_t t1, Fn&& fn) {
+  const bool glu = up != nullptr;
+  if (a.M <= RUN_ROWS) {
+    for (int64_t i = 0; i < t1 - t0; ++i) {
+      const TileCols o = run_cols(t0, t1, i, glu);
+      fn(o, tile_rows_of(w, up, rows, row_bytes, o));
+    }
+    return;
+  }
+  const int64_t ahead = tiles_ahead(NB * row_bytes, rows * row_bytes, a.M);
+  for (int64_t t = t0; t < t1; ++t) {
+    if (t + ahead < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, TileCols::adjacent(t + ahead, glu)), row_bytes);
+    const TileCols o = TileCols::adjacent(t, glu);
+    fn(o, tile_rows_of(w, up, rows, row_bytes, o));
+  }
 }
 
 }  // namespace

@@ -109,7 +109,7 @@ void linear_q4_tiles(const LinearArgs& a, const uint8_t* w, const uint16_t* d, c
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if (t + ahead < t1) prefetch_bytes(w + (t + ahead) * tile_bytes, tile_bytes);
-      tile_rows(a, TileCols::adjacent(a, t), Q4Dot{a, w + t * tile_bytes, d + t * groups * NB, mn + t * groups * NB, xsum.data(), G});
+      tile_rows(a, TileCols::adjacent(t, is_glu(a.mode)), Q4Dot{a, w + t * tile_bytes, d + t * groups * NB, mn + t * groups * NB, xsum.data(), G});
     }
   });
 }
@@ -142,7 +142,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
     xin = at::empty_like(x);
     rms_rows(x.data_ptr<float>(), M, K, norm_w->data_ptr<float>(), eps, xin.data_ptr<float>());
   }
-  const bool glu = mode == GLU_SILU || mode == GLU_GELU_TANH;
+  const bool glu = is_glu(mode);
   TORCH_CHECK(!glu || n % 4 == 0, "a gated linear needs an even gate width, got n=", n);
   at::Tensor y;
   if (mode == ACCUMULATE) {

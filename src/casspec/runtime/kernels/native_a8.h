@@ -99,20 +99,9 @@ template <class B>
 void a8_tiles(const LinearArgs& a, const QuantRows& x, const uint8_t* w, const uint8_t* up, int64_t rows) {
   const int64_t row_bytes = a.K / B::QK * B::BYTES;
   const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
-  const int64_t ahead = tiles_ahead(NB * row_bytes, rows * row_bytes, a.M);
-  const bool glu = up != nullptr;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    if (a.M <= RUN_ROWS) {  // four runs, no software prefetch (common.h, run_cols)
-      for (int64_t i = 0; i < t1 - t0; ++i) {
-        const TileCols o = run_cols(t0, t1, i, glu);
-        tile_rows(a, o, A8Dot<B>{a, x, tile_rows_of(w, up, rows, row_bytes, o)});
-      }
-      return;
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-      if (t + ahead < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, TileCols::adjacent(a, t + ahead)), row_bytes);
-      tile_rows(a, TileCols::adjacent(a, t), A8Dot<B>{a, x, tile_rows_of(w, up, rows, row_bytes, TileCols::adjacent(a, t))});
-    }
+    each_block_tile(a, w, up, rows, row_bytes, t0, t1,
+                    [&](const TileCols& o, const Rows& r) { tile_rows(a, o, A8Dot<B>{a, x, r}); });
   });
 }
 

@@ -133,22 +133,10 @@ template <class B>
 void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
   const int64_t row_bytes = a.K / B::QK * B::BYTES;
   const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
-  const int64_t ahead = tiles_ahead(NB * row_bytes, rows * row_bytes, a.M);
-  const bool glu = up != nullptr;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(a.M > MAX_REG_ROWS ? NB * a.K : 0);
-    if (a.M <= RUN_ROWS) {  // four runs, no software prefetch (common.h, run_cols)
-      for (int64_t i = 0; i < t1 - t0; ++i) {
-        const TileCols o = run_cols(t0, t1, i, glu);
-        native_tile<B>(a, o, tile_rows_of(w, up, rows, row_bytes, o), scratch.data());
-      }
-      return;
-    }
-    for (int64_t t = t0; t < t1; ++t) {  // adjacent rows, the tile `ahead` on prefetched
-      const TileCols o = TileCols::adjacent(a, t);
-      if (t + ahead < t1) prefetch_rows(tile_rows_of(w, up, rows, row_bytes, TileCols::adjacent(a, t + ahead)), row_bytes);
-      native_tile<B>(a, o, tile_rows_of(w, up, rows, row_bytes, o), scratch.data());
-    }
+    each_block_tile(a, w, up, rows, row_bytes, t0, t1,
+                    [&](const TileCols& o, const Rows& r) { native_tile<B>(a, o, r, scratch.data()); });
   });
 }
 
@@ -200,8 +188,7 @@ at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& par
   TORCH_CHECK(!act8 || K % 32 == 0, "activation quantization needs K a multiple of 32");
   const QuantRows xq = act8 ? quantize_rows(xin.data_ptr<float>(), M, K) : QuantRows{};
   const QuantRows* xqp = act8 ? &xq : nullptr;
-  const bool glu = mode == GLU_SILU || mode == GLU_GELU_TANH;
-  if (glu) {
+  if (is_glu(mode)) {
     TORCH_CHECK(parts.size() == 2 && parts[0].size(0) == parts[1].size(0), "GLU needs gate and up of equal rows");
     const int64_t F = parts[0].size(0);
     at::Tensor y = at::empty({M, F}, x.options());
