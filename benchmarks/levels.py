@@ -52,10 +52,10 @@ def continuation(engine, text: str, n: int) -> DecodeState:
     """The target's greedy continuation, left in a DecodeState whose cache holds every token's KV."""
     chat = engine.has_chat_template  # a base model gets the bench's plain Question/Answer framing
     prompt = [{"role": "user", "content": text}] if chat else f"Question: {text}\nAnswer:"
-    gen = engine.start(prompt, "ar", max_new_tokens=n, chat=chat)
+    gen = engine.start(prompt, "ar", max_new_tokens=2 * n, chat=chat)  # KV room to score all n teacher-forced
     decoder = SpeculativeDecoder(engine.runner, engine.scheduler("ar"))
     decoder.prefill(gen.state)
-    while not gen.finished:
+    while not gen.finished and gen.state.stats.new_tokens < n:
         gen.push(decoder.step(gen.state).tokens)
     return gen.state
 
@@ -87,23 +87,25 @@ def searched_skip(engine, states: list[DecodeState], sparsity: float, base: Exec
     return search.plan
 
 
-def levels(engine, calib: list[DecodeState], evals: int) -> dict[str, ExecutionPlan]:
+def levels(engine, calib: list[DecodeState], evals: int, only: set[str] | None) -> dict[str, ExecutionPlan]:
     pool = engine.pool
     pool.get("int8v")  # builds the pruned draft vocabulary
     exit_at = max(1, round(0.6 * engine.runner.num_layers))
     native = {}
     if engine.runner.weights.head.native is not None:  # the target's own blocks: activation quantization, pruned head
-        native = {"a8": Act8(), "a8v": Act8() | PrunedVocab(), "vocab": PrunedVocab(),
-                  "a8+skip0.2": searched_skip(engine, calib, 0.2, Act8(), evals)}
-    return {
+        native = {"a8": lambda: Act8(), "a8v": lambda: Act8() | PrunedVocab(), "vocab": lambda: PrunedVocab(),
+                  "lowbit": lambda: pool.get("lowbit").plan, "lowbitv": lambda: pool.get("lowbitv").plan,
+                  "a8+skip0.2": lambda: searched_skip(engine, calib, 0.2, Act8(), evals)}
+    makers = {
         **native,
-        "int8": Int8(), "int8v": Int8() | PrunedVocab(), "int4": Int4(),
-        "int8+skip0.2": searched_skip(engine, calib, 0.2, Int8(), evals),
-        "int8+skip0.4": searched_skip(engine, calib, 0.4, Int8(), evals),
-        "skip0.4": searched_skip(engine, calib, 0.4, FULL, evals),
-        "skip0.6": searched_skip(engine, calib, 0.6, FULL, evals),
-        f"exit{exit_at}": EarlyExit(exit_at), f"int8+exit{exit_at}": Int8() | EarlyExit(exit_at),
+        "int8": lambda: Int8(), "int8v": lambda: Int8() | PrunedVocab(), "int4": lambda: Int4(),
+        "int8+skip0.2": lambda: searched_skip(engine, calib, 0.2, Int8(), evals),
+        "int8+skip0.4": lambda: searched_skip(engine, calib, 0.4, Int8(), evals),
+        "skip0.4": lambda: searched_skip(engine, calib, 0.4, FULL, evals),
+        "skip0.6": lambda: searched_skip(engine, calib, 0.6, FULL, evals),
+        f"exit{exit_at}": lambda: EarlyExit(exit_at), f"int8+exit{exit_at}": lambda: Int8() | EarlyExit(exit_at),
     }
+    return {name: make() for name, make in makers.items() if only is None or name in only}
 
 
 def window(state: DecodeState) -> int:
@@ -124,6 +126,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--search-evals", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levels", default=None, help="comma-separated level names to measure (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,7 +134,7 @@ def main() -> None:
     items = prompts(args.per_category)
     states = [(cat, continuation(engine, text, args.new_tokens)) for cat, text in items]
     calib = [s for _, s in states[::3]]  # the search sees a third of the continuations
-    plans = levels(engine, calib, args.search_evals)
+    plans = levels(engine, calib, args.search_evals, set(args.levels.split(",")) if args.levels else None)
     full_t = forward_breakdown(engine.runner, FULL, 1, args.ctx, repeats=7)["total"]
     rows = {}
     for name, plan in plans.items():

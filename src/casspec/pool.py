@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from casspec.drafters import fames
 from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.runtime import cache_files
-from casspec.runtime.plans import FULL, Act8, EarlyExit, ExecutionPlan, Int4, Int8, PrunedVocab
+from casspec.runtime.plans import FULL, Act8, EarlyExit, ExecutionPlan, Int4, Int8, LowBit, PrunedVocab
 from casspec.runtime.runner import TargetRunner
 from casspec.runtime.vocab import DraftVocab, corpus_texts, rank_tokens
 from casspec.scheduler.acceptance import AcceptanceEstimator
@@ -38,12 +39,13 @@ DEFAULT_HIERARCHY = {"cpu": ("int8", "pld"), "cuda": ("skip0.4", "skip0.6", "pld
 FLOAT_BLOCKS = {0, 1, 30}  # F32, F16, BF16: no integer view, so no activation-quantized draft
 LARGE_VOCAB = 131072
 MAX_DRAFT_COST = 0.6  # a self-draft level slower than this fraction of a target step is left out of DyTC
-DRAFTERS = ("a8", "a8v", "vocab", "int8", "int8v", "int4", "int8+skip", "skip0.4", "skip0.6", "exit", "pld")
+DRAFTERS = ("a8", "a8v", "lowbit", "lowbitv", "vocab", "int8", "int8v", "int4", "int8+skip", "skip0.4", "skip0.6",
+            "exit", "pld")
 # Starting acceptance estimates (the EMA takes over after one window of verified tokens). A level is only
 # tried while its estimate says it pays, so a pessimistic prior would never be corrected: these are the
 # teacher-forced top-1 agreements measured on both models (README, "Draft levels"), rounded down.
-PRIORS = {"a8": 0.9, "a8v": 0.88, "vocab": 0.95, "int8": 0.95, "int8v": 0.93, "int4": 0.7, "int8+skip": 0.5,
-          "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
+PRIORS = {"a8": 0.9, "a8v": 0.88, "lowbit": 0.8, "lowbitv": 0.8, "vocab": 0.95, "int8": 0.95, "int8v": 0.93,
+          "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
 _SKIP_LEVELS = {"skip0.4": (0.4, FULL), "skip0.6": (0.6, FULL), "int8+skip": (0.2, Int8())}
 
 
@@ -61,6 +63,7 @@ class DrafterPool:
         self._self: dict[str, SelfDrafter] = {}
         self.searches: dict[str, LayerSetSearch] = {}
         self._latency: LatencyModel | None = None
+        self._mixed: fames.MixedPrecision | None = None  # the lowbit levels' formats, once chosen
 
     def get(self, name: str) -> SelfDrafter | NgramDrafter:
         """A drafter by hierarchy name."""
@@ -82,6 +85,15 @@ class DrafterPool:
             return {"int8v": Int8(), "a8v": Act8(), "vocab": FULL}[name] | PrunedVocab()
         if name == "a8":
             return Act8()
+        if name == "lowbit":
+            self._lowbit()
+            return LowBit()
+        if name == "lowbitv":
+            self._draft_vocab()
+            head = self._lowbit().formats.get("head", fames.KEEP)
+            if head != fames.KEEP:
+                self.runner.draft_vocab().formats["lowbit"] = head
+            return LowBit() | PrunedVocab()
         if name == "exit":
             return EarlyExit(max(1, round(0.6 * self.runner.num_layers)))
         sparsity, base = _SKIP_LEVELS[name]
@@ -125,12 +137,34 @@ class DrafterPool:
         self.runner.vocab = DraftVocab(self.runner.weights.head, order)
         self.runner.build_log.append((what, time.perf_counter() - t0))
 
+    def _lowbit(self) -> fames.MixedPrecision:
+        """Install the mixed-precision copy (drafters/fames.py) in the runner: formats chosen once per model
+        and machine (cached), blocks re-encoded at load. Large vocabularies choose for the pruned head."""
+        if self._mixed is not None:
+            return self._mixed
+        t0 = time.perf_counter()
+        if self.tokenizer is None:
+            raise ValueError("the lowbit level needs the tokenizer (to calibrate on the built-in text)")
+        head_rows = None
+        if self.runner.vocab_size >= LARGE_VOCAB:
+            self._draft_vocab()
+            head_rows = self.runner.draft_vocab().core_ids
+        key = self.runner.fingerprint()
+        path = None if key is None or self.cache_dir is None else (
+            self.cache_dir / "lowbit" / f"{key}-{machine_key(self.model_name, self.runner)}-{fames.MAX_KL}.json")
+        mixed = fames.load_or_choose(self.runner, self.tokenizer, head_rows, path)
+        self.runner.install("lowbit", fames.build(self.runner.weights, mixed.formats))
+        self.runner.build_log.append((f"lowbit weights ({mixed.describe()}; cost {mixed.cost:.2f})",
+                                      time.perf_counter() - t0))
+        self._mixed = mixed
+        return mixed
+
     def _vocab_path(self) -> Path | None:
         key = self.runner.fingerprint()
         return None if key is None or self.cache_dir is None else self.cache_dir / "vocab" / f"{key}.pt"
 
     def _pending(self) -> list[str]:
-        kinds = {self.self_level(d).plan.weights for d in self.self_names()} - {"fp32", "a8"}
+        kinds = {self.self_level(d).plan.weights for d in self.self_names()} - {"fp32", "a8", "lowbit"}
         out = [f"{k} weights" for k in sorted(kinds)
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
         if not is_calibrated(self._latency_path(), list(self._latency_plans())):

@@ -62,18 +62,7 @@ def load_native(model: PreTrainedModel, path: Path) -> tuple[PreTrainedModel, GG
 
 def dequantized_model(model: PreTrainedModel, source: GGUFSource) -> PreTrainedModel:
     """A copy of `model` holding the GGUF file's values in fp32 (what HF transformers would load)."""
-    ref = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
-    modules = dict(ref.named_modules())
-    with torch.no_grad():
-        for name, module in modules.items():
-            if isinstance(module, torch.nn.Linear) or name.endswith("embed_tokens"):
-                w, bias = source.linear(name)
-                module.weight.copy_(w.dequantize().reshape(module.weight.shape))
-                if bias is not None:
-                    module.bias.copy_(bias)
-            elif name.endswith("norm") and hasattr(module, "weight") and source.has(name):
-                module.weight.copy_(source.vector(name))
-    return ref
+    return source.dequantized_model(model.config)
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -20,8 +20,11 @@ import gguf
 import numpy as np
 import torch
 
+from casspec.runtime import lowbit
+
 # ggml types the CPU kernels read in place (kernels/gguf_blocks.h); others are dequantized at load.
 NATIVE_TYPES = frozenset({0, 1, 2, 3, 6, 8, 12, 14, 30})  # F32 F16 Q4_0 Q4_1 Q5_0 Q8_0 Q4_K Q6_K BF16
+KERNEL_TYPES = NATIVE_TYPES | lowbit.BITS.keys()  # and casspec's own low-bit draft formats
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 
@@ -40,7 +43,7 @@ class NativeTensor:
 
     @property
     def type_name(self) -> str:
-        return gguf.GGMLQuantizationType(self.qtype).name
+        return lowbit.name(self.qtype)
 
     def rows(self, index: torch.Tensor) -> NativeTensor:
         """A copy holding only rows `index` (a pruned head); same format."""
@@ -51,9 +54,11 @@ class NativeTensor:
         they read this format, else gguf-py itself."""
         from casspec.runtime import kernels
 
-        if self.qtype in NATIVE_TYPES and self.shape[1] % 32 == 0 and kernels.available():
+        if self.qtype in KERNEL_TYPES and self.shape[1] % 32 == 0 and kernels.available():
             return kernels.module().dequantize_rows(self.blocks, self.qtype, self.shape[1], ids)
         rows = self.blocks if ids is None else self.blocks[ids]
+        if self.qtype in lowbit.BITS:
+            return lowbit.dequantize(rows, self.qtype, self.shape[1])
         flat = gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType(self.qtype))
         return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, self.shape[1]))
 

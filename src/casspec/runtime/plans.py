@@ -6,6 +6,7 @@ inference accelerations of the same weights and the same KV cache:
     LayerSkip(attn={3, 4}, mlp={4})   skip attention / MLP sub-layers (layer sparsity)
     Int8(), Int4()                    weight-only int8 / group-wise int4 copies of every projection
     Act8()                            the target's own blocks with int8 activations (activation quantization)
+    LowBit()                          per-projection 2-8 bit copies chosen by sensitivity, int8 activations
     EarlyExit(12)                     run layers [0, 12) then the final norm and head
     PrunedVocab()                     score only the draft vocabulary's rows of the head (vocabulary sparsity)
     Int8() | LayerSkip(mlp={5})       mixing: compose orthogonal accelerations
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRECISION = ("fp32", "a8", "int8", "int4")  # mixing two plans keeps the lower precision
+PRECISION = ("fp32", "a8", "lowbit", "int8", "int4")  # mixing two plans keeps the lower precision
 
 
 @dataclass(frozen=True)
 class ExecutionPlan:
     """One way to run the target's layer loop."""
 
-    weights: str = "fp32"  # which projections: the target's ("fp32"), "a8" (its blocks, int8 activations), "int8", "int4"
+    weights: str = "fp32"  # the target's ("fp32"), "a8" (its blocks, int8 activations), "lowbit", "int8", "int4"
     skip_attn: frozenset[int] = field(default_factory=frozenset)  # layers whose attention sub-layer is skipped
     skip_mlp: frozenset[int] = field(default_factory=frozenset)  # layers whose MLP sub-layer is skipped
     exit_layer: int | None = None  # run layers [0, exit_layer) only
@@ -94,6 +95,11 @@ def Int8() -> ExecutionPlan:  # noqa: N802
 def Act8() -> ExecutionPlan:  # noqa: N802
     """The target's own weight blocks, activations quantized to int8 per 32 values (integer dot products)."""
     return ExecutionPlan(weights="a8")
+
+
+def LowBit() -> ExecutionPlan:  # noqa: N802
+    """Each projection in the format its sensitivity allows (drafters/fames.py), int8 activations."""
+    return ExecutionPlan(weights="lowbit")
 
 
 def Int4() -> ExecutionPlan:  # noqa: N802

@@ -84,9 +84,15 @@ class TargetRunner:
             return self.weights
         if plan.weights == "a8" and "a8" not in self._quantized:  # the same blocks, no copy
             self._quantized["a8"] = self.weights.map_projections(lambda _key, p: replace(p, act8=p.native is not None))
+        if plan.weights == "lowbit" and "lowbit" not in self._quantized:
+            raise RuntimeError("a LowBit plan needs its weights installed (DrafterPool builds them)")
         if plan.weights not in self._quantized:
             self._quantized[plan.weights] = self._load_or_quantize(plan.weights)
         return self._quantized[plan.weights]
+
+    def install(self, kind: str, weights: ModelWeights) -> None:
+        """The weights plans of `kind` read from now on (a copy made outside the runner: LowBit's)."""
+        self._quantized[kind] = weights
 
     def fingerprint(self) -> str | None:
         """A short id of these weights for cache file names (None without a cache folder)."""

@@ -19,7 +19,7 @@ from torch import nn
 from casspec.runtime.gguf_file import GGUFFile, NativeTensor
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
 Weight = torch.Tensor | NativeTensor
 
@@ -80,6 +80,23 @@ class GGUFSource:
     def has(self, name: str) -> bool:
         mapped = self.names.get_name(name)
         return mapped is not None and f"{mapped}.weight" in self.file
+
+    def dequantized_model(self, config: PretrainedConfig) -> PreTrainedModel:
+        """An fp32 HF model of `config` holding this file's values (what transformers' GGUF loader makes,
+        without parsing the metadata again): for calibrations that need autograd."""
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for name, module in ref.named_modules():
+                if isinstance(module, nn.Linear) or name.endswith("embed_tokens"):
+                    w, bias = self.linear(name)
+                    module.weight.copy_(w.dequantize().reshape(module.weight.shape))
+                    if bias is not None:
+                        module.bias.copy_(bias)
+                elif name.endswith("norm") and hasattr(module, "weight") and self.has(name):
+                    module.weight.copy_(self.vector(name))
+        return ref
 
     def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:  # [M] -> [M, d] fp32
         w, _ = self.linear("model.embed_tokens")

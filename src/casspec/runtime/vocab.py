@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from casspec.runtime.gguf_file import NativeTensor
-from casspec.runtime.weights import Proj, make_proj, quantize
+from casspec.runtime.weights import Proj, make_proj, quantize, reencode
 
 CORPUS = Path(__file__).with_name("vocab_corpus.txt")
 CORE_TOKENS = 65536  # 99% of greedy tokens on Gemma-3-270M with the context tokens (README, "Draft levels")
@@ -45,6 +45,7 @@ class DraftVocab:
         self.extra: list[int] = []  # context tokens outside the core, in arrival order (at most max_extra)
         self.max_extra = max_extra
         self._heads: dict[tuple[str, int], Proj] = {}  # (kind, 0 = core | n extra) -> head rows
+        self.formats: dict[str, int] = {}  # kind -> block format its head rows are re-encoded in (LowBit's)
         self._ids: torch.Tensor | None = None
 
     @property
@@ -86,7 +87,11 @@ class DraftVocab:
             else:
                 weight = native.dequantize(rows) if copy else native.rows(rows)
             proj = make_proj([weight], bias, tile=self.full.tiled is not None or native is not None)
-            proj = quantize(proj, kind) if copy else replace(proj, act8=kind == "a8" and proj.native is not None)
+            if kind in self.formats:
+                proj = reencode(proj, self.formats[kind])
+            else:
+                proj = quantize(proj, kind) if copy else replace(proj, act8=kind in ("a8", "lowbit") and
+                                                                 proj.native is not None)
             self._heads[(kind, key)] = proj
         return self._heads[(kind, key)]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from casspec.runtime import lowbit
 from casspec.runtime.gguf_file import NativeTensor
 
 PROJ_NAMES = ("qkv", "o", "gate_up", "down")
@@ -140,6 +141,15 @@ def quantize(p: Proj, kind: str = "int8", group: int = INT4_GROUP) -> Proj:
 def _quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (rows.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
     return torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def reencode(p: Proj, qtype: int) -> Proj:
+    """`p` re-encoded part by part in block format `qtype` (runtime/lowbit.py), read with int8 activations."""
+    parts: list[torch.Tensor | NativeTensor] = [
+        NativeTensor(lowbit.encode(dense, qtype), qtype, (int(dense.shape[0]), int(dense.shape[1])))
+        for dense in p.weights()]  # [N_i, K] fp32 each
+    bias = None if p.bias is None else list(p.bias.split(list(p.sizes)))
+    return replace(make_proj(parts, bias, glu=p.glu, tile=True), act8=True)
 
 
 def _quantize_int4(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,6 +16,9 @@
 //                     of bytes 32i.., 2i + 1: high)          w = (d sc) * q - (dmin m)
 //   Q6_K 210 B / 256: ql[128], qh[64], int8 scales[16], d    w = (d scale) * (q - 32)
 //   F32, F16, BF16:   plain values
+// and two formats of casspec's own (not ggml types; the low-bit draft copies of runtime/lowbit.py):
+//   Q2_1  12 B / 32:  d, m, 8 B of 2-bit q (weight j: bits 2 (j / 8) of byte j % 8)   w = d * q + m
+//   Q3_1  16 B / 32:  d, m, the low 2 bits as Q2_1, 4 B of third bits (bit j: weight j)
 #pragma once
 #include <immintrin.h>
 
@@ -24,7 +27,8 @@
 
 namespace gguf {
 
-enum Type : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+enum Type : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30,
+                      Q2_1 = 252, Q3_1 = 253 };  // the last two: casspec's own
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
@@ -61,6 +65,29 @@ struct HighBits {
   }
 };
 inline constexpr HighBits HIGH_BITS{};
+
+struct ThirdBits {  // Q3_1's third bits: row b holds 4 where bit l of byte b is set, else 0
+  alignas(32) int32_t row[256][8];
+  constexpr ThirdBits() : row{} {
+    for (int b = 0; b < 256; ++b)
+      for (int l = 0; l < 8; ++l) row[b][l] = (b >> l) & 1 ? 4 : 0;
+  }
+};
+inline constexpr ThirdBits THIRD_BITS{};
+
+// 8 bytes of 2-bit values (weight j: bits 2 (j / 8) of byte j % 8) as weights 8v .. 8v + 7 in int32.
+inline __m256i crumb_dwords(const uint8_t* p, int v) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srli_epi32(b, 2 * v), _mm256_set1_epi32(3));
+}
+
+// The same 8 bytes as 32 bytes q[0..31]: one 64-bit lane per 8 weights, each shifted by its own amount.
+inline __m256i crumbs32(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  const __m256i s = _mm256_srlv_epi64(_mm256_set1_epi64x(static_cast<int64_t>(v)), _mm256_setr_epi64x(0, 2, 4, 6));
+  return _mm256_and_si256(s, _mm256_set1_epi8(3));
+}
 
 // ---- integer view for the activation-quantized kernels (native_a8.h) -----------------------------
 // `B::ints(row, c, a0, a1, b)`: the c-th run of 32 weights as 32 int8 q with w = a * q + b, where a is a0
@@ -220,6 +247,33 @@ struct Q6_KB {
   }
 };
 
+template <bool THIRD>  // Q2_1 (false) and Q3_1 (true): casspec's low-bit draft formats
+struct LowBitB {
+  static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int64_t QK = 32, BYTES = THIRD ? 16 : 12;
+  static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
+    const uint8_t* b = row + c * BYTES;
+    const __m256 d = _mm256_set1_ps(f16(b)), m = _mm256_set1_ps(f16(b + 2));
+    for (int v = 0; v < 4; ++v) {
+      __m256i q = crumb_dwords(b + 4, v);
+      if constexpr (THIRD)
+        q = _mm256_add_epi32(q, _mm256_load_si256(reinterpret_cast<const __m256i*>(THIRD_BITS.row[b[12 + v]])));
+      w[v] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m);
+    }
+  }
+  static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
+  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
+    const uint8_t* b = row + c * BYTES;
+    a0 = a1 = f16(b);
+    off = f16(b + 2);
+    const __m256i q = crumbs32(b + 4);
+    if constexpr (!THIRD) return q;
+    uint32_t qh;
+    std::memcpy(&qh, b + 12, 4);
+    return _mm256_or_si256(q, _mm256_and_si256(bits32(qh), _mm256_set1_epi8(4)));
+  }
+};
+
 struct F32B {
   static constexpr int PAIRED_UP_TO = 6;
   static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
@@ -269,6 +323,8 @@ inline bool dispatch(int64_t type, Fn&& fn) {
     case F32: fn(F32B{}); return true;
     case F16: fn(F16B{}); return true;
     case BF16: fn(BF16B{}); return true;
+    case Q2_1: fn(LowBitB<false>{}); return true;
+    case Q3_1: fn(LowBitB<true>{}); return true;
     default: return false;
   }
 }
