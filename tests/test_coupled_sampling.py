@@ -9,8 +9,9 @@ import torch
 
 from casspec.config import SamplingConfig
 from casspec.errors import InvalidRequestError
-from casspec.verify.coupling import coupled_tokens
-from casspec.verify.sampling import K_PREFIX, logits_to_probs, rank
+from casspec.runtime import kernels
+from casspec.verify.coupling import coupled_choice, coupled_tokens, noise_keys
+from casspec.verify.sampling import K_PREFIX, candidates, logits_to_probs, rank
 
 
 def _reference_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -143,3 +144,36 @@ def test_pruned_vocabulary_shares_the_noise_of_its_tokens():
 def test_bad_sampling_settings_are_refused(kw):
     with pytest.raises(InvalidRequestError):
         SamplingConfig(**{"temperature": 1.0, **kw})
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs casspec's CPU kernels (x86-64 AVX2)")
+@pytest.mark.parametrize("v", [96, 1000, 49152])
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=0.7, top_p=0.95, seed=1),
+                                 SamplingConfig(temperature=1.3, top_p=0.9, seed=2),
+                                 SamplingConfig(temperature=0.7, top_k=50, top_p=0.9, seed=3),
+                                 SamplingConfig(temperature=0.8, top_k=20, seed=4),
+                                 SamplingConfig(temperature=0.8, top_p=0.99, min_p=0.05, seed=5),
+                                 SamplingConfig(temperature=3.0, top_p=0.999, seed=6)], ids=lambda c: c.filters)
+def test_the_kernel_sampler_is_the_python_one(cfg, v):
+    """kernels/sampling.cpp draws the token coupled_choice(candidates(...)) draws (LM-like rows: a few likely
+    tokens over a bulk, so top-p cuts land anywhere from 1 to thousands of columns)."""
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(24, v, generator=g) * 2.0
+    x[:, :50] += torch.linspace(16, 8, 50) * torch.rand(24, 1, generator=g)
+    x = x[:, torch.randperm(v, generator=g)].contiguous()
+    keys = noise_keys(cfg.seed, list(range(7, 31)))
+    want = coupled_choice(candidates(x, cfg), keys)[:, 0]
+    got = kernels.module().coupled_sample(x, keys, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs casspec's CPU kernels (x86-64 AVX2)")
+def test_rows_the_kernel_sampler_refuses_go_the_python_way():
+    cfg = SamplingConfig(temperature=0.7, top_p=0.9, seed=1)
+    x = _logits(300, 1.0, rows=3, seed=2)
+    x[1, 7] = float("nan")
+    cols = kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 0.9, 0.0)
+    assert int(cols[1]) == -1 and bool((cols[[0, 2]] >= 0).all())
+    assert coupled_tokens(x, cfg, [0, 1, 2]) == coupled_choice(candidates(x, cfg), noise_keys(1, [0, 1, 2]))[:, 0].tolist()
+    with pytest.raises(RuntimeError, match="top-k or top-p"):
+        kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 1.0, 0.0)

@@ -30,6 +30,7 @@ import math
 import torch
 
 from casspec.config import SamplingConfig
+from casspec.runtime import kernels
 from casspec.verify.sampling import WIDEN, Candidates, candidates, rank
 
 _M64 = (1 << 64) - 1
@@ -114,8 +115,18 @@ def coupled_choice(c: Candidates, keys: torch.Tensor, token_ids: torch.Tensor | 
 
 def coupled_tokens(logits: torch.Tensor, cfg: SamplingConfig, positions: list[int],
                    token_ids: torch.Tensor | None = None) -> list[int]:
-    """The coupled sample of each row of logits [N, V] at its position (token ids when `token_ids` maps columns)."""
-    cols = coupled_choice(candidates(logits, cfg), noise_keys(cfg.seed, positions), token_ids)[:, 0]
+    """The coupled sample of each row of logits [N, V] at its position (token ids when `token_ids` maps columns).
+    With a top-k or top-p cut, the CPU kernels compute it in one call (kernels/sampling.cpp, the same
+    function); rows they cannot take (non-finite logits) and every other case go through `coupled_choice`."""
+    keys = noise_keys(cfg.seed, positions)
+    if token_ids is None and (cfg.top_k > 0 or cfg.top_p < 1.0) and logits.device.type == "cpu" and kernels.available():
+        cols = kernels.module().coupled_sample(logits.float().contiguous(), keys, cfg.temperature, cfg.top_k,
+                                               cfg.top_p, cfg.min_p)
+        rows = (cols < 0).nonzero()[:, 0]
+        if len(rows):
+            cols[rows] = coupled_choice(candidates(logits[rows], cfg), keys[rows])[:, 0]
+        return cols.tolist()
+    cols = coupled_choice(candidates(logits, cfg), keys, token_ids)[:, 0]
     return (cols if token_ids is None else token_ids[cols]).tolist()
 
 

@@ -1,0 +1,193 @@
+// Coupled (Gumbel-max) sampling of rows of logits under temperature, top-k, top-p and min-p, in one call:
+// the function verify/coupling.py computes as coupled_choice(candidates(x, cfg), keys)[:, 0], for the
+// configurations with a top-k or top-p cut (every survivor then lies among the ranked columns, so there is
+// no open aggregate). Why hand-written: in torch the same work is ~30 small ops a call, 0.3 ms per Gemma
+// position, most of what sampling adds to a decode step; here it is one pass for the block maxima, one for
+// the row's normaliser, a selection inside the few blocks that can hold the ranked columns, and the
+// noise of those columns only.
+//
+// Same definitions as the Python path: ranked columns are the W best raw logits (W = 64, widened 4x while
+// the top-p nucleus is not inside them; top-k: W = k), tempered as v * (1 / t) in fp32; the nucleus is the
+// shortest prefix whose mass exp(v - lse) (double) reaches top_p, lse = m / t + log sum exp((x - m) / t)
+// over the row (top-k: over the k survivors); min-p keeps v >= v_0 + log(min_p); the sample is the argmax
+// of v + g(key, column) over the survivors, g the splitmix64 Gumbel noise of coupling.gumbel. The
+// normaliser is summed in a different order (per block of 64 in fp32, blocks in double), so a cut can
+// differ from the Python path's only where the nucleus mass lands within rounding of top_p.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "sampling.h"
+
+namespace {
+
+constexpr int64_t BLOCK = 64;      // columns per block of the block-max prefilter (sampling.BLOCK)
+constexpr int64_t PREFIX = 64;     // columns ranked first (sampling.K_PREFIX)
+constexpr int64_t WIDEN = 4;       // growth of the ranked prefix while the nucleus is not inside it
+constexpr uint64_t GAMMA = 0x9E3779B97F4A7C15ULL, C1 = 0xBF58476D1CE4E5B9ULL, C2 = 0x94D049BB133111EBULL;
+
+double gumbel(int64_t key, int64_t id) {  // coupling.gumbel: splitmix64 output id + 1 of the stream at key
+  uint64_t x = (static_cast<uint64_t>(id) + 1) * GAMMA + static_cast<uint64_t>(key);
+  x ^= x >> 30;
+  x *= C1;
+  x ^= x >> 27;
+  x *= C2;
+  x ^= x >> 31;
+  const double u = (static_cast<double>(x >> 11) + 0.5) * 0x1p-53;
+  return -std::log(-std::log(u));
+}
+
+struct RowStats {
+  std::vector<float> block_max;  // [ceil(V / BLOCK)] of the raw logits
+  float max;
+};
+
+RowStats block_maxima(const float* x, int64_t v) {
+  const int64_t nb = (v + BLOCK - 1) / BLOCK;
+  RowStats s{std::vector<float>(nb), -INFINITY};
+  at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* p = x + b * BLOCK;
+      const int64_t n = std::min(BLOCK, v - b * BLOCK);
+      float m = -INFINITY;
+      bool nan = false;
+      if (n == BLOCK) {
+        __m256 acc = _mm256_loadu_ps(p), unordered = _mm256_cmp_ps(acc, acc, _CMP_UNORD_Q);
+        for (int j = 8; j < BLOCK; j += 8) {
+          const __m256 x8 = _mm256_loadu_ps(p + j);
+          acc = _mm256_max_ps(acc, x8);
+          unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x8, x8, _CMP_UNORD_Q));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        nan = _mm256_movemask_ps(unordered) != 0;
+      } else {
+        for (int64_t j = 0; j < n; ++j) nan |= std::isnan(p[j]), m = std::max(m, p[j]);
+      }
+      s.block_max[b] = nan ? NAN : m;  // max_ps drops NaN: say so, and the row is refused
+    }
+  });
+  for (float m : s.block_max) s.max = std::isnan(m) || std::isnan(s.max) ? NAN : std::max(s.max, m);
+  return s;
+}
+
+double row_lse(const float* x, int64_t v, float m, float t) {  // m / t + log sum exp((x - m) / t)
+  const int64_t nb = (v + BLOCK - 1) / BLOCK;
+  const float inv_t = 1.0f / t;
+  std::vector<double> part(nb);
+  at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
+    const __m256 mv = _mm256_set1_ps(m), iv = _mm256_set1_ps(inv_t);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* p = x + b * BLOCK;
+      const int64_t n = std::min(BLOCK, v - b * BLOCK);
+      float sum = 0.f;
+      if (n == BLOCK) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int j = 0; j < BLOCK; j += 8)
+          acc = _mm256_add_ps(acc, exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv), iv)));
+        sum = hsum(acc);
+      } else {
+        for (int64_t j = 0; j < n; ++j) sum += std::exp((p[j] - m) * inv_t);
+      }
+      part[b] = sum;
+    }
+  });
+  double total = 0.0;
+  for (double s : part) total += s;
+  return static_cast<double>(m * inv_t) + std::log(total);
+}
+
+// The w best (value, column) of a row, best first (ties: lower column first).
+std::vector<std::pair<float, int64_t>> top_columns(const float* x, int64_t v, const RowStats& s, int64_t w) {
+  const int64_t nb = static_cast<int64_t>(s.block_max.size());
+  float floor = -INFINITY;  // the w best values are >= the w-th best block maximum
+  if (w < nb) {
+    std::vector<float> bm = s.block_max;
+    std::nth_element(bm.begin(), bm.begin() + (w - 1), bm.end(), std::greater<float>());
+    floor = bm[w - 1];
+  }
+  std::vector<std::pair<float, int64_t>> cand;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (!(s.block_max[b] >= floor)) continue;
+    for (int64_t j = b * BLOCK; j < std::min(v, (b + 1) * BLOCK); ++j)
+      if (x[j] >= floor) cand.emplace_back(x[j], j);
+  }
+  const auto better = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  const int64_t keep = std::min<int64_t>(w, static_cast<int64_t>(cand.size()));
+  std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), better);
+  cand.resize(keep);
+  return cand;
+}
+
+int64_t sample_row(const float* x, int64_t v, int64_t key, float t, int64_t top_k, double top_p, double min_p) {
+  const RowStats s = block_maxima(x, v);
+  if (!std::isfinite(s.max)) return -1;  // NaN or inf logits: the caller's Python path reports them
+  const bool cut_k = top_k > 0;
+  const float inv_t = 1.0f / t;  // torch divides by a scalar as a multiply by its reciprocal
+  int64_t w = cut_k ? std::min(top_k, v) : std::min(PREFIX, v);
+  std::vector<std::pair<float, int64_t>> top = top_columns(x, v, s, w);
+  std::vector<float> z(top.size());
+  double lse = 0.0;
+  if (top_p < 1.0) {
+    if (cut_k) {  // torch.logsumexp over the k tempered survivors
+      for (size_t i = 0; i < top.size(); ++i) z[i] = top[i].first * inv_t;
+      double sum = 0.0;
+      for (float zi : z) sum += std::exp(static_cast<double>(zi - z[0]));
+      lse = static_cast<double>(z[0]) + std::log(sum);
+    } else {
+      lse = row_lse(x, v, s.max, t);
+    }
+  }
+  size_t last = top.size();  // survivors: top[0 .. last)
+  while (true) {
+    for (size_t i = 0; i < top.size(); ++i) z[i] = top[i].first * inv_t;
+    if (top_p >= 1.0) break;
+    double cum = 0.0;
+    last = top.size();
+    for (size_t i = 0; i < top.size(); ++i) {
+      if (cum >= top_p) { last = i; break; }  // keep i while the mass before it is < top_p
+      cum += std::exp(static_cast<double>(z[i]) - lse);
+    }
+    if (cut_k || last < top.size() || cum >= top_p || w >= v) break;
+    w = std::min(v, w * WIDEN);  // the nucleus is not inside the ranked prefix: rank more columns
+    top = top_columns(x, v, s, w);
+    z.resize(top.size());
+  }
+  if (min_p > 0.0) {
+    const float floor = z[0] + static_cast<float>(std::log(min_p));
+    while (last > 1 && !(z[last - 1] >= floor)) --last;
+  }
+  int64_t best_col = -1;
+  double best = -INFINITY;
+  for (size_t i = 0; i < last; ++i) {
+    const double score = static_cast<double>(z[i]) + gumbel(key, top[i].second);
+    if (score > best) best = score, best_col = top[i].second;
+  }
+  return best_col;
+}
+
+}  // namespace
+
+at::Tensor coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
+                          double top_p, double min_p) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "x must be contiguous [N, V] fp32");
+  TORCH_CHECK(keys.dim() == 1 && keys.is_contiguous() && keys.scalar_type() == at::kLong && keys.size(0) == x.size(0),
+              "keys must be int64 [N]");
+  TORCH_CHECK(top_k > 0 || top_p < 1.0, "coupled_sample needs a top-k or top-p cut");
+  TORCH_CHECK(top_k >= 0 && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0 && min_p <= 1.0, "invalid filters");
+  const int64_t n = x.size(0), v = x.size(1);
+  const float t = static_cast<float>(std::max(temperature, 1e-5));
+  at::Tensor out = at::empty({n}, x.options().dtype(at::kLong));
+  for (int64_t r = 0; r < n; ++r)
+    out.data_ptr<int64_t>()[r] = sample_row(x.data_ptr<float>() + r * v, v, keys.data_ptr<int64_t>()[r], t, top_k,
+                                            top_p, min_p);
+  return out;
+}

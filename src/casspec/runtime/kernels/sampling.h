@@ -1,0 +1,6 @@
+// Coupled (Gumbel-max) sampling of rows of logits in one call: see sampling.cpp.
+#pragma once
+#include <torch/extension.h>
+
+at::Tensor coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
+                          double top_p, double min_p);
