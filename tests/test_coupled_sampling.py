@@ -162,9 +162,14 @@ def test_the_kernel_sampler_is_the_python_one(cfg, v):
     x[:, :50] += torch.linspace(16, 8, 50) * torch.rand(24, 1, generator=g)
     x = x[:, torch.randperm(v, generator=g)].contiguous()
     keys = noise_keys(cfg.seed, list(range(7, 31)))
-    want = coupled_choice(candidates(x, cfg), keys)[:, 0]
-    got = kernels.module().coupled_sample(x, keys, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
-    assert torch.equal(got, want)
+    c = candidates(x, cfg)
+    ids = torch.randperm(v, generator=g)  # a pruned draft's columns name other token ids: the noise follows them
+    for token_ids in (None, ids):
+        want = coupled_choice(c, keys, token_ids, 3)  # the sample and two runner-ups
+        got, probs = kernels.module().coupled_sample(x, keys, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p,
+                                                     token_ids, 3)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(probs, c.probs_of(want), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="needs casspec's CPU kernels (x86-64 AVX2)")
@@ -172,8 +177,8 @@ def test_rows_the_kernel_sampler_refuses_go_the_python_way():
     cfg = SamplingConfig(temperature=0.7, top_p=0.9, seed=1)
     x = _logits(300, 1.0, rows=3, seed=2)
     x[1, 7] = float("nan")
-    cols = kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 0.9, 0.0)
-    assert int(cols[1]) == -1 and bool((cols[[0, 2]] >= 0).all())
+    cols, _ = kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 0.9, 0.0, None, 1)
+    assert int(cols[1, 0]) == -1 and bool((cols[[0, 2], 0] >= 0).all())
     assert coupled_tokens(x, cfg, [0, 1, 2]) == coupled_choice(candidates(x, cfg), noise_keys(1, [0, 1, 2]))[:, 0].tolist()
     with pytest.raises(RuntimeError, match="top-k or top-p"):
-        kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 1.0, 0.0)
+        kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 1.0, 0.0, None, 1)

@@ -22,8 +22,8 @@ from casspec.runtime.plans import ExecutionPlan
 from casspec.runtime.runner import TargetRunner
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
-from casspec.verify.coupling import coupled_choice, noise_keys
-from casspec.verify.sampling import candidates, logits_to_probs, sample
+from casspec.verify.coupling import coupled_draws, noise_keys
+from casspec.verify.sampling import logits_to_probs, sample
 
 
 def _identity(conf: float) -> float:
@@ -62,10 +62,8 @@ def pick_drafts(logits: torch.Tensor, states: list[DecodeState], positions: list
                 runner = [(v, i) for v, i in zip(tv, ti) if i != j][:runners]
                 picks[r] = DraftPick([j] + [i for _, i in runner], [float(p[j])] + [v for v, _ in runner])
         elif cfg.is_coupled:
-            c = candidates(lg, cfg)
             keys = torch.cat([noise_keys(states[r].sampling.seed, [positions[r]]) for r in rows])
-            cols = coupled_choice(c, keys, ids, runners + 1)  # [len(rows), 1 + runners], -1: none
-            probs = c.probs_of(cols)
+            cols, probs = coupled_draws(lg, cfg, keys, ids, runners + 1)  # [len(rows), 1 + runners], -1: none
             for r, cr, pr in zip(rows, cols.tolist(), probs.tolist()):
                 picks[r] = DraftPick([j for j in cr if j >= 0], [p for j, p in zip(cr, pr) if j >= 0])
         else:

@@ -433,5 +433,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("native_linear", &native_linear, nogil(), "y = rmsnorm(x) W^T + b over weights in GGUF / bf16 / fp16 blocks, per part; act8: int8 activations");
   m.def("dequantize_rows", &dequantize_rows, nogil(), "rows of a block tensor as fp32 (bit-identical to gguf-py)");
   m.def("native_type_supported", &native_type_supported, "whether a ggml type has a kernel");
-  m.def("coupled_sample", &coupled_sample, nogil(), "coupled (Gumbel-max) sample per row under top-k / top-p / min-p");
+  m.def("coupled_sample", &coupled_sample, nogil(), "coupled (Gumbel-max) draws per row under top-k / top-p / min-p: (columns [N, top] best first, -1 past the survivors; their filtered probabilities)");
 }

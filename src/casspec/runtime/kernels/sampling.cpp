@@ -1,5 +1,6 @@
 // Coupled (Gumbel-max) sampling of rows of logits under temperature, top-k, top-p and min-p, in one call:
-// the function verify/coupling.py computes as coupled_choice(candidates(x, cfg), keys)[:, 0], for the
+// the function verify/coupling.py computes as coupled_choice(candidates(x, cfg), keys, token_ids, top) (and the
+// filtered probabilities of the columns it returns, Candidates.probs_of), for the
 // configurations with a top-k or top-p cut (every survivor then lies among the ranked columns, so there is
 // no open aggregate). Why hand-written: in torch the same work is ~30 small ops a call, 0.3 ms per Gemma
 // position, most of what sampling adds to a decode step; here it is one pass for the block maxima, one for
@@ -126,9 +127,17 @@ std::vector<std::pair<float, int64_t>> top_columns(const float* x, int64_t v, co
   return cand;
 }
 
-int64_t sample_row(const float* x, int64_t v, int64_t key, float t, int64_t top_k, double top_p, double min_p) {
+// The survivors of one row as (score z + g, column), best score first, and log sum exp z over them; none
+// for a row with NaN or infinite logits (the caller's Python path handles it).
+struct Draws {
+  std::vector<std::pair<double, int64_t>> ranked;
+  double log_norm = 0.0;
+};
+
+Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, float t, int64_t top_k, double top_p,
+                 double min_p) {
   const RowStats s = block_maxima(x, v);
-  if (!std::isfinite(s.max)) return -1;  // NaN or inf logits: the caller's Python path reports them
+  if (!std::isfinite(s.max)) return {};
   const bool cut_k = top_k > 0;
   const float inv_t = 1.0f / t;  // torch divides by a scalar as a multiply by its reciprocal
   int64_t w = cut_k ? std::min(top_k, v) : std::min(PREFIX, v);
@@ -164,30 +173,45 @@ int64_t sample_row(const float* x, int64_t v, int64_t key, float t, int64_t top_
     const float floor = z[0] + static_cast<float>(std::log(min_p));
     while (last > 1 && !(z[last - 1] >= floor)) --last;
   }
-  int64_t best_col = -1;
-  double best = -INFINITY;
+  Draws d;
+  double mass = 0.0;
   for (size_t i = 0; i < last; ++i) {
-    const double score = static_cast<double>(z[i]) + gumbel(key, top[i].second);
-    if (score > best) best = score, best_col = top[i].second;
+    const int64_t col = top[i].second;
+    d.ranked.emplace_back(static_cast<double>(z[i]) + gumbel(key, ids ? ids[col] : col), col);
+    mass += std::exp(static_cast<double>(z[i] - z[0]));
   }
-  return best_col;
+  d.log_norm = static_cast<double>(z[0]) + std::log(mass);
+  std::sort(d.ranked.begin(), d.ranked.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  return d;
 }
 
 }  // namespace
 
-at::Tensor coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
-                          double top_p, double min_p) {
+std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
+                                       double top_p, double min_p, const std::optional<at::Tensor>& token_ids,
+                                       int64_t top) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) > 0,
               "x must be contiguous [N, V] fp32");
   TORCH_CHECK(keys.dim() == 1 && keys.is_contiguous() && keys.scalar_type() == at::kLong && keys.size(0) == x.size(0),
               "keys must be int64 [N]");
+  TORCH_CHECK(!token_ids || (token_ids->dim() == 1 && token_ids->is_contiguous() &&
+                             token_ids->scalar_type() == at::kLong && token_ids->size(0) == x.size(1)),
+              "token_ids must be int64 [V]");
   TORCH_CHECK(top_k > 0 || top_p < 1.0, "coupled_sample needs a top-k or top-p cut");
-  TORCH_CHECK(top_k >= 0 && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0 && min_p <= 1.0, "invalid filters");
+  TORCH_CHECK(top_k >= 0 && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0 && min_p <= 1.0 && top >= 1, "invalid filters");
   const int64_t n = x.size(0), v = x.size(1);
   const float t = static_cast<float>(std::max(temperature, 1e-5));
-  at::Tensor out = at::empty({n}, x.options().dtype(at::kLong));
-  for (int64_t r = 0; r < n; ++r)
-    out.data_ptr<int64_t>()[r] = sample_row(x.data_ptr<float>() + r * v, v, keys.data_ptr<int64_t>()[r], t, top_k,
-                                            top_p, min_p);
-  return out;
+  at::Tensor cols = at::full({n, top}, -1, x.options().dtype(at::kLong));
+  at::Tensor probs = at::zeros({n, top}, x.options());
+  const int64_t* ids = token_ids ? token_ids->data_ptr<int64_t>() : nullptr;
+  for (int64_t r = 0; r < n; ++r) {
+    const Draws d = sample_row(x.data_ptr<float>() + r * v, v, keys.data_ptr<int64_t>()[r], ids, t, top_k, top_p, min_p);
+    const float* row = x.data_ptr<float>() + r * v;
+    for (int64_t i = 0; i < std::min<int64_t>(top, static_cast<int64_t>(d.ranked.size())); ++i) {
+      const int64_t col = d.ranked[i].second;
+      cols.data_ptr<int64_t>()[r * top + i] = col;
+      probs.data_ptr<float>()[r * top + i] = static_cast<float>(std::exp(static_cast<double>(row[col] * (1.0f / t)) - d.log_norm));
+    }
+  }
+  return {cols, probs};
 }

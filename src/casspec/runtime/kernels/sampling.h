@@ -2,5 +2,9 @@
 #pragma once
 #include <torch/extension.h>
 
-at::Tensor coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
-                          double top_p, double min_p);
+#include <optional>
+#include <vector>
+
+std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
+                                       double top_p, double min_p, const std::optional<at::Tensor>& token_ids,
+                                       int64_t top);
