@@ -65,3 +65,20 @@ def test_long_inputs_use_the_torch_path_and_agree(runners, monkeypatch):
     calls.clear()
     fast.forward(ids[:8], pos[:8], pos[:8], fast.new_cache(12), prefill=True)
     assert not calls  # ... a short one on the kernels
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rope_table_rows_are_the_rotary_modules_own_values(family):
+    """The adapter looks RoPE up in tables the HF rotary module computed once: every row is bitwise what the
+    module gives for that position alone, whatever the number of rows; the table grows on demand."""
+    from casspec.runtime.adapter import _half, make_adapter
+
+    adapter = make_adapter(tiny_model(family), None)
+    h = torch.zeros(1, 8)
+    for m in (1, 5, 64):
+        positions = torch.randint(0, 3000, (m,), generator=torch.Generator().manual_seed(m))
+        for kind, (cos, sin) in adapter.rope(h, positions).items():
+            args = (kind,) if family == "gemma3" else ()
+            want = _half(*adapter.rotary(h[None], positions[None], *args))
+            assert torch.equal(cos, want[0]) and torch.equal(sin, want[1])
+    assert adapter._rope_len >= 3000

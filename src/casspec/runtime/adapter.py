@@ -60,6 +60,8 @@ class LlamaAdapter:
         names = {id(m): n for n, m in model.named_modules()}
         self.prefix, self.head_name = names[id(self.base)], names[id(self.lm_head)]  # "model", "lm_head"
         self.rotary = _cpu_rotary(self.base.rotary_emb)
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer type -> cos, sin [P, D/2]
+        self._rope_len, self._rope_dtype = 0, torch.float32
         self.embed_rows: int = self._embed_rows()
         self._check_shapes()
 
@@ -128,9 +130,19 @@ class LlamaAdapter:
         return self.base.embed_tokens(input_ids).float()
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin [M, D/2] per layer type: rows of tables the HF model's own rotary module computed for
+        positions 0 .. P-1, P doubling on demand. The module computes each position on its own (one product
+        per frequency, then cos / sin), so a row is what it gives for that position alone; a lookup costs a
+        few microseconds where the module costs 20-60 a forward."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self._rope_len or h.dtype != self._rope_dtype:  # (the module rounds its tables to h's dtype)
+            self._rope_len, self._rope_dtype = max(need, 2 * self._rope_len, 1024), h.dtype
+            self._rope = self.rope_tables(h, torch.arange(self._rope_len, device=positions.device))
+        return {t: (cos[positions], sin[positions]) for t, (cos, sin) in self._rope.items()}
+
+    def rope_tables(self, h: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos, sin [M, D/2] per layer type, from the HF model's own rotary module."""
-        cos, sin = self.rotary(h[None], positions[None])
-        table = _half(cos, sin)
+        table = _half(*self.rotary(h[None], positions[None]))
         return {t: table for t in set(self.layer_types)}
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
@@ -151,7 +163,7 @@ class Gemma3Adapter(LlamaAdapter):
         lw.post_mlp_norm = self.norm(f"{self.prefix}.layers.{i}.post_feedforward_layernorm")
         return lw
 
-    def rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def rope_tables(self, h: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {t: _half(*self.rotary(h[None], positions[None], t)) for t in set(self.layer_types)}
 
 
