@@ -104,3 +104,23 @@ def test_cli_refuses_bad_arguments_before_loading_a_model(argv, message, monkeyp
     monkeypatch.setattr(casspec, "load", lambda *a, **k: pytest.fail("loaded a model"))
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi", "--drafts", "a8v,nope"], ["generate", "hi", "--drafts", ","],
+                                  ["serve", "--drafts", "warp"]])
+def test_cli_refuses_unknown_draft_levels_before_loading(argv, monkeypatch, capsys):
+    monkeypatch.setattr(casspec, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and "unknown draft levels" in capsys.readouterr().err
+
+
+def test_cli_hands_the_draft_hierarchy_to_load(monkeypatch, capsys):
+    seen = {}
+
+    def fake_load(model=None, **kw):  # noqa: ANN001, ANN003
+        seen.update(kw)
+        raise casspec.errors.ModelNotFoundError("stop here")
+    monkeypatch.setattr(casspec, "load", fake_load)
+    assert cli.main(["generate", "hi", "--drafts", "lowbitv, pld"]) != 0
+    assert seen["hierarchy"] == ("lowbitv", "pld")

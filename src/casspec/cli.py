@@ -29,7 +29,25 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
+    add_drafts_arg(p)
     p.set_defaults(func=_generate)
+
+
+def add_drafts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafts", type=drafts, default=None, metavar="A,B,...",
+                   help="draft levels DyTC chooses from, e.g. a8v,pld or lowbitv,pld (default: the measured best "
+                        "for the device; names: `casspec.pool.DRAFTERS`)")
+
+
+def drafts(text: str) -> tuple[str, ...]:
+    """A comma-separated draft hierarchy, checked against the known levels before any model loads."""
+    from casspec.pool import DRAFTERS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in DRAFTERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown draft levels {unknown or [text]}; choose from {', '.join(DRAFTERS)}")
+    return names
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -53,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
     import casspec
 
     _check_generate_args(args)
-    engine = casspec.load(args.model)
+    engine = casspec.load(args.model, hierarchy=args.drafts)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, min_p=args.min_p, seed=args.seed, sampling_rule=args.sampling_rule,
                   stop=args.stop, chat=args.chat)

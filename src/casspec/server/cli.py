@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Mapping
 
+from casspec.cli import add_drafts_arg
+
 from .app import create_app
 
 __all__ = ["add_parser", "app_kwargs", "serve", "main", "load_engine", "resolve_api_key"]
@@ -40,6 +42,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name (smollm2, gemma3-270m), HF dir or .gguf (default: casspec's default)")
     p.add_argument("--method", default="casspec", help="decoding method (default: casspec)")
     p.add_argument("--tiny-engine", default=None, metavar="FAMILY", help=argparse.SUPPRESS)
+    add_drafts_arg(p)
     p.add_argument("--prefix-cache-tokens", type=_nonneg_int, default=None, metavar="N",
                    help="KV of prompt prefixes kept between requests, in tokens (0 = off; default: 1 GiB of KV, "
                         "at most 65536 tokens)")
@@ -53,7 +56,7 @@ def load_engine(args: argparse.Namespace):
     else:
         import casspec
 
-        engine = casspec.load(args.model)
+        engine = casspec.load(args.model, hierarchy=getattr(args, "drafts", None))
     tokens = getattr(args, "prefix_cache_tokens", None)
     if tokens is not None and hasattr(engine, "runner"):  # --prefix-cache-tokens: resize (0: no prefix cache)
         from casspec.runtime.prefix_cache import PrefixCache
