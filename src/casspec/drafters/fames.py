@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
@@ -59,10 +60,9 @@ class MixedPrecision:
     kl: float  # the summed Fisher estimate of KL(target || draft) per calibration token
 
     def describe(self) -> str:
-        counts: dict[str, int] = {}
-        for t in self.formats.values():
-            counts["own" if t == KEEP else lowbit.name(t)] = counts.get("own" if t == KEEP else lowbit.name(t), 0) + 1
-        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        """e.g. "62 Q8_0, 10 Q4_0, 1 own"."""
+        counts = Counter("own" if t == KEEP else lowbit.name(t) for t in self.formats.values())
+        return ", ".join(f"{n} {name}" for name, n in counts.most_common())
 
 
 def load_or_choose(runner: TargetRunner, tokenizer: PreTrainedTokenizerBase, head_rows: torch.Tensor | None,
@@ -75,14 +75,7 @@ def load_or_choose(runner: TargetRunner, tokenizer: PreTrainedTokenizerBase, hea
     model = fp32_model(runner)
     sens = sensitivities(model, fisher(model, calibration_chunks(tokenizer)), head_rows)
     del model
-    projs = runner.weights.named_projections()
-    rows = {key: p.n if key != "head" or head_rows is None else int(head_rows.numel()) for key, p in projs.items()}
-    own = {key: [(n, t) for n, t in zip(p.sizes, p.qtypes)] if p.native is not None else [(p.n, 0)]
-           for key, p in projs.items()}
-    costs = _costs(runner, {t for parts in own.values() for _, t in parts} | set(lowbit.CANDIDATES))
-    own_cost = {key: sum(n * projs[key].k * costs[t] for n, t in parts) * rows[key] / projs[key].n
-                for key, parts in own.items()}
-    mixed = choose(sens, own_cost, {key: rows[key] * projs[key].k for key in projs}, costs, max_kl)
+    mixed = choose(sens, *_projection_costs(runner, head_rows), max_kl)
     if path is not None:
         cache_files.write_json(path, {"formats": mixed.formats, "cost": mixed.cost, "kl": mixed.kl})
     return mixed
@@ -97,13 +90,23 @@ def _parse(data: object) -> MixedPrecision:
     return MixedPrecision(formats, float(data["cost"]), float(data["kl"]))
 
 
-def _costs(runner: TargetRunner, qtypes: set[int]) -> dict[int, float]:
-    """Measured seconds per weight where the kernels run; else bytes per weight (the torch backend)."""
+def _projection_costs(runner: TargetRunner, head_rows: torch.Tensor | None
+                      ) -> tuple[dict[str, float], dict[str, int], dict[int, float]]:
+    """What `choose` weighs: each projection's cost as it is, its weights (the head: the rows a pruned head
+    reads), and each format's cost per weight (measured where the kernels run; else bytes per weight)."""
     from casspec.runtime import kernels
 
+    projs = runner.weights.named_projections()
+    weights = {key: (p.n if key != "head" or head_rows is None else int(head_rows.numel())) * p.k
+               for key, p in projs.items()}
+    own = {key: list(zip(p.sizes, p.qtypes)) if p.native is not None else [(p.n, 0)] for key, p in projs.items()}
+    qtypes = {t for parts in own.values() for _, t in parts} | set(lowbit.CANDIDATES)
     if runner.backend is not runner.torch_backend and kernels.available():
-        return format_costs(kernels.module(), qtypes)
-    return {t: _row_bytes(t, 1024) / 1024 for t in qtypes}
+        costs = format_costs(kernels.module(), qtypes)
+    else:
+        costs = {t: lowbit.row_bytes(t, 1024) / 1024 for t in qtypes}
+    own_cost = {key: sum(n * costs[t] for n, t in parts) / projs[key].n * weights[key] for key, parts in own.items()}
+    return own_cost, weights, costs
 
 
 def calibration_chunks(tokenizer: PreTrainedTokenizerBase, chunks: int = CHUNKS) -> list[list[int]]:
@@ -194,7 +197,7 @@ def format_costs(ops, qtypes: set[int], k: int = 1024, megabytes: int = 64, roun
     x = torch.randn(1, k)
     blocks = {}
     for t in qtypes:
-        row = _row_bytes(t, k)
+        row = lowbit.row_bytes(t, k)
         # random bytes below 0x3C: every fp16 scale is finite (timing does not depend on the values)
         blocks[t] = [torch.randint(0, 0x3C, (1024, row), dtype=torch.uint8)
                      for _ in range(max(1, megabytes * 2**20 // (1024 * row)))]
@@ -206,15 +209,6 @@ def format_costs(ops, qtypes: set[int], k: int = 1024, megabytes: int = 64, roun
                 ops.native_linear(x, [b], [t], None, None, 0.0, 0, None, True)
             times[t].append((time.perf_counter() - t0) / (len(mats) * 1024 * k))
     return {t: sorted(v)[len(v) // 2] for t, v in times.items()}
-
-
-def _row_bytes(qtype: int, k: int) -> int:
-    if qtype in lowbit.BITS:
-        return lowbit.row_bytes(qtype, k)
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-    return k // block * size
 
 
 def choose(sens: dict[str, dict[int, float]], own_cost: dict[str, float], weights: dict[str, int],

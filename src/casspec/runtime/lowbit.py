@@ -29,7 +29,11 @@ _CHUNK = 8192  # rows quantized at a time (bounds the temporaries)
 
 
 def row_bytes(qtype: int, k: int) -> int:
-    return k // QK * BLOCK_BYTES[qtype]
+    """Bytes of one row of k weights in `qtype` (casspec's formats or any ggml type)."""
+    if qtype in BLOCK_BYTES:
+        return k // QK * BLOCK_BYTES[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    return k // block * size
 
 
 def name(qtype: int) -> str:
