@@ -317,3 +317,23 @@ def test_profile_on_the_tiny_engine(engine: Any, tmp_path: Path) -> None:
     for curves in result["plans"].values():
         assert all(len(curves[part]) == 2 for part in ("total", "matmul", "rest"))
         assert all(0 < m < t for m, t in zip(curves["matmul"], curves["total"]))
+
+
+def test_bench_and_profile_load_with_the_given_drafts(engine: Any, prompts_file: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import casspec
+
+    seen: list[tuple[str | None, Any]] = []
+
+    def fake_load(model: str | None = None, **kw: Any) -> Any:
+        seen.append((model, kw.get("hierarchy")))
+        return engine
+    monkeypatch.setattr(casspec, "load", fake_load)
+    args = _args(["bench", "--models", "tiny", "--methods", "ar,pld", "--no-peers", "--limit", "1",
+                  "--max-new-tokens", "4", "--prompts", str(prompts_file), "--out", str(tmp_path / "b"),
+                  "--no-progress", "--drafts", "a8,pld"])
+    assert bench_cli.bench_command(args) == 0
+    args = _args(["profile", "--out", str(tmp_path / "p"), "--max-query", "1", "--repeats", "1", "--ctx-len", "8",
+                  "--no-progress", "--drafts", "int8,pld"])
+    assert bench_cli.profile_command(args) == 0
+    assert seen == [("tiny", ("a8", "pld")), (None, ("int8", "pld"))]

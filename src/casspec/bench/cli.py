@@ -6,12 +6,15 @@ works without it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from casspec.cli import add_drafts_arg
 
 DEFAULT_LIMIT = 10
 
@@ -61,6 +64,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="exit 1 if any greedy mismatch is not a near-tie, any seeded sampled output of an engine "
                         "method differs from ar's under the gumbel rule, or any generation failed")
+    add_drafts_arg(p)
     p.set_defaults(func=bench_command)
     return p
 
@@ -76,6 +80,7 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--plans", default=None, help="comma list of plan names (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
+    add_drafts_arg(p)
     p.set_defaults(func=profile_command)
     return p
 
@@ -165,7 +170,11 @@ def bench_command(args: argparse.Namespace, *, engines: dict[str, Any] | None = 
         def on_record(rec: dict[str, Any]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
-        records = run_bench(_split(args.models) or ["smollm2"], questions, cfg, engines=engines,
+        loader = None
+        if args.drafts:  # every model's engine with this draft hierarchy
+            import casspec
+            loader = functools.partial(casspec.load, hierarchy=args.drafts)
+        records = run_bench(_split(args.models) or ["smollm2"], questions, cfg, loader=loader, engines=engines,
                             progress=progress, on_record=on_record)
     meta = _meta(args, str(prompts_path), len(questions))
     meta["peak RSS (MiB)"] = round(_peak_rss_mb() or 0.0, 1)
@@ -199,7 +208,7 @@ def profile_command(args: argparse.Namespace, *, engine: Any = None) -> int:
     _set_threads(args.threads)
     if engine is None:
         import casspec
-        engine = casspec.load(args.model)
+        engine = casspec.load(args.model, hierarchy=args.drafts)
     result = run_profile(engine, ctx_len=args.ctx_len, max_query=args.max_query,
                          repeats=args.repeats, plans=_split(args.plans), progress=not args.no_progress)
     out = Path(args.out or Path("bench_out") / f"profile-{_stamp()}")
