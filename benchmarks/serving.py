@@ -1,7 +1,8 @@
 """Serving under load: `casspec serve` batched vs one at a time, `ar` vs `casspec`, 1..16 streaming clients.
 
 For each (method, max_batch) it starts one server, then runs `casspec loadtest` (closed loop, streaming
-chat, greedy) at each client count against it, and writes every report plus a summary table and plot.
+chat, greedy unless --temperature) at each client count against it, and writes every report plus a summary
+table and plot.
 
     python benchmarks/serving.py --out benchmarks/results/2026-11-29-serving --duration 40
 """
@@ -45,9 +46,10 @@ def start_server(model: str | None, method: str, max_batch: int, port: int) -> s
     raise RuntimeError("server did not come up")
 
 
-def loadtest(port: int, clients: int, duration: float, max_tokens: int, path: Path) -> dict:
+def loadtest(port: int, clients: int, duration: float, max_tokens: int, path: Path, temperature: float = 0.0) -> dict:
     cmd = [str(BIN), "loadtest", "--url", f"http://127.0.0.1:{port}", "--clients", str(clients), "--duration",
-           str(duration), "--max-tokens", str(max_tokens), "--stream", "--temperature", "0", "--json", str(path)]
+           str(duration), "--max-tokens", str(max_tokens), "--stream", "--temperature", str(temperature),
+           "--json", str(path)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(path.read_text())
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--batches", default="16,1", help="max_batch values (1 = one at a time)")
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="the clients' sampling temperature (0: greedy)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -72,7 +75,7 @@ def main() -> None:
             try:
                 for clients in [int(c) for c in args.clients.split(",")]:
                     rep = loadtest(port, clients, args.duration, args.max_tokens,
-                                   out / f"{method}-batch{max_batch}-c{clients}.json")
+                                   out / f"{method}-batch{max_batch}-c{clients}.json", args.temperature)
                     rows.append({"method": method, "max_batch": max_batch, "clients": clients, **summary(rep)})
                     print(json.dumps(rows[-1]), flush=True)
             finally:
