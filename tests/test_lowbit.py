@@ -106,7 +106,7 @@ def test_fisher_estimate_ranks_coarser_formats_as_more_harmful():
 
 
 @needs_kernels
-def test_lowbit_levels_are_lossless_on_a_gguf_target(tmp_path):
+def test_lowbit_levels_are_lossless_on_a_gguf_target(tmp_path, capsys):
     model = tiny_model("llama")
     skeleton, source = load_native(model, write_gguf(model, tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q4_1))
     engine = Engine(skeleton, tiny_tokenizer(), name="native", source=source, hierarchy=("lowbit", "lowbitv", "pld"),
@@ -114,6 +114,7 @@ def test_lowbit_levels_are_lossless_on_a_gguf_target(tmp_path):
     low = engine.runner.weights_for(engine.pool.get("lowbit").plan)
     assert all(p.act8 for p in low.named_projections().values())
     assert list((tmp_path / "cache" / "lowbit").glob("*.json"))  # the choice is cached
+    assert "mixed-precision draft formats" in capsys.readouterr().err  # named before it is made
     prompt = "abc abc abd abc abc abd abc"
     want = engine.generate(prompt, method="ar", max_new_tokens=20).token_ids
     for method in ("casspec", "self", "vc"):

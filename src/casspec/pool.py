@@ -46,6 +46,7 @@ DRAFTERS = ("a8", "a8v", "lowbit", "lowbitv", "vocab", "int8", "int8v", "int4", 
 # teacher-forced top-1 agreements measured on both models (README, "Draft levels"), rounded down.
 PRIORS = {"a8": 0.9, "a8v": 0.88, "lowbit": 0.8, "lowbitv": 0.8, "vocab": 0.95, "int8": 0.95, "int8v": 0.93,
           "int4": 0.7, "int8+skip": 0.5, "skip0.4": 0.5, "skip0.6": 0.3, "exit": 0.3, "pld": 0.4}
+COPY_OF = {"int8": "int8", "int8v": "int8", "int8+skip": "int8", "int4": "int4"}  # levels reading a quantized copy
 _SKIP_LEVELS = {"skip0.4": (0.4, FULL), "skip0.6": (0.6, FULL), "int8+skip": (0.2, Int8())}
 
 
@@ -149,27 +150,34 @@ class DrafterPool:
         if self.runner.vocab_size >= LARGE_VOCAB:
             self._draft_vocab()
             head_rows = self.runner.draft_vocab().core_ids
-        key = self.runner.fingerprint()
-        path = None if key is None or self.cache_dir is None else (
-            self.cache_dir / "lowbit" / f"{key}-{machine_key(self.model_name, self.runner)}-{fames.MAX_KL}.json")
-        mixed = fames.load_or_choose(self.runner, self.tokenizer, head_rows, path)
+        mixed = fames.load_or_choose(self.runner, self.tokenizer, head_rows, self._lowbit_path())
         self.runner.install("lowbit", fames.build(self.runner.weights, mixed.formats))
         self.runner.build_log.append((f"lowbit weights ({mixed.describe()}; cost {mixed.cost:.2f})",
                                       time.perf_counter() - t0))
         self._mixed = mixed
         return mixed
 
+    def _lowbit_path(self) -> Path | None:
+        key = self.runner.fingerprint()
+        if key is None or self.cache_dir is None:
+            return None
+        return self.cache_dir / "lowbit" / f"{key}-{machine_key(self.model_name, self.runner)}-{fames.MAX_KL}.json"
+
     def _vocab_path(self) -> Path | None:
         key = self.runner.fingerprint()
         return None if key is None or self.cache_dir is None else self.cache_dir / "vocab" / f"{key}.pt"
 
     def _pending(self) -> list[str]:
-        kinds = {self.self_level(d).plan.weights for d in self.self_names()} - {"fp32", "a8", "lowbit"}
+        """What prepare() will build (named before it starts, so nothing is built here)."""
+        names = set(self.self_names())
+        kinds = {COPY_OF[d] for d in names if d in COPY_OF}
         out = [f"{k} weights" for k in sorted(kinds)
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
-        if not is_calibrated(self._latency_path(), list(self._latency_plans())):
+        if names & {"lowbit", "lowbitv"} and ((path := self._lowbit_path()) is None or not path.exists()):
+            out.append("mixed-precision draft formats (a Fisher calibration, ~30 s)")
+        if not is_calibrated(self._latency_path(), ["full"] + [d for d in DRAFTERS if d in names]):
             out.append("a latency model")
-        if {"int8v", "a8v", "vocab"} & set(self.self_names()) and ((path := self._vocab_path()) is None or not path.exists()):
+        if {"int8v", "a8v", "vocab", "lowbitv"} & names and ((path := self._vocab_path()) is None or not path.exists()):
             out.append("a draft vocabulary")
         return out
 
