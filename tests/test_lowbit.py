@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from casspec.api import Engine
 from casspec.drafters import fames
 from casspec.runtime import kernels, lowbit
+from casspec.runtime.adapter import make_adapter
 from casspec.runtime.weights import make_proj
 from casspec.testing import tiny_model, tiny_tokenizer
 from casspec.testing_gguf import load_native, write_gguf
@@ -98,7 +99,7 @@ def test_fisher_estimate_ranks_coarser_formats_as_more_harmful():
     assert all(f.shape == m.weight.shape and bool((f >= 0).all()) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) for f in [fish[n]])
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # the model is left as it was
-    sens = fames.sensitivities(model, fish, None)
+    sens = fames.sensitivities(model, fish, make_adapter(model).module_keys(), None)
     assert set(sens) == {"head"} | {f"{i}.{p}" for i in range(model.config.num_hidden_layers)
                                     for p in ("qkv", "o", "gate_up", "down")}
     for s in sens.values():

@@ -22,7 +22,7 @@ import copy
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -30,8 +30,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from casspec.runtime import cache_files, lowbit
+from casspec.runtime.gguf_file import NativeTensor
 from casspec.runtime.vocab import corpus_texts
-from casspec.runtime.weights import ModelWeights, Proj, reencode
+from casspec.runtime.weights import ModelWeights, Proj, reencode, with_act8
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -47,8 +48,6 @@ KEEP = -1  # "format" of a projection that keeps the target's own blocks
 MAX_KL = 0.02
 CHUNK_TOKENS = 256  # calibration tokens per backward pass
 CHUNKS = 2  # a few hundred calibration tokens, as FAMES uses
-_SUFFIX_KEY = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
-               "up_proj": "gate_up", "down_proj": "down"}
 
 
 @dataclass
@@ -73,7 +72,7 @@ def load_or_choose(runner: TargetRunner, tokenizer: PreTrainedTokenizerBase, hea
     if cached is not None:
         return cached
     model = fp32_model(runner)
-    sens = sensitivities(model, fisher(model, calibration_chunks(tokenizer)), head_rows)
+    sens = sensitivities(model, fisher(model, calibration_chunks(tokenizer)), runner.adapter.module_keys(), head_rows)
     del model
     mixed = choose(sens, *_projection_costs(runner, head_rows), max_kl)
     if path is not None:
@@ -116,16 +115,6 @@ def calibration_chunks(tokenizer: PreTrainedTokenizerBase, chunks: int = CHUNKS)
 
 
 # ---- the estimate -------------------------------------------------------------------------------
-def projection_key(module_name: str, head_name: str) -> str | None:
-    """Our projection key of an HF linear module ("model.layers.3.mlp.up_proj" -> "3.gate_up")."""
-    if module_name == head_name:
-        return "head"
-    parts = module_name.split(".")
-    if parts[-1] not in _SUFFIX_KEY or "layers" not in parts:
-        return None
-    return f"{parts[parts.index('layers') + 1]}.{_SUFFIX_KEY[parts[-1]]}"
-
-
 def fp32_model(runner: TargetRunner) -> PreTrainedModel:
     """The target as an fp32 HF model with autograd (a GGUF file's values in a fresh model of its config)."""
     model = cast("PreTrainedModel", runner.model)
@@ -170,13 +159,14 @@ def fisher(model: PreTrainedModel, chunks: list[list[int]], seed: int = 0) -> di
     return {n: a / tokens for n, a in acc.items()}
 
 
-def sensitivities(model: PreTrainedModel, fish: dict[str, torch.Tensor], head_rows: torch.Tensor | None,
-                  candidates: tuple[int, ...] = lowbit.CANDIDATES) -> dict[str, dict[int, float]]:
-    """key -> format -> 1/2 sum F dW^2 (KEEP: 0), the head over `head_rows` only (a pruned draft head)."""
-    head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+def sensitivities(model: PreTrainedModel, fish: dict[str, torch.Tensor], keys: dict[str, str],
+                  head_rows: torch.Tensor | None, candidates: tuple[int, ...] = lowbit.CANDIDATES
+                  ) -> dict[str, dict[int, float]]:
+    """Projection key -> format -> 1/2 sum F dW^2 (KEEP: 0), over the linear modules `keys` names (HF module name
+    -> key, LlamaAdapter.module_keys); the head over `head_rows` only (a pruned draft head)."""
     out: dict[str, dict[int, float]] = {}
     for name, module in model.named_modules():
-        key = projection_key(name, head_name)
+        key = keys.get(name)
         if key is None or name not in fish:
             continue
         w, f = module.weight.detach().float(), fish[name]
@@ -184,7 +174,7 @@ def sensitivities(model: PreTrainedModel, fish: dict[str, torch.Tensor], head_ro
             w, f = w[head_rows], f[head_rows]
         s = out.setdefault(key, {KEEP: 0.0})
         for t in candidates:
-            dw = lowbit.decode(lowbit.encode(w, t), t, w.shape[1]) - w
+            dw = NativeTensor(lowbit.encode(w, t), t, (w.shape[0], w.shape[1])).dequantize() - w
             s[t] = s.get(t, 0.0) + 0.5 * float((f * dw.square()).sum())
     return out
 
@@ -244,4 +234,4 @@ def build(target: ModelWeights, formats: dict[str, int]) -> ModelWeights:
 
 def requantize(p: Proj, qtype: int) -> Proj:
     """`p` in `qtype`, or as it is (KEEP), read with int8 activations."""
-    return replace(p, act8=p.native is not None) if qtype == KEEP else reencode(p, qtype)
+    return with_act8(p) if qtype == KEEP else reencode(p, qtype)

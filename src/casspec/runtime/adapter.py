@@ -103,13 +103,27 @@ class LlamaAdapter:
         weights, biases = zip(*(self.source.linear(n) for n in names))
         return make_proj(list(weights), list(biases), glu=glu, tile=tile)
 
-    def layer_weights(self, i: int, tile: bool) -> LayerWeights:
+    def projection_modules(self, i: int) -> dict[str, list[str]]:
+        """Layer i's fused projections ("qkv", "o", "gate_up", "down") and the HF linear modules of each."""
         at, mlp = f"{self.prefix}.layers.{i}.self_attn", f"{self.prefix}.layers.{i}.mlp"
+        return {"qkv": [f"{at}.q_proj", f"{at}.k_proj", f"{at}.v_proj"], "o": [f"{at}.o_proj"],
+                "gate_up": [f"{mlp}.gate_proj", f"{mlp}.up_proj"], "down": [f"{mlp}.down_proj"]}
+
+    def module_keys(self) -> dict[str, str]:
+        """HF linear module name -> the key of the projection it is part of (ModelWeights.named_projections)."""
+        keys = {self.head_name: "head"}
+        for i in range(self.num_layers):
+            keys.update({m: f"{i}.{key}" for key, mods in self.projection_modules(i).items() for m in mods})
+        return keys
+
+    def layer_weights(self, i: int, tile: bool) -> LayerWeights:
+        at = f"{self.prefix}.layers.{i}.self_attn"
+        mods = self.projection_modules(i)
         return LayerWeights(
-            qkv=self.proj([f"{at}.q_proj", f"{at}.k_proj", f"{at}.v_proj"], tile),
-            o=self.proj([f"{at}.o_proj"], tile),
-            gate_up=self.proj([f"{mlp}.gate_proj", f"{mlp}.up_proj"], tile, glu=self.act),
-            down=self.proj([f"{mlp}.down_proj"], tile),
+            qkv=self.proj(mods["qkv"], tile),
+            o=self.proj(mods["o"], tile),
+            gate_up=self.proj(mods["gate_up"], tile, glu=self.act),
+            down=self.proj(mods["down"], tile),
             attn_norm=self.norm(f"{self.prefix}.layers.{i}.input_layernorm"),
             mlp_norm=self.norm(f"{self.prefix}.layers.{i}.{self.pre_mlp_norm}"),
             q_norm=self.norm(f"{at}.q_norm") if self.source.has(f"{at}.q_norm") else None,

@@ -88,14 +88,13 @@ class GGUFFile:
 
 def _tensor(raw: np.memmap, start: int, dims: list[int], qtype: int) -> NativeTensor | torch.Tensor:
     """A 2-D tensor as NativeTensor over the mapped bytes; 1-D (norms, biases) as fp32 torch tensors."""
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
     shape = tuple(reversed(dims))  # ggml lists the fastest dimension first
     k = shape[-1]
     n = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    nbytes = n * k // block * size
+    row = lowbit.row_bytes(qtype, k)
     with warnings.catch_warnings():  # the map is read-only and the runtime never writes to it
         warnings.simplefilter("ignore", UserWarning)
-        blocks = torch.from_numpy(raw[start:start + nbytes].reshape(n, k // block * size))
+        blocks = torch.from_numpy(raw[start:start + n * row].reshape(n, row))
     t = NativeTensor(blocks, qtype, (n, k))
     if len(shape) == 1 or qtype not in NATIVE_TYPES:
         values = t.dequantize()

@@ -48,13 +48,6 @@ def encode(w: torch.Tensor, qtype: int) -> torch.Tensor:  # [N, K] fp32 -> [N, r
     return torch.from_numpy(np.ascontiguousarray(blocks).view(np.uint8).reshape(w.shape[0], -1))
 
 
-def decode(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:  # [N, row bytes] -> [N, K] fp32
-    if qtype in BITS:
-        return dequantize(blocks, qtype, k)
-    flat = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))
-    return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, k))
-
-
 def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:  # [N, K] fp32 -> [N, K/32 * bytes] uint8
     """Blocks of `qtype` (Q2_1 or Q3_1) for the rows of `w`; K must be a multiple of 32."""
     if qtype not in BITS:

@@ -9,7 +9,6 @@ weight traffic plus a few hundred microseconds, not a thousand small ops.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from casspec.runtime.kv_cache import KVPool, SeqCache, StaticKVCache
 from casspec.runtime.plans import FULL, ExecutionPlan
 from casspec.runtime.sources import GGUFSource
 from casspec.runtime.vocab import DraftVocab
-from casspec.runtime.weights import LayerWeights, ModelWeights
+from casspec.runtime.weights import LayerWeights, ModelWeights, with_act8
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -83,7 +82,7 @@ class TargetRunner:
         if not plan.quantized:
             return self.weights
         if plan.weights == "a8" and "a8" not in self._quantized:  # the same blocks, no copy
-            self._quantized["a8"] = self.weights.map_projections(lambda _key, p: replace(p, act8=p.native is not None))
+            self._quantized["a8"] = self.weights.map_projections(lambda _key, p: with_act8(p))
         if plan.weights == "lowbit" and "lowbit" not in self._quantized:
             raise RuntimeError("a LowBit plan needs its weights installed (DrafterPool builds them)")
         if plan.weights not in self._quantized:

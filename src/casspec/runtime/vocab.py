@@ -18,13 +18,12 @@ never changes again (a stable set also makes seeded sampling reproducible from t
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from casspec.runtime.gguf_file import NativeTensor
-from casspec.runtime.weights import Proj, make_proj, quantize, reencode
+from casspec.runtime.weights import Proj, make_proj, quantize, reencode, with_act8
 
 CORPUS = Path(__file__).with_name("vocab_corpus.txt")
 CORE_TOKENS = 65536  # 99% of greedy tokens on Gemma-3-270M with the context tokens (README, "Draft levels")
@@ -89,9 +88,10 @@ class DraftVocab:
             proj = make_proj([weight], bias, tile=self.full.tiled is not None or native is not None)
             if kind in self.formats:
                 proj = reencode(proj, self.formats[kind])
-            else:
-                proj = quantize(proj, kind) if copy else replace(proj, act8=kind in ("a8", "lowbit") and
-                                                                 proj.native is not None)
+            elif copy:
+                proj = quantize(proj, kind)
+            elif kind in ("a8", "lowbit"):
+                proj = with_act8(proj)
             self._heads[(kind, key)] = proj
         return self._heads[(kind, key)]
 

@@ -143,13 +143,18 @@ def _quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+def with_act8(p: Proj) -> Proj:
+    """`p` read with int8 activations where it has blocks with an integer view (else as it is)."""
+    return replace(p, act8=p.native is not None)
+
+
 def reencode(p: Proj, qtype: int) -> Proj:
     """`p` re-encoded part by part in block format `qtype` (runtime/lowbit.py), read with int8 activations."""
     parts: list[torch.Tensor | NativeTensor] = [
         NativeTensor(lowbit.encode(dense, qtype), qtype, (int(dense.shape[0]), int(dense.shape[1])))
         for dense in p.weights()]  # [N_i, K] fp32 each
     bias = None if p.bias is None else list(p.bias.split(list(p.sizes)))
-    return replace(make_proj(parts, bias, glu=p.glu, tile=True), act8=True)
+    return with_act8(make_proj(parts, bias, glu=p.glu, tile=True))
 
 
 def _quantize_int4(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,10 +28,7 @@ inline void quantize_block(const float* xb, int8_t* q, float& d, float& s) {
     v[j] = _mm256_loadu_ps(xb + 8 * j);
     m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
   }
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  d = _mm_cvtss_f32(h) / 127.f;
+  d = hmax(m) / 127.f;
   const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
   __m256i i[4];
   for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // MXCSR: nearest-even

@@ -65,9 +65,7 @@ RowStats block_maxima(const float* x, int64_t v) {
           acc = _mm256_max_ps(acc, x8);
           unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x8, x8, _CMP_UNORD_Q));
         }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        m = hmax(acc);
         nan = _mm256_movemask_ps(unordered) != 0;
       } else {
         for (int64_t j = 0; j < n; ++j) nan |= std::isnan(p[j]), m = std::max(m, p[j]);
@@ -103,6 +101,13 @@ double row_lse(const float* x, int64_t v, float m, float t) {  // m / t + log su
   double total = 0.0;
   for (double s : part) total += s;
   return static_cast<double>(m * inv_t) + std::log(total);
+}
+
+// log sum exp z[0 .. n) in double, z sorted best first (n >= 1).
+double log_sum_exp(const std::vector<float>& z, size_t n) {
+  double sum = 0.0;
+  for (size_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(z[i] - z[0]));
+  return static_cast<double>(z[0]) + std::log(sum);
 }
 
 // The w best (value, column) of a row, best first (ties: lower column first).
@@ -141,46 +146,39 @@ Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, flo
   const bool cut_k = top_k > 0;
   const float inv_t = 1.0f / t;  // torch divides by a scalar as a multiply by its reciprocal
   int64_t w = cut_k ? std::min(top_k, v) : std::min(PREFIX, v);
-  std::vector<std::pair<float, int64_t>> top = top_columns(x, v, s, w);
-  std::vector<float> z(top.size());
-  double lse = 0.0;
-  if (top_p < 1.0) {
-    if (cut_k) {  // torch.logsumexp over the k tempered survivors
-      for (size_t i = 0; i < top.size(); ++i) z[i] = top[i].first * inv_t;
-      double sum = 0.0;
-      for (float zi : z) sum += std::exp(static_cast<double>(zi - z[0]));
-      lse = static_cast<double>(z[0]) + std::log(sum);
-    } else {
-      lse = row_lse(x, v, s.max, t);
-    }
-  }
-  size_t last = top.size();  // survivors: top[0 .. last)
-  while (true) {
-    for (size_t i = 0; i < top.size(); ++i) z[i] = top[i].first * inv_t;
-    if (top_p >= 1.0) break;
-    double cum = 0.0;
-    last = top.size();
-    for (size_t i = 0; i < top.size(); ++i) {
-      if (cum >= top_p) { last = i; break; }  // keep i while the mass before it is < top_p
-      cum += std::exp(static_cast<double>(z[i]) - lse);
-    }
-    if (cut_k || last < top.size() || cum >= top_p || w >= v) break;
-    w = std::min(v, w * WIDEN);  // the nucleus is not inside the ranked prefix: rank more columns
+  std::vector<std::pair<float, int64_t>> top;
+  std::vector<float> z;  // tempered logits of `top`
+  const auto rank = [&] {
     top = top_columns(x, v, s, w);
     z.resize(top.size());
+    for (size_t i = 0; i < top.size(); ++i) z[i] = top[i].first * inv_t;
+  };
+  rank();
+  size_t last = top.size();  // survivors: top[0 .. last)
+  if (top_p < 1.0) {  // the nucleus is a share of the k survivors' mass (torch.logsumexp), or of the row's
+    const double lse = cut_k ? log_sum_exp(z, z.size()) : row_lse(x, v, s.max, t);
+    while (true) {
+      double cum = 0.0;
+      last = top.size();
+      for (size_t i = 0; i < top.size(); ++i) {
+        if (cum >= top_p) { last = i; break; }  // keep i while the mass before it is < top_p
+        cum += std::exp(static_cast<double>(z[i]) - lse);
+      }
+      if (cut_k || last < top.size() || cum >= top_p || w >= v) break;
+      w = std::min(v, w * WIDEN);  // the nucleus is not inside the ranked prefix: rank more columns
+      rank();
+    }
   }
   if (min_p > 0.0) {
     const float floor = z[0] + static_cast<float>(std::log(min_p));
     while (last > 1 && !(z[last - 1] >= floor)) --last;
   }
   Draws d;
-  double mass = 0.0;
   for (size_t i = 0; i < last; ++i) {
     const int64_t col = top[i].second;
     d.ranked.emplace_back(static_cast<double>(z[i]) + gumbel(key, ids ? ids[col] : col), col);
-    mass += std::exp(static_cast<double>(z[i] - z[0]));
   }
-  d.log_norm = static_cast<double>(z[0]) + std::log(mass);
+  d.log_norm = log_sum_exp(z, last);
   std::sort(d.ranked.begin(), d.ranked.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   return d;
 }
