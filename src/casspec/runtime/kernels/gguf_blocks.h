@@ -3,7 +3,10 @@
 //
 // `B::decode(row, c, w)` turns the c-th run of 32 weights of one row into four vectors of 8 floats,
 // bit-identical to what gguf-py's `dequantize` (and so HF transformers' GGUF loader) computes: the
-// same products and sums, in the same order, never fused (the kernels build with -ffp-contract=off).
+// same products and sums, in the same order (the kernels build with -ffp-contract=off). A scale times
+// a quantized integer is exact in fp32 (an fp16 scale, even times a 6-bit sub-scale, has at most 17
+// significant bits; the fused formats' q at most 4), so `d * q + m` is one FMA there: the single
+// rounding of gguf-py's product-then-sum, four instructions fewer per 32 weights (Q4_1, 1 row: -10%).
 // A kernel that decodes here and then runs the fp32 dot product computes exactly what the fp32 kernel
 // computes on the dequantized model, so the native target's logits are those of the fp32 target.
 //
@@ -151,7 +154,7 @@ struct Q4_1B {
     const __m256 d = _mm256_set1_ps(f16(b)), m = _mm256_set1_ps(f16(b + 2));
     __m256i q[4];
     nibble_dwords(b + 4, q);
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q[j])), m);
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q[j]), m);  // d q exact: one rounding
   }
   static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
   static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
@@ -202,7 +205,7 @@ struct Q4_KB {
     for (int k = 0; k < 4; ++k) {
       const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * k)));
       const __m256i n = j % 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(0x0F));
-      w[k] = _mm256_sub_ps(_mm256_mul_ps(ds, _mm256_cvtepi32_ps(n)), dm);
+      w[k] = _mm256_fmsub_ps(ds, _mm256_cvtepi32_ps(n), dm);  // ds q exact: one rounding
     }
   }
   static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
@@ -258,7 +261,7 @@ struct LowBitB {
       __m256i q = crumb_dwords(b + 4, v);
       if constexpr (THIRD)
         q = _mm256_add_epi32(q, _mm256_load_si256(reinterpret_cast<const __m256i*>(THIRD_BITS.row[b[12 + v]])));
-      w[v] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m);
+      w[v] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), m);  // d q exact: one rounding
     }
   }
   static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
