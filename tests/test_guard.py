@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from casspec.scheduler.acceptance import GREEDY
 from casspec.scheduler.guard import PayGuard
+from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult
 from test_dytc import PROMPT, make_dytc
 
@@ -49,12 +50,13 @@ def test_bottom_estimate_is_measured_while_other_levels_win(llama_engine):
     each token only if the ones before it matched, nothing beyond what was committed."""
     sched = make_dytc(llama_engine)
     state = llama_engine.start("one two three", "ar", max_new_tokens=4).state
-    est = sched.bottom.estimator
-    n0 = est.num_observed
-    sched._observe_shadow(([5, 6, 7, 8], 3), AcceptResult(path=[0, 1], tokens=[5, 6, 9]), state)
-    assert est.num_observed == n0 + 3  # 5 and 6 match, 7 is rejected, 8 is never seen
-    sched._observe_shadow(([5, 6, 7], 3), AcceptResult(path=[0], tokens=[5]), state)
-    assert est.num_observed == n0 + 4  # one committed token: one observation
+    tree = DraftTree(state.tokens[-1], state.cache.length, 8)
+    first, then = sched.bottom.estimator, sched.bottom.estimate_next(GREEDY)  # a continuation's first / next tokens
+    n0, m0 = first.num_observed, then.num_observed
+    sched._observe_shadow(tree, ([5, 6, 7, 8], 3), AcceptResult(path=[0, 1], tokens=[5, 6, 9]), state)
+    assert (first.num_observed, then.num_observed) == (n0 + 1, m0 + 2)  # 5, then 6 and 7 (rejected); 8 never seen
+    sched._observe_shadow(tree, ([5, 6, 7], 3), AcceptResult(path=[0], tokens=[5]), state)
+    assert (first.num_observed, then.num_observed) == (n0 + 2, m0 + 2)  # one committed token: one observation
 
 
 def test_shadow_lookup_keeps_the_output(llama_engine):
@@ -63,3 +65,27 @@ def test_shadow_lookup_keeps_the_output(llama_engine):
     sched = make_dytc(llama_engine, alphas=(0.99, 0.01))
     assert llama_engine.generate(prompt, sched, max_new_tokens=40).token_ids == ref.token_ids
     assert sched.bottom.estimator.num_observed > 0
+
+
+def test_a_copied_stretch_goes_on_from_its_own_position(llama_engine):
+    """While the last round committed only its lookup's continuation, the next round's continuation is the
+    stretch's next tokens, not the latest occurrence of the new suffix (which may be another copy)."""
+    sched = make_dytc(llama_engine)
+    state = llama_engine.start("one two three", "ar", max_new_tokens=16).state
+    state.tokens = [1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 1, 2, 3, 4]  # suffix [2, 3, 4] last seen before 7
+    tree = DraftTree(state.tokens[-1], 0, 8)
+    assert sched._root_lookup(tree, state) == (([7, 1, 2, 3, 4], 3), 9)  # searched: the latest match
+    state.lookup_streak, state.lookup_source = True, 4  # the text is copying tokens[1:4] and goes on at 4
+    (draft, n), start = sched._root_lookup(tree, state)
+    assert (draft[:3], n, start) == ([5, 9, 2], 3, 4)
+
+
+def test_lookup_chains_learn_first_and_next_tokens_apart(llama_engine):
+    """A lookup node under the root feeds the first-token estimate, one under another lookup node the next-token
+    one; the greedy output stays ar's."""
+    prompt = "one two three four one two three four one two three four one two"
+    ref = llama_engine.generate(prompt, "ar", max_new_tokens=40)
+    sched = make_dytc(llama_engine, alphas=(0.01, 0.9))  # int8 never pays: prompt lookup drafts
+    out = llama_engine.generate(prompt, sched, max_new_tokens=40)
+    assert out.token_ids == ref.token_ids
+    assert sched.bottom.estimator.num_observed > 0 and sched.bottom.estimate_next(GREEDY).num_observed > 0

@@ -26,6 +26,8 @@ class DecodeState:
     times: ForwardTimes = field(default_factory=ForwardTimes)  # this step's timings; the step hands them to observe
     vocab_seen: int = 0  # tokens[:vocab_seen] already added to a pruned draft head's vocabulary
     lookup_run: int = 0  # tokens of last round's root prompt-lookup continuation that were committed (DyTC)
+    lookup_streak: bool = False  # last round committed nothing but its root lookup continuation's tokens (DyTC)
+    lookup_source: int = -1  # where that continuation goes on in tokens, while lookup_streak (DyTC)
     logprobs: int | None = None  # None: no logprobs; k: each committed token's logprob and the top k
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed new token
 

@@ -13,17 +13,23 @@ from casspec.state import DecodeState
 from casspec.tree import DraftTree
 
 
-def find_ngram_continuation(tokens: np.ndarray, max_n: int, min_n: int, k: int) -> tuple[list[int], int]:
-    """Tokens after the latest earlier occurrence of the longest suffix n-gram (n in [min_n, max_n])."""
+def find_ngram_match(tokens: np.ndarray, max_n: int, min_n: int) -> tuple[int, int]:
+    """(start, n): the longest suffix n-gram (n in [min_n, max_n]) occurred before, latest first, and its
+    continuation starts at tokens[start]; (-1, 0) when no suffix occurred before."""
     size = len(tokens)
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         suffix = tokens[size - n:]
         windows = np.lib.stride_tricks.sliding_window_view(tokens[:size - 1], n)  # [size-n, n]
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist(), n
-    return [], 0
+            return int(hits[-1]) + n, n
+    return -1, 0
+
+
+def find_ngram_continuation(tokens: np.ndarray, max_n: int, min_n: int, k: int) -> tuple[list[int], int]:
+    """Tokens after the latest earlier occurrence of the longest suffix n-gram (n in [min_n, max_n])."""
+    start, n = find_ngram_match(tokens, max_n, min_n)
+    return (tokens[start:start + k].tolist(), n) if n else ([], 0)
 
 
 class NgramDrafter:
@@ -35,9 +41,18 @@ class NgramDrafter:
 
     def lookup(self, tree: DraftTree, state: DecodeState, leaf: int, k: int) -> tuple[list[int], int]:
         """The continuation for `leaf` and its match length, without touching the tree (timed)."""
+        draft, n, _ = self.locate(tree, state, leaf, k)
+        return draft, n
+
+    def locate(self, tree: DraftTree, state: DecodeState, leaf: int, k: int,
+               source: int | None = None) -> tuple[list[int], int, int]:
+        """lookup(), and where the continuation starts in the context (prompt + generated + path to `leaf`).
+        `source`: continue from that position instead of searching (the next tokens of a copied stretch that
+        the text has followed so far: a match as long as the stretch, counted as max_n)."""
         t0 = time.perf_counter()
         ctx = np.asarray(state.tokens + tree.path_tokens(leaf), dtype=np.int64)
-        draft, n = find_ngram_continuation(ctx, self.max_n, self.min_n, k)
+        start, n = (source, self.max_n) if source is not None else find_ngram_match(ctx, self.max_n, self.min_n)
+        draft = ctx[start:start + k].tolist() if n else []
         for i, t in enumerate(draft):  # nothing after EOS can be accepted
             if t in state.eos_ids:
                 draft = draft[:i + 1]
@@ -45,7 +60,7 @@ class NgramDrafter:
         seconds = time.perf_counter() - t0
         self.cost = 0.9 * self.cost + 0.1 * min(seconds, 1e-2)
         state.stats.drafter(self.name).time += seconds
-        return draft, n
+        return draft, n, start
 
     def propose(self, tree: DraftTree, state: DecodeState, leaves: list[int], k: int) -> list[int]:
         new: list[int] = []
@@ -54,13 +69,16 @@ class NgramDrafter:
             new += self.extend(tree, leaf, draft, n)
         return new
 
-    def extend(self, tree: DraftTree, leaf: int, draft: list[int], n: int, p_token: float = 1.0) -> list[int]:
-        """Append `draft` as a chain below `leaf`; confidence = match length / max_n."""
+    def extend(self, tree: DraftTree, leaf: int, draft: list[int], n: int, p_first: float = 1.0,
+               p_next: float | None = None) -> list[int]:
+        """Append `draft` as a chain below `leaf`; confidence = match length / max_n. Each node's p_acc is its
+        parent's times p_first (the first token) or p_next (each later one; default p_first)."""
         conf = n / self.max_n
         new, node = [], leaf
-        for t in draft:
+        for i, t in enumerate(draft):
             if tree.is_full:
                 break
-            node = tree.add(node, t, self.name, conf, tree.p_acc[node] * p_token)
+            p = p_first if i == 0 or p_next is None else p_next
+            node = tree.add(node, t, self.name, conf, tree.p_acc[node] * p)
             new.append(node)
         return new

@@ -13,7 +13,10 @@ Ranking also adds the paper's A*-style tail P * alpha_S^k * alpha_bottom (the bo
 continue). Growth stops when no expansion raises the round's EWIF. Inside a chosen expansion, a
 chain stops as soon as its next token's marginal gain rate falls below the round's rate.
 alpha comes from per-drafter EMA estimates (lambda 0.7, window 20), refined per token by the
-drafter's confidence. Costs come from the calibrated, online-updated latency model.
+drafter's confidence. Prompt lookup keeps two: one for a continuation's first token and one for each
+next token given the one before it, so a k-token continuation is worth a1 (1 + an + ... + an^(k-1)):
+a copied stretch is mostly taken whole or left at its first token, which alpha^k cannot express.
+Costs come from the calibrated, online-updated latency model.
 
 At temperature > 0:
 - each level keeps one acceptance estimate per regime (acceptance.regime: greedy, or sampling rule and
@@ -53,6 +56,7 @@ from casspec.verify.accept import AcceptResult
 
 FIXED_COST = {"full": 1.0, "lookup": 0.002, "self": 0.5, "sample": 0.03}  # cost ratios without a latency model
 SAMPLE = "sample:"  # latency-model key prefix of the sampling work on a plan's logits ("sample:full", ...)
+NEXT_PRIOR = 0.8  # prompt lookup: prior acceptance of a continuation's token after an accepted one
 
 
 @dataclass
@@ -64,14 +68,24 @@ class Level:
     search: LayerSetSearch | None = None  # on-the-fly skip-set search refining this level's plan
     sampled: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # regime -> estimate at T > 0
     sibling_ratios: dict[str, RatioEstimator] = field(default_factory=dict)  # regime -> runner-up correction
+    continued: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # lookup: regime -> next-token estimate
 
     def estimate(self, reg: str) -> AcceptanceEstimator:
-        """This level's acceptance estimate in one regime (acceptance.regime)."""
+        """This level's acceptance estimate in one regime (acceptance.regime); for prompt lookup, of the first
+        token of a continuation."""
         if reg == GREEDY:
             return self.estimator
         if reg not in self.sampled:
             self.sampled[reg] = self.estimator.fresh()
         return self.sampled[reg]
+
+    def estimate_next(self, reg: str) -> AcceptanceEstimator:
+        """Prompt lookup's acceptance of a continuation's next token once the one before it was accepted. A copied
+        stretch is taken whole or left at its first token: one rate for both (alpha^k) is pessimistic about the
+        rest of a stretch whose start was right, and kept DyTC at one-token lookups while pld alone copied ten."""
+        if reg not in self.continued:
+            self.continued[reg] = AcceptanceEstimator(prior=NEXT_PRIOR)
+        return self.continued[reg]
 
     def sibling_ratio(self, reg: str) -> RatioEstimator | None:
         """Observed / heuristic acceptance of runner-up siblings at T > 0 (None: greedy keeps the heuristic)."""
@@ -135,7 +149,8 @@ class DyTC:
     # ---- plan + draft -------------------------------------------------------------------------------
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
         guard, lone = self._guards(state)
-        self._round = _Round(tree, time.perf_counter(), guard, None, self._root_lookup(tree, state))
+        root, source = self._root_lookup(tree, state)
+        self._round = _Round(tree, time.perf_counter(), guard, None, root, state.lookup_streak, source)
         if guard is not None and not guard.allows():
             return
         self._round.lone = lone
@@ -197,27 +212,29 @@ class DyTC:
             draft, match = self._lookup(drafter, tree, state, leaf, min(kmax, room, self._lookup_room(tree, state, leaf)))
             if not draft:
                 return []
-            a, group, lookup = self._lookup_alpha(level, match, state), [leaf], (draft, match)
+            chained = self._chained(tree, leaf, level)
+            (a, a_next), group, lookup = self._lookup_alphas(level, match, state, chained), [leaf], (draft, match)
             kmax, per_step, first = len(draft), 0.0, self._t_lookup()
         else:
             if sampled and not self._pays(level, ctx):
                 return []
             group, lookup = self._group(tree, leaf), ([], 0)
             kmax = min(kmax, room // (len(group) * (1 + self._siblings())))
-            a = self._alpha(level, None, state)
+            a = a_next = self._alpha(level, None, state)
             lacking = sum(1 for i in tree.path(leaf) if not drafter.kv_layers <= tree.kv_layers[i])
             rows = len(group) if sampled else 0  # positions sampled per draft step
             per_step = self._t_draft(level, len(group), ctx, rows)
             first = self._t_draft(level, len(group) + max(lacking - 1, 0), ctx, rows)
         p_group = sum(tree.p_acc[g] for g in group)
         tail = self._alpha(self.bottom, None, state) if level is not self.bottom else 0.0
-        out, geo = [], 0.0
+        out, geo, reach = [], 0.0, 1.0
         for k in range(1, kmax + 1):
-            geo += a ** k
+            reach *= a if k == 1 else a_next  # P(the chain's first k tokens accepted | leaf accepted)
+            geo += reach
             cost = spent + first + (k - 1) * per_step + self._t_verify(n + k * len(group), ctx, sampled)
             gain = p_group * geo
             out.append(Option(level, k, group, (expected + gain) / cost,
-                              (expected + gain + p_group * a ** k * tail) / cost, lookup=lookup))
+                              (expected + gain + p_group * reach * tail) / cost, lookup=lookup))
         return out
 
     def _group(self, tree: DraftTree, leaf: int) -> list[int]:
@@ -233,7 +250,8 @@ class DyTC:
         drafter = level.drafter
         if isinstance(drafter, NgramDrafter):  # (level.is_lookup)
             draft, match = opt.lookup
-            drafter.extend(tree, opt.group[0], draft[:opt.k], match, self._lookup_alpha(level, match, state))
+            chained = self._chained(tree, opt.group[0], level)
+            drafter.extend(tree, opt.group[0], draft[:opt.k], match, *self._lookup_alphas(level, match, state, chained))
             return
         est = level.estimate(regime(state.sampling))
         score = est.token_prob if self.cfg.use_ema else (lambda _c: est.prior)
@@ -252,15 +270,22 @@ class DyTC:
     def _siblings(self) -> int:
         return self.cfg.siblings if self.cfg.use_tree else 0
 
-    def _root_lookup(self, tree: DraftTree, state: DecodeState) -> tuple[list[int], int] | None:
+    def _root_lookup(self, tree: DraftTree, state: DecodeState) -> tuple[tuple[list[int], int] | None, int]:
         """Prompt lookup's continuation of the committed tokens (the tree is the root alone), once a round, at the
         longest length any expansion of the root asks for: `_options` cuts it (a continuation does not depend on
         its length), and `observe` scores it against the committed tokens whether or not the round drafted with
-        it (`_observe_shadow`)."""
+        it (`_observe_shadow`). While the text follows a copied stretch (the last round committed nothing but the
+        continuation's tokens) it goes on from the stretch's own position instead of searching the suffix again:
+        the latest occurrence of a 3-token suffix inside a stretch is often elsewhere (a list counted digit by
+        digit re-matches the wrong number, where the stretch's position copies ten tokens at once).
+        Returns the continuation with its match length, and where it starts in the tokens."""
         bottom = self.bottom.drafter
         if not isinstance(bottom, NgramDrafter):
-            return None
-        return bottom.lookup(tree, state, 0, min(self.cfg.max_k, state.max_depth()))
+            return None, -1
+        go_on = state.lookup_streak and 0 <= state.lookup_source < len(state.tokens)
+        draft, n, start = bottom.locate(tree, state, 0, min(self.cfg.max_k, state.max_depth()),
+                                        state.lookup_source if go_on else None)
+        return (draft, n), start
 
     def _lookup_room(self, tree: DraftTree, state: DecodeState, leaf: int) -> int:
         """Lookup tokens a leaf may still take: none deeper than max(cfg.lookup_depth, 2 x the tokens the last
@@ -276,11 +301,15 @@ class DyTC:
         """What the round's root lookup achieved: the tokens it got committed (`state.lookup_run`, which bounds
         the next round's reach: `_lookup_room`), from its accepted chain where the round drafted with it, else
         from its continuation scored against the committed tokens (the shadow, `_observe_shadow`)."""
+        copied = _committed_prefix(root[0], result.tokens)
+        state.lookup_streak = copied == len(result.tokens)
+        rnd = self._round
+        state.lookup_source = rnd.source + copied if rnd is not None and rnd.tree is tree else -1
         if any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
             state.lookup_run = self._lookup_run(tree, result)
             return
         state.lookup_run = _committed_prefix(root[0], result.tokens)
-        self._observe_shadow(root, result, state)
+        self._observe_shadow(tree, root, result, state)
 
     def _lookup_run(self, tree: DraftTree, result: AcceptResult) -> int:
         """Tokens of the accepted path drafted by prompt lookup from the root on."""
@@ -300,7 +329,8 @@ class DyTC:
             return draft[:k], match
         return drafter.lookup(tree, state, leaf, k)
 
-    def _observe_shadow(self, shadow: tuple[list[int], int], result: AcceptResult, state: DecodeState) -> None:
+    def _observe_shadow(self, tree: DraftTree, shadow: tuple[list[int], int], result: AcceptResult,
+                        state: DecodeState) -> None:
         """Score the root's lookup against the committed tokens, as verification would have (each token observed
         only if the ones before it matched; none beyond what was committed). It keeps the bottom level's estimate
         measured while other levels win every expansion: otherwise a pessimistic estimate is never corrected, and
@@ -312,12 +342,13 @@ class DyTC:
         draft, match = shadow
         bottom = self.bottom.drafter
         assert isinstance(bottom, NgramDrafter)  # a shadow comes from prompt lookup at the bottom
-        est, conf = self.bottom.estimate(regime(state.sampling)), match / bottom.max_n
+        reg, conf = regime(state.sampling), match / bottom.max_n
         matched = _committed_prefix(draft, result.tokens)
-        for _ in range(matched):
-            est.observe(True, conf)
-        if matched < min(len(draft), len(result.tokens)):  # the first token that differs
-            est.observe(False, conf)
+        seen = matched + (matched < min(len(draft), len(result.tokens)))  # and the first token that differs
+        chained = self._chained(tree, 0, self.bottom)
+        for i in range(seen):
+            est = self.bottom.estimate_next(reg) if i or chained else self.bottom.estimate(reg)
+            est.observe(i < matched, conf)
 
     def _guards(self, state: DecodeState) -> tuple[PayGuard | None, PayGuard | None]:
         """This round's guards: drafting vs plain (sampled regimes) and self levels vs the bottom alone (a
@@ -336,10 +367,25 @@ class DyTC:
         est = level.estimate(regime(state.sampling))
         return est.token_prob(confidence) if self.cfg.use_ema else est.prior
 
-    def _lookup_alpha(self, level: Level, match: int, state: DecodeState) -> float:
-        """Prompt lookup's acceptance estimate; its confidence is the match length over the longest n-gram."""
+    def _lookup_alphas(self, level: Level, match: int, state: DecodeState, chained: bool) -> tuple[float, float]:
+        """Prompt lookup's acceptance estimates of a continuation's first token and of each next one (given the
+        one before it); the confidence is the match length over the longest n-gram. `chained`: the first token
+        goes on a copied stretch already accepted (`_chained`), so it is a next token too."""
         assert isinstance(level.drafter, NgramDrafter)  # a lookup level
-        return self._alpha(level, match / level.drafter.max_n, state)
+        conf = match / level.drafter.max_n
+        if not self.cfg.use_ema:
+            return level.estimator.prior, level.estimator.prior
+        reg = regime(state.sampling)
+        a_next = level.estimate_next(reg).token_prob(conf)
+        return (a_next if chained else level.estimate(reg).token_prob(conf)), a_next
+
+    def _chained(self, tree: DraftTree, leaf: int, level: Level) -> bool:
+        """Whether a lookup below `leaf` continues a copied stretch: the leaf is this level's own token, or the
+        root after a round that committed nothing but its lookup's continuation (the text is in a copy)."""
+        if leaf:
+            return tree.drafter[leaf] == level.name
+        rnd = self._round
+        return rnd is not None and rnd.tree is tree and rnd.streak
 
     def _t_verify(self, n_query: int, ctx: int, sampled: bool = False) -> float:
         """Seconds to verify n_query tree nodes; sampled: with the target's sampling over them."""
@@ -395,7 +441,9 @@ class DyTC:
             if level is None or parent not in on_path:
                 continue
             if _is_first_choice(tree, node):  # runner-ups get their p_acc from the first choice's
-                level.estimate(reg).observe(node in on_path, tree.confidence[node])
+                chained = level.is_lookup and self._chained(tree, parent, level)  # a continuation's next token
+                est = level.estimate_next(reg) if chained else level.estimate(reg)
+                est.observe(node in on_path, tree.confidence[node])
             elif level.name in ratios:  # a runner-up: how its heuristic p_acc (before correction) fared
                 ratio, scale = ratios[level.name]
                 ratio.observe(node in on_path, tree.p_acc[node] / max(tree.p_acc[parent], 1e-9) / max(scale, 1e-6))
@@ -409,6 +457,8 @@ class DyTC:
                 rnd.lone.record(self._active is self.levels, len(result.tokens), seconds, 0.0)
             if rnd.root and rnd.root[0]:
                 self._learn_lookup(tree, result, state, rnd.root)
+            else:
+                state.lookup_streak = False
         self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
@@ -418,13 +468,16 @@ class DyTC:
 
 @dataclass
 class _Round:
-    """The round being timed: its tree, start, guards, and prompt lookup's continuation at the root."""
+    """The round being timed: its tree, start, guards, prompt lookup's continuation at the root, and whether
+    the text was in a copied stretch when it began."""
 
     tree: DraftTree
     t0: float
     guard: PayGuard | None
     lone: PayGuard | None
     root: tuple[list[int], int] | None
+    streak: bool = False  # the round starts inside a copied stretch (state.lookup_streak when it began)
+    source: int = -1  # where the root continuation starts in the tokens
 
 
 def _committed_prefix(draft: list[int], committed: list[int]) -> int:
