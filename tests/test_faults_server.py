@@ -58,14 +58,14 @@ def test_raising_drafter_fails_only_its_request(eng, solo, monkeypatch):
     """The n-gram drafter raises for one request: it alone ends with that error, the 3 others get their solo
     output; every generation ends exactly once; the pool is empty afterwards."""
     bad_state = {}
-    lookup = eng.pool.ngram.lookup
+    lookup = eng.pool.ngram.continuation  # a casspec request's lookup of its committed tokens
 
-    def raising_lookup(tree, state, leaf, k):
+    def raising_lookup(state, k):
         if state is bad_state.get("s"):
             raise RuntimeError("drafter exploded")
-        return lookup(tree, state, leaf, k)
+        return lookup(state, k)
 
-    monkeypatch.setattr(eng.pool.ngram, "lookup", raising_lookup)
+    monkeypatch.setattr(eng.pool.ngram, "continuation", raising_lookup)
 
     def poison(batch, gens, steps):
         if steps == 1:  # after the prompts are in (step 0)
@@ -163,15 +163,15 @@ def text_of(items) -> list[int]:
 
 def test_worker_isolates_a_failing_request_and_counts_return_to_zero(eng, solo, monkeypatch):
     sched = BatchWorker(eng, "casspec", max_queue=4, metrics=Metrics(), max_batch=4)
-    lookup = eng.pool.ngram.lookup
+    lookup = eng.pool.ngram.continuation  # every casspec step looks up its committed tokens first
 
-    def raising_lookup(tree, state, leaf, k):
+    def raising_lookup(state, k):
         if state.tokens[:len(bad_ids)] == bad_ids:
             raise IndexError("index out of range in self")
-        return lookup(tree, state, leaf, k)
+        return lookup(state, k)
 
     bad_ids = eng.encode_prompt(PROMPTS[2], chat=False)
-    monkeypatch.setattr(eng.pool.ngram, "lookup", raising_lookup)
+    monkeypatch.setattr(eng.pool.ngram, "continuation", raising_lookup)
     reqs = [GenRequest(prompt=p, max_new_tokens=N, temperature=0.0) for p in PROMPTS]
     try:
         items = drive(sched, reqs)

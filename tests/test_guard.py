@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from casspec.scheduler.acceptance import GREEDY
 from casspec.scheduler.guard import PayGuard
+from casspec.scheduler.latency import ForwardTimes
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult
 from test_dytc import PROMPT, make_dytc
@@ -73,19 +74,22 @@ def test_a_copied_stretch_goes_on_from_its_own_position(llama_engine):
     sched = make_dytc(llama_engine)
     state = llama_engine.start("one two three", "ar", max_new_tokens=16).state
     state.tokens = [1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 1, 2, 3, 4]  # suffix [2, 3, 4] last seen before 7
-    tree = DraftTree(state.tokens[-1], 0, 8)
-    assert sched._root_lookup(tree, state) == (([7, 1, 2, 3, 4], 3), 9)  # searched: the latest match
+    assert sched._root_lookup(state) == (([7, 1, 2, 3, 4], 3), 9)  # searched: the latest match
     state.lookup_streak, state.lookup_source = True, 4  # the text is copying tokens[1:4] and goes on at 4
-    (draft, n), start = sched._root_lookup(tree, state)
+    (draft, n), start = sched._root_lookup(state)
     assert (draft[:3], n, start) == ([5, 9, 2], 3, 4)
 
 
 def test_lookup_chains_learn_first_and_next_tokens_apart(llama_engine):
     """A lookup node under the root feeds the first-token estimate, one under another lookup node the next-token
-    one; the greedy output stays ar's."""
-    prompt = "one two three four one two three four one two three four one two"
-    ref = llama_engine.generate(prompt, "ar", max_new_tokens=40)
-    sched = make_dytc(llama_engine, alphas=(0.01, 0.9))  # int8 never pays: prompt lookup drafts
-    out = llama_engine.generate(prompt, sched, max_new_tokens=40)
-    assert out.token_ids == ref.token_ids
-    assert sched.bottom.estimator.num_observed > 0 and sched.bottom.estimate_next(GREEDY).num_observed > 0
+    one (each observed only when its parent was accepted)."""
+    sched = make_dytc(llama_engine)
+    state = llama_engine.start("one two three", "ar", max_new_tokens=8).state
+    tree = DraftTree(state.tokens[-1], state.cache.length, 8)
+    a = tree.add(0, 5, "pld", 1.0, 0.5)
+    b = tree.add(a, 6, "pld", 1.0, 0.4)
+    tree.add(b, 7, "pld", 1.0, 0.3)  # its parent b is rejected: not observed
+    first, then = sched.bottom.estimator, sched.bottom.estimate_next(GREEDY)
+    n0, m0 = first.num_observed, then.num_observed
+    sched.observe(tree, AcceptResult(path=[0, a], tokens=[5, 9]), state, ForwardTimes())
+    assert (first.num_observed, then.num_observed) == (n0 + 1, m0 + 1)  # a accepted (first), b rejected (next)

@@ -22,12 +22,12 @@ def test_requests_whose_drafts_do_not_pay_are_left_out_with_exponential_backoff(
     batch = BatchEngine(e, max_batch=4, pool_tokens=4096)
     _steep(batch.decoder)
     calls = []
-    lookup = e.pool.ngram.lookup
-    e.pool.ngram.lookup = lambda *a, **k: calls.append(1) or lookup(*a, **k)
+    lookup = e.pool.ngram.continuation  # a casspec request's lookup of its committed tokens
+    e.pool.ngram.continuation = lambda *a, **k: calls.append(1) or lookup(*a, **k)
     try:
         results = batch.generate(PROMPTS, "casspec", max_new_tokens=40)
     finally:
-        del e.pool.ngram.lookup
+        del e.pool.ngram.continuation
     assert [r.token_ids for r in results] == want
     st = batch.decoder.planner_stats()
     assert st["steps"] > 0 and st["left_out"] > st["planned"] and st["ms_per_step"] >= 0

@@ -18,7 +18,7 @@ to none: G never falls below batched `ar`'s as far as the latency model is right
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from casspec.drafters.ngram import NgramDrafter
 from casspec.scheduler.latency import LatencyModel
@@ -39,9 +39,10 @@ class Choice:
 class Candidate:
     """What the planner knows about one request: acceptance per source and the longest chain possible."""
 
-    alphas: dict[str, float]  # source -> per-token acceptance estimate
+    alphas: dict[str, float]  # source -> per-token acceptance estimate (of a chain's first token where next says)
     limits: dict[str, int]  # source -> longest chain (prompt lookup: the tokens it found)
     fixed: Choice | None = None  # a fixed-policy request: its choice is given, only its cost counts
+    next: dict[str, float] = field(default_factory=dict)  # source -> acceptance of each later token (else alphas)
 
 
 class BatchPlanner:
@@ -85,9 +86,11 @@ def _moves(request: Candidate, current: Choice) -> list[Choice]:
             if Choice(src, k) != current]
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """Expected committed tokens of a k-token chain with per-token acceptance alpha (bonus included)."""
-    return sum(alpha ** j for j in range(k + 1))
+def expected_tokens(alpha: float, k: int, then: float | None = None) -> float:
+    """Expected committed tokens of a k-token chain (bonus included) whose first token is accepted with
+    probability alpha and each later one, given the one before, with `then` (default alpha)."""
+    then = alpha if then is None else then
+    return 1.0 + sum(alpha * then ** j for j in range(k))
 
 
 class _Step:
@@ -139,7 +142,8 @@ class _Step:
         if not c.k:
             return 1.0
         assert c.source is not None  # a draft of k > 0 tokens has a source
-        return expected_tokens(self.requests[i].alphas.get(c.source, 0.0), c.k)
+        r = self.requests[i]
+        return expected_tokens(r.alphas.get(c.source, 0.0), c.k, r.next.get(c.source))
 
     def _count(self, c: Choice, sign: int) -> None:
         if c.source == self.p.self_plan:

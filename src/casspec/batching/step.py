@@ -25,6 +25,7 @@ import torch
 
 from casspec.batching.planner import MAX_DRAFT, BatchPlanner, Candidate, Choice
 from casspec.decoder import PromptChunk, SpeculativeDecoder, decode_step, mean_ctx, prefill_segments
+from casspec.drafters.ngram import NEXT, NEXT_PRIOR
 from casspec.drafters.self_draft import pick_drafts
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
@@ -42,6 +43,7 @@ from casspec.verify.accept import AcceptResult
 
 BATCH_METHODS = ("ar", "pld", "self", "casspec")  # fixed policies, and the load-aware planner
 BACKOFF_MAX = 32  # most steps a casspec request whose drafts did not pay sits out before it is planned again
+Lookup = tuple[list[int], int, int]  # prompt lookup's continuation: tokens, match length, start in the tokens (-1)
 
 
 class BatchHost(Protocol):
@@ -65,6 +67,7 @@ class BatchDecoder:
         self.drafter = self.pool.self_level(self.level)
         self.planner = BatchPlanner(self.pool.latency(), self.level, self.pool.ngram)
         self.global_alpha = {s: AcceptanceEstimator(prior=PRIORS[s]) for s in (self.level, "pld")}
+        self.global_alpha["pld" + NEXT] = AcceptanceEstimator(prior=NEXT_PRIOR)  # a continuation's later tokens
         self._alpha: dict[int, dict[str, AcceptanceEstimator]] = {}  # id(generation) -> source -> estimate
         self._idle: dict[int, tuple[int, int]] = {}  # id(generation) -> (steps left out still, last wait)
         self._plan_totals = {"steps": 0, "seconds": 0.0, "planned": 0, "left_out": 0}
@@ -101,12 +104,12 @@ class BatchDecoder:
         return t
 
     # ---- 1. plan --------------------------------------------------------------------------------------
-    def plan(self, gens: list[Generation], extra_rows: int) -> tuple[list[Choice], list[tuple[list[int], int]]]:
-        """Each request's Choice, and its prompt-lookup continuation (tokens, match length). Requests sitting
-        out (their drafts did not pay) are neither looked up nor planned: they take no draft."""
+    def plan(self, gens: list[Generation], extra_rows: int) -> tuple[list[Choice], list[Lookup]]:
+        """Each request's Choice, and its prompt-lookup continuation (tokens, match length, start). Requests
+        sitting out (their drafts did not pay) are neither looked up nor planned: they take no draft."""
         t0 = time.perf_counter()
         active = [self._planned(g) for g in gens]
-        lookups = [self._lookup(g) if a else ([], 0) for g, a in zip(gens, active)]
+        lookups = [self._lookup(g) if a else ([], 0, -1) for g, a in zip(gens, active)]
         choices = [Choice()] * len(gens)
         if any(a and g.method != "ar" for g, a in zip(gens, active)):
             candidates = [self._candidate(g, lk) if a else Candidate({}, {}, Choice())
@@ -141,23 +144,28 @@ class BatchDecoder:
         wait = min(BACKOFF_MAX, 2 * self._idle.get(id(g), (0, 0))[1] or 1)
         self._idle[id(g)] = (wait, wait)
 
-    def _lookup(self, g: Generation) -> tuple[list[int], int]:
+    def _lookup(self, g: Generation) -> Lookup:
         if g.method == "ar":
-            return [], 0
+            return [], 0, -1
         k = min(max(PLD_LENGTH.values()), g.state.max_depth())
-        return self.pool.ngram.lookup(DraftTree(g.state.tokens[-1], 0, 2), g.state, 0, k)
+        if g.method == "casspec":  # inside a copied stretch, its next tokens (NgramDrafter.continuation)
+            return self.pool.ngram.continuation(g.state, k)
+        draft, n = self.pool.ngram.lookup(DraftTree(g.state.tokens[-1], 0, 2), g.state, 0, k)
+        return draft, n, -1
 
-    def _candidate(self, g: Generation, lookup: tuple[list[int], int]) -> Candidate:
+    def _candidate(self, g: Generation, lookup: Lookup) -> Candidate:
         """A fixed method's chain is its scheduler's own batch choice; casspec's is planned for the batch."""
         policy = self.engine.scheduler(g.method)
+        draft, n, _ = lookup
         if isinstance(policy, FixedPolicy):
-            source, k = policy.batch_choice(g.state, lookup)
+            source, k = policy.batch_choice(g.state, (draft, n))
             return Candidate({}, {}, Choice(source, k))
-        draft, n = lookup
         depth = min(MAX_DRAFT, g.state.max_depth())
-        est = self._estimates(g)
-        alphas = {self.level: est[self.level].alpha, "pld": est["pld"].token_prob(n / self.pool.ngram.max_n)}
-        return Candidate(alphas, {self.level: depth, "pld": len(draft)})
+        est, conf = self._estimates(g), n / self.pool.ngram.max_n
+        then = est["pld" + NEXT].token_prob(conf)  # inside a copied stretch the first token is a later one too
+        first = then if g.state.lookup_streak else est["pld"].token_prob(conf)
+        return Candidate({self.level: est[self.level].alpha, "pld": first}, {self.level: depth, "pld": len(draft)},
+                         next={"pld": then})
 
     def _estimates(self, g: Generation) -> dict[str, AcceptanceEstimator]:
         if id(g) not in self._alpha:
@@ -165,12 +173,12 @@ class BatchDecoder:
         return self._alpha[id(g)]
 
     # ---- 2. draft -------------------------------------------------------------------------------------
-    def draft(self, gens: list[Generation], choices: list[Choice], lookups: list[tuple[list[int], int]],
+    def draft(self, gens: list[Generation], choices: list[Choice], lookups: list[Lookup],
               times: ForwardTimes) -> list[DraftTree]:
         """Each request's tree: its lookup chain, or its self-draft chain (forwards timed into `times`)."""
         trees = [DraftTree(g.state.tokens[-1], g.state.cache.length, TREE_CAPACITY) for g in gens]
         chains = []
-        for g, tree, c, (draft, n) in zip(gens, trees, choices, lookups):
+        for g, tree, c, (draft, n, _) in zip(gens, trees, choices, lookups):
             if c.source == "pld":
                 self.pool.ngram.extend(tree, 0, draft[:c.k], n)
             elif c.source is not None and c.k > 0:
@@ -226,15 +234,21 @@ class BatchDecoder:
         return out
 
     # ---- learn ----------------------------------------------------------------------------------------
-    def learn(self, g: Generation, tree: DraftTree, result: AcceptResult, choice: Choice) -> None:
-        """Acceptance estimates (the request's and the batch's) from one verdict on its chain."""
+    def learn(self, g: Generation, tree: DraftTree, result: AcceptResult, choice: Choice, lookup: Lookup) -> None:
+        """Acceptance estimates (the request's and the batch's) from one verdict on its chain; a lookup chain's
+        first token and its later ones apart (a first token inside a copied stretch counts as a later one)."""
         on_path = set(result.path)
         est = self._estimates(g) if g.method == "casspec" else {}
         for node in range(1, len(tree)):
-            if tree.parents[node] in on_path and choice.source in self.global_alpha:
-                for e in (est.get(choice.source), self.global_alpha[choice.source]):
+            source = choice.source
+            if source == "pld" and (tree.parents[node] or g.state.lookup_streak):
+                source += NEXT
+            if tree.parents[node] in on_path and source in self.global_alpha:
+                for e in (est.get(source), self.global_alpha[source]):
                     if e is not None:
                         e.observe(node in on_path, tree.confidence[node])
+        draft, _, start = lookup
+        self.pool.ngram.follow(g.state, draft, start, result.tokens)
 
 
 @dataclass
@@ -245,15 +259,16 @@ class _BatchDrafts:
     gens: list[Generation]
     extra_rows: int  # prompt rows riding in the verify forward
     choices: list[Choice] = field(default_factory=list)
+    lookups: list[Lookup] = field(default_factory=list)
 
     def draft(self, times: ForwardTimes) -> list[DraftTree]:
-        self.choices, lookups = self.decoder.plan(self.gens, self.extra_rows)
-        return self.decoder.draft(self.gens, self.choices, lookups, times)
+        self.choices, self.lookups = self.decoder.plan(self.gens, self.extra_rows)
+        return self.decoder.draft(self.gens, self.choices, self.lookups, times)
 
     def observe(self, trees: list[DraftTree], results: list[AcceptResult], times: ForwardTimes) -> None:
         self.decoder.planner.latency.observe_all(times, _forwards)
-        for g, tree, result, choice in zip(self.gens, trees, results, self.choices):
-            self.decoder.learn(g, tree, result, choice)
+        for g, tree, result, choice, lookup in zip(self.gens, trees, results, self.choices, self.lookups):
+            self.decoder.learn(g, tree, result, choice, lookup)
 
 
 def _forwards(plan: str) -> bool:

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 
 from casspec.drafters.layer_search import LayerSetSearch
-from casspec.drafters.ngram import NgramDrafter
+from casspec.drafters.ngram import NEXT_PRIOR, NgramDrafter, committed_prefix
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.acceptance import GREEDY, AcceptanceEstimator, RatioEstimator, regime
 from casspec.scheduler.guard import PayGuard
@@ -56,7 +56,6 @@ from casspec.verify.accept import AcceptResult
 
 FIXED_COST = {"full": 1.0, "lookup": 0.002, "self": 0.5, "sample": 0.03}  # cost ratios without a latency model
 SAMPLE = "sample:"  # latency-model key prefix of the sampling work on a plan's logits ("sample:full", ...)
-NEXT_PRIOR = 0.8  # prompt lookup: prior acceptance of a continuation's token after an accepted one
 
 
 @dataclass
@@ -149,7 +148,7 @@ class DyTC:
     # ---- plan + draft -------------------------------------------------------------------------------
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
         guard, lone = self._guards(state)
-        root, source = self._root_lookup(tree, state)
+        root, source = self._root_lookup(state)
         self._round = _Round(tree, time.perf_counter(), guard, None, root, state.lookup_streak, source)
         if guard is not None and not guard.allows():
             return
@@ -270,21 +269,16 @@ class DyTC:
     def _siblings(self) -> int:
         return self.cfg.siblings if self.cfg.use_tree else 0
 
-    def _root_lookup(self, tree: DraftTree, state: DecodeState) -> tuple[tuple[list[int], int] | None, int]:
+    def _root_lookup(self, state: DecodeState) -> tuple[tuple[list[int], int] | None, int]:
         """Prompt lookup's continuation of the committed tokens (the tree is the root alone), once a round, at the
         longest length any expansion of the root asks for: `_options` cuts it (a continuation does not depend on
         its length), and `observe` scores it against the committed tokens whether or not the round drafted with
-        it (`_observe_shadow`). While the text follows a copied stretch (the last round committed nothing but the
-        continuation's tokens) it goes on from the stretch's own position instead of searching the suffix again:
-        the latest occurrence of a 3-token suffix inside a stretch is often elsewhere (a list counted digit by
-        digit re-matches the wrong number, where the stretch's position copies ten tokens at once).
+        it (`_observe_shadow`); inside a copied stretch it is the stretch's next tokens (NgramDrafter.continuation).
         Returns the continuation with its match length, and where it starts in the tokens."""
         bottom = self.bottom.drafter
         if not isinstance(bottom, NgramDrafter):
             return None, -1
-        go_on = state.lookup_streak and 0 <= state.lookup_source < len(state.tokens)
-        draft, n, start = bottom.locate(tree, state, 0, min(self.cfg.max_k, state.max_depth()),
-                                        state.lookup_source if go_on else None)
+        draft, n, start = bottom.continuation(state, min(self.cfg.max_k, state.max_depth()))
         return (draft, n), start
 
     def _lookup_room(self, tree: DraftTree, state: DecodeState, leaf: int) -> int:
@@ -301,14 +295,13 @@ class DyTC:
         """What the round's root lookup achieved: the tokens it got committed (`state.lookup_run`, which bounds
         the next round's reach: `_lookup_room`), from its accepted chain where the round drafted with it, else
         from its continuation scored against the committed tokens (the shadow, `_observe_shadow`)."""
-        copied = _committed_prefix(root[0], result.tokens)
-        state.lookup_streak = copied == len(result.tokens)
+        assert isinstance(self.bottom.drafter, NgramDrafter)  # a root lookup comes from prompt lookup at the bottom
         rnd = self._round
-        state.lookup_source = rnd.source + copied if rnd is not None and rnd.tree is tree else -1
+        copied = self.bottom.drafter.follow(state, root[0], rnd.source if rnd is not None else -1, result.tokens)
         if any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
             state.lookup_run = self._lookup_run(tree, result)
             return
-        state.lookup_run = _committed_prefix(root[0], result.tokens)
+        state.lookup_run = copied
         self._observe_shadow(tree, root, result, state)
 
     def _lookup_run(self, tree: DraftTree, result: AcceptResult) -> int:
@@ -343,7 +336,7 @@ class DyTC:
         bottom = self.bottom.drafter
         assert isinstance(bottom, NgramDrafter)  # a shadow comes from prompt lookup at the bottom
         reg, conf = regime(state.sampling), match / bottom.max_n
-        matched = _committed_prefix(draft, result.tokens)
+        matched = committed_prefix(draft, result.tokens)
         seen = matched + (matched < min(len(draft), len(result.tokens)))  # and the first token that differs
         chained = self._chained(tree, 0, self.bottom)
         for i in range(seen):
@@ -458,7 +451,7 @@ class DyTC:
             if rnd.root and rnd.root[0]:
                 self._learn_lookup(tree, result, state, rnd.root)
             else:
-                state.lookup_streak = False
+                state.lookup_streak, state.lookup_source = False, -1
         self._round = None
         for level in self.levels:
             if level.search is not None and level.search.maybe_step(state):
@@ -478,16 +471,6 @@ class _Round:
     root: tuple[list[int], int] | None
     streak: bool = False  # the round starts inside a copied stretch (state.lookup_streak when it began)
     source: int = -1  # where the root continuation starts in the tokens
-
-
-def _committed_prefix(draft: list[int], committed: list[int]) -> int:
-    """How many leading tokens of a draft the round committed."""
-    n = 0
-    for token, done in zip(draft, committed):
-        if token != done:
-            break
-        n += 1
-    return n
 
 
 def _is_first_choice(tree: DraftTree, node: int) -> bool:
