@@ -1,6 +1,7 @@
 """PayGuard's probe of the bottom level, and DyTC restricted to prompt lookup while its self levels pause."""
 from __future__ import annotations
 
+from casspec.drafters.ngram import NgramDrafter
 from casspec.scheduler.acceptance import GREEDY
 from casspec.scheduler.guard import PayGuard
 from casspec.scheduler.latency import ForwardTimes
@@ -52,7 +53,7 @@ def test_bottom_estimate_is_measured_while_other_levels_win(llama_engine):
     sched = make_dytc(llama_engine)
     state = llama_engine.start("one two three", "ar", max_new_tokens=4).state
     tree = DraftTree(state.tokens[-1], state.cache.length, 8)
-    first, then = sched.bottom.estimator, sched.bottom.estimate_next(GREEDY)  # a continuation's first / next tokens
+    first, then = sched.bottom.estimator, NgramDrafter.next_estimate(state)  # a continuation's first / next tokens
     n0, m0 = first.num_observed, then.num_observed
     sched._observe_shadow(tree, ([5, 6, 7, 8], 3), AcceptResult(path=[0, 1], tokens=[5, 6, 9]), state)
     assert (first.num_observed, then.num_observed) == (n0 + 1, m0 + 2)  # 5, then 6 and 7 (rejected); 8 never seen
@@ -89,7 +90,7 @@ def test_lookup_chains_learn_first_and_next_tokens_apart(llama_engine):
     a = tree.add(0, 5, "pld", 1.0, 0.5)
     b = tree.add(a, 6, "pld", 1.0, 0.4)
     tree.add(b, 7, "pld", 1.0, 0.3)  # its parent b is rejected: not observed
-    first, then = sched.bottom.estimator, sched.bottom.estimate_next(GREEDY)
+    first, then = sched.bottom.estimator, NgramDrafter.next_estimate(state)
     n0, m0 = first.num_observed, then.num_observed
     sched.observe(tree, AcceptResult(path=[0, a], tokens=[5, 9]), state, ForwardTimes())
     assert (first.num_observed, then.num_observed) == (n0 + 1, m0 + 1)  # a accepted (first), b rejected (next)

@@ -8,6 +8,7 @@ import torch
 from casspec.config import SamplingConfig
 from casspec.metrics import GenerationStats
 from casspec.runtime.kv_cache import SeqCache
+from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.latency import ForwardTimes
 from casspec.verify.logprobs import TokenLogprob
 
@@ -28,6 +29,7 @@ class DecodeState:
     lookup_run: int = 0  # tokens of last round's root prompt-lookup continuation that were committed (DyTC)
     lookup_streak: bool = False  # last round committed nothing but its root lookup continuation's tokens (DyTC)
     lookup_source: int = -1  # where that continuation goes on in tokens, while lookup_streak (DyTC)
+    lookup_next: AcceptanceEstimator | None = None  # this text's next-token acceptance of lookup continuations
     logprobs: int | None = None  # None: no logprobs; k: each committed token's logprob and the top k
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed new token
 

@@ -25,7 +25,6 @@ import torch
 
 from casspec.batching.planner import MAX_DRAFT, BatchPlanner, Candidate, Choice
 from casspec.decoder import PromptChunk, SpeculativeDecoder, decode_step, mean_ctx, prefill_segments
-from casspec.drafters.ngram import NEXT, NEXT_PRIOR
 from casspec.drafters.self_draft import pick_drafts
 from casspec.errors import InvalidRequestError
 from casspec.generation import Generation
@@ -67,7 +66,6 @@ class BatchDecoder:
         self.drafter = self.pool.self_level(self.level)
         self.planner = BatchPlanner(self.pool.latency(), self.level, self.pool.ngram)
         self.global_alpha = {s: AcceptanceEstimator(prior=PRIORS[s]) for s in (self.level, "pld")}
-        self.global_alpha["pld" + NEXT] = AcceptanceEstimator(prior=NEXT_PRIOR)  # a continuation's later tokens
         self._alpha: dict[int, dict[str, AcceptanceEstimator]] = {}  # id(generation) -> source -> estimate
         self._idle: dict[int, tuple[int, int]] = {}  # id(generation) -> (steps left out still, last wait)
         self._plan_totals = {"steps": 0, "seconds": 0.0, "planned": 0, "left_out": 0}
@@ -162,7 +160,7 @@ class BatchDecoder:
             return Candidate({}, {}, Choice(source, k))
         depth = min(MAX_DRAFT, g.state.max_depth())
         est, conf = self._estimates(g), n / self.pool.ngram.max_n
-        then = est["pld" + NEXT].token_prob(conf)  # inside a copied stretch the first token is a later one too
+        then = self.pool.ngram.next_estimate(g.state).token_prob(conf)  # in a copied stretch: the first token too
         first = then if g.state.lookup_streak else est["pld"].token_prob(conf)
         return Candidate({self.level: est[self.level].alpha, "pld": first}, {self.level: depth, "pld": len(draft)},
                          next={"pld": then})
@@ -240,13 +238,14 @@ class BatchDecoder:
         on_path = set(result.path)
         est = self._estimates(g) if g.method == "casspec" else {}
         for node in range(1, len(tree)):
-            source = choice.source
-            if source == "pld" and (tree.parents[node] or g.state.lookup_streak):
-                source += NEXT
-            if tree.parents[node] in on_path and source in self.global_alpha:
-                for e in (est.get(source), self.global_alpha[source]):
-                    if e is not None:
-                        e.observe(node in on_path, tree.confidence[node])
+            if tree.parents[node] not in on_path or choice.source not in self.global_alpha:
+                continue
+            if choice.source == "pld" and (tree.parents[node] or g.state.lookup_streak):  # a later token
+                self.pool.ngram.next_estimate(g.state).observe(node in on_path, tree.confidence[node])
+                continue
+            for e in (est.get(choice.source), self.global_alpha[choice.source]):
+                if e is not None:
+                    e.observe(node in on_path, tree.confidence[node])
         draft, _, start = lookup
         self.pool.ngram.follow(g.state, draft, start, result.tokens)
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
 
@@ -46,8 +47,6 @@ def committed_prefix(draft: list[int], committed: list[int]) -> int:
 # through the greedy race outputs (prompt + answer, Spec-Bench 5 per category), P(next | previous) was 0.97
 # (Gemma-3-270M) and 0.88 (SmolLM2), against 0.32 and 0.28 for a continuation's first token.
 NEXT_PRIOR = 0.9
-MIN_STRETCH = 2  # committed tokens a continuation must have predicted, all of them, for the copy to go on
-NEXT = ":next"  # suffix of the name under which a lookup level's next-token estimate is kept
 
 
 class NgramDrafter:
@@ -72,12 +71,22 @@ class NgramDrafter:
         return self._locate(state, [], k, state.lookup_source if go_on else None)
 
     @staticmethod
+    def next_estimate(state: DecodeState) -> AcceptanceEstimator:
+        """This generation's acceptance of a continuation's token once the one before it was accepted. Kept per
+        text, from NEXT_PRIOR: whether a text copies is its own; learnt across requests, a code edit that kept
+        breaking its continuations left the next request, copying a function whole, drafting one token a step."""
+        if state.lookup_next is None:
+            state.lookup_next = AcceptanceEstimator(prior=NEXT_PRIOR)
+        return state.lookup_next
+
+    @staticmethod
     def follow(state: DecodeState, draft: list[int], start: int, committed: list[int]) -> int:
         """After a round whose committed-token continuation was `draft` (from `start`): how many of the
-        committed tokens it predicted; when all of them, and at least MIN_STRETCH, the text stays in the copied
-        stretch (one token matching by chance is no copy; start < 0: a continuation whose start is not known)."""
+        committed tokens it predicted; when all of them, the text stays in the copied stretch (once a continuation's
+        first token is right, its next ones are right 0.88-0.97 of the time: NEXT_PRIOR; start < 0: a
+        continuation whose start is not known)."""
         copied = committed_prefix(draft, committed)
-        state.lookup_streak = start >= 0 and MIN_STRETCH <= copied == len(committed)
+        state.lookup_streak = start >= 0 and 0 < copied == len(committed)
         state.lookup_source = start + copied if state.lookup_streak else -1
         return copied
 

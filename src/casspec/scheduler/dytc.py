@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 
 from casspec.drafters.layer_search import LayerSetSearch
-from casspec.drafters.ngram import NEXT_PRIOR, NgramDrafter, committed_prefix
+from casspec.drafters.ngram import NgramDrafter, committed_prefix
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.acceptance import GREEDY, AcceptanceEstimator, RatioEstimator, regime
 from casspec.scheduler.guard import PayGuard
@@ -67,24 +67,15 @@ class Level:
     search: LayerSetSearch | None = None  # on-the-fly skip-set search refining this level's plan
     sampled: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # regime -> estimate at T > 0
     sibling_ratios: dict[str, RatioEstimator] = field(default_factory=dict)  # regime -> runner-up correction
-    continued: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # lookup: regime -> next-token estimate
 
     def estimate(self, reg: str) -> AcceptanceEstimator:
         """This level's acceptance estimate in one regime (acceptance.regime); for prompt lookup, of the first
-        token of a continuation."""
+        token of a continuation (the next ones: NgramDrafter.next_estimate, per generation)."""
         if reg == GREEDY:
             return self.estimator
         if reg not in self.sampled:
             self.sampled[reg] = self.estimator.fresh()
         return self.sampled[reg]
-
-    def estimate_next(self, reg: str) -> AcceptanceEstimator:
-        """Prompt lookup's acceptance of a continuation's next token once the one before it was accepted. A copied
-        stretch is taken whole or left at its first token: one rate for both (alpha^k) is pessimistic about the
-        rest of a stretch whose start was right, and kept DyTC at one-token lookups while pld alone copied ten."""
-        if reg not in self.continued:
-            self.continued[reg] = AcceptanceEstimator(prior=NEXT_PRIOR)
-        return self.continued[reg]
 
     def sibling_ratio(self, reg: str) -> RatioEstimator | None:
         """Observed / heuristic acceptance of runner-up siblings at T > 0 (None: greedy keeps the heuristic)."""
@@ -340,7 +331,7 @@ class DyTC:
         seen = matched + (matched < min(len(draft), len(result.tokens)))  # and the first token that differs
         chained = self._chained(tree, 0, self.bottom)
         for i in range(seen):
-            est = self.bottom.estimate_next(reg) if i or chained else self.bottom.estimate(reg)
+            est = bottom.next_estimate(state) if i or chained else self.bottom.estimate(reg)
             est.observe(i < matched, conf)
 
     def _guards(self, state: DecodeState) -> tuple[PayGuard | None, PayGuard | None]:
@@ -368,9 +359,8 @@ class DyTC:
         conf = match / level.drafter.max_n
         if not self.cfg.use_ema:
             return level.estimator.prior, level.estimator.prior
-        reg = regime(state.sampling)
-        a_next = level.estimate_next(reg).token_prob(conf)
-        return (a_next if chained else level.estimate(reg).token_prob(conf)), a_next
+        a_next = level.drafter.next_estimate(state).token_prob(conf)
+        return (a_next if chained else level.estimate(regime(state.sampling)).token_prob(conf)), a_next
 
     def _chained(self, tree: DraftTree, leaf: int, level: Level) -> bool:
         """Whether a lookup below `leaf` continues a copied stretch: the leaf is this level's own token, or the
@@ -435,7 +425,7 @@ class DyTC:
                 continue
             if _is_first_choice(tree, node):  # runner-ups get their p_acc from the first choice's
                 chained = level.is_lookup and self._chained(tree, parent, level)  # a continuation's next token
-                est = level.estimate_next(reg) if chained else level.estimate(reg)
+                est = NgramDrafter.next_estimate(state) if chained else level.estimate(reg)
                 est.observe(node in on_path, tree.confidence[node])
             elif level.name in ratios:  # a runner-up: how its heuristic p_acc (before correction) fared
                 ratio, scale = ratios[level.name]
