@@ -41,85 +41,21 @@ tree that costs more to verify than it gains) cannot leave casspec behind prompt
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter, committed_prefix
 from casspec.drafters.self_draft import SelfDrafter
-from casspec.scheduler.acceptance import GREEDY, AcceptanceEstimator, RatioEstimator, regime
+from casspec.scheduler.acceptance import regime
 from casspec.scheduler.guard import PayGuard
 from casspec.scheduler.latency import ForwardTimes, LatencyModel
-from casspec.sizes import MAX_CHAIN
+from casspec.scheduler.levels import DyTCConfig, Level, Option
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
 from casspec.verify.accept import AcceptResult
 
 FIXED_COST = {"full": 1.0, "lookup": 0.002, "self": 0.5, "sample": 0.03}  # cost ratios without a latency model
+DEFAULTS = DyTCConfig()
 SAMPLE = "sample:"  # latency-model key prefix of the sampling work on a plan's logits ("sample:full", ...)
-
-
-@dataclass
-class Level:
-    """One draft model of the hierarchy with its online acceptance estimate."""
-
-    drafter: SelfDrafter | NgramDrafter
-    estimator: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)  # greedy; its prior starts the rest
-    search: LayerSetSearch | None = None  # on-the-fly skip-set search refining this level's plan
-    sampled: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # regime -> estimate at T > 0
-    sibling_ratios: dict[str, RatioEstimator] = field(default_factory=dict)  # regime -> runner-up correction
-
-    def estimate(self, reg: str) -> AcceptanceEstimator:
-        """This level's acceptance estimate in one regime (acceptance.regime); for prompt lookup, of the first
-        token of a continuation (the next ones: NgramDrafter.next_estimate, per generation)."""
-        if reg == GREEDY:
-            return self.estimator
-        if reg not in self.sampled:
-            self.sampled[reg] = self.estimator.fresh()
-        return self.sampled[reg]
-
-    def sibling_ratio(self, reg: str) -> RatioEstimator | None:
-        """Observed / heuristic acceptance of runner-up siblings at T > 0 (None: greedy keeps the heuristic)."""
-        if reg == GREEDY:
-            return None
-        return self.sibling_ratios.setdefault(reg, RatioEstimator())
-
-    @property
-    def name(self) -> str:
-        return self.drafter.name
-
-    @property
-    def is_lookup(self) -> bool:
-        return isinstance(self.drafter, NgramDrafter)
-
-
-@dataclass(frozen=True)
-class DyTCConfig:
-    """Knobs of the scheduler; the use_* switches are the ablations."""
-
-    max_nodes: int = 40  # tree size cap, root included
-    max_k: int = MAX_CHAIN  # longest single expansion
-    siblings: int = 1  # runner-up children added per self-draft step
-    batch: int = 3  # leaves of one parent drafted together in one pass
-    use_latency: bool = True  # False: fixed cost ratios (FIXED_COST)
-    use_ema: bool = True  # False: fixed acceptance = the estimator's prior
-    use_tree: bool = True  # False: a single chain
-    max_draft_cost: float = 0.6  # T > 0: a self-draft step over this share of a plain step is left out
-    lookup_depth: int = 4  # prompt lookup drafts no deeper than max(this, 2 x its last root run) (_lookup_room)
-    guard: bool = True  # pause self levels while they measure slower than prompt lookup alone, and at T > 0
-    # drafting while drafted rounds measure slower than plain ones (PayGuard;
-    # it times rounds, so like the latency model it is off under use_latency=False, which decides by fixed costs)
-
-
-@dataclass
-class Option:
-    level: Level
-    k: int
-    group: list[int]  # leaves drafted together
-    rate: float  # predicted round EWIF after this expansion (tokens / s)
-    score: float  # rate with the bottom-drafter tail heuristic, used for ranking
-    min_p_acc: float = 0.0  # chains stop below this p_acc (marginal rule)
-    min_sibling_p_acc: float = 1.0  # a runner-up sibling is kept only above this p_acc (marginal rule)
-    lookup: tuple[list[int], int] = ([], 0)
 
 
 class DyTC:
@@ -127,7 +63,7 @@ class DyTC:
 
     name = "casspec"
 
-    def __init__(self, levels: list[Level], latency: LatencyModel, config: DyTCConfig = DyTCConfig()) -> None:
+    def __init__(self, levels: list[Level], latency: LatencyModel, config: DyTCConfig = DEFAULTS) -> None:
         self.levels, self.latency, self.cfg = levels, latency, config
         self.by_name = {lv.name: lv for lv in levels}
         self.bottom = levels[-1]
