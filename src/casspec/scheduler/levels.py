@@ -8,7 +8,7 @@ from casspec.drafters.layer_search import LayerSetSearch
 from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.acceptance import GREEDY, AcceptanceEstimator, RatioEstimator
-from casspec.sizes import MAX_CHAIN
+from casspec.sizes import MAX_EXPANSION
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DyTCConfig:
     """Knobs of the scheduler; the use_* switches are the ablations."""
 
     max_nodes: int = 40  # tree size cap, root included
-    max_k: int = MAX_CHAIN  # longest single expansion
+    max_k: int = MAX_EXPANSION  # longest single expansion
     siblings: int = 1  # runner-up children added per self-draft step
     batch: int = 3  # leaves of one parent drafted together in one pass
     use_latency: bool = True  # False: fixed cost ratios (FIXED_COST)
