@@ -52,12 +52,11 @@ def test_bottom_estimate_is_measured_while_other_levels_win(llama_engine):
     each token only if the ones before it matched, nothing beyond what was committed."""
     sched = make_dytc(llama_engine)
     state = llama_engine.start("one two three", "ar", max_new_tokens=4).state
-    tree = DraftTree(state.tokens[-1], state.cache.length, 8)
     first, then = sched.bottom.estimator, NgramDrafter.next_estimate(state)  # a continuation's first / next tokens
     n0, m0 = first.num_observed, then.num_observed
-    sched._observe_shadow(tree, ([5, 6, 7, 8], 3), AcceptResult(path=[0, 1], tokens=[5, 6, 9]), state)
+    sched._observe_shadow(([5, 6, 7, 8], 3), 2, False, AcceptResult(path=[0, 1], tokens=[5, 6, 9]), state)
     assert (first.num_observed, then.num_observed) == (n0 + 1, m0 + 2)  # 5, then 6 and 7 (rejected); 8 never seen
-    sched._observe_shadow(tree, ([5, 6, 7], 3), AcceptResult(path=[0], tokens=[5]), state)
+    sched._observe_shadow(([5, 6, 7], 3), 1, False, AcceptResult(path=[0], tokens=[5]), state)
     assert (first.num_observed, then.num_observed) == (n0 + 2, m0 + 2)  # one committed token: one observation
 
 

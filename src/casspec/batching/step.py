@@ -159,9 +159,8 @@ class BatchDecoder:
             source, k = policy.batch_choice(g.state, (draft, n))
             return Candidate({}, {}, Choice(source, k))
         depth = min(MAX_DRAFT, g.state.max_depth())
-        est, conf = self._estimates(g), n / self.pool.ngram.max_n
-        then = self.pool.ngram.next_estimate(g.state).token_prob(conf)  # in a copied stretch: the first token too
-        first = then if g.state.lookup_streak else est["pld"].token_prob(conf)
+        est = self._estimates(g)
+        first, then = self.pool.ngram.acceptance(g.state, est["pld"], n, g.state.lookup_streak)
         return Candidate({self.level: est[self.level].alpha, "pld": first}, {self.level: depth, "pld": len(draft)},
                          next={"pld": then})
 

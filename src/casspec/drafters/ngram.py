@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from casspec.runtime.prefix_cache import common_prefix
 from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
@@ -31,16 +32,6 @@ def find_ngram_continuation(tokens: np.ndarray, max_n: int, min_n: int, k: int) 
     """Tokens after the latest earlier occurrence of the longest suffix n-gram (n in [min_n, max_n])."""
     start, n = find_ngram_match(tokens, max_n, min_n)
     return (tokens[start:start + k].tolist(), n) if n else ([], 0)
-
-
-def committed_prefix(draft: list[int], committed: list[int]) -> int:
-    """How many leading tokens of a draft a round committed."""
-    n = 0
-    for token, done in zip(draft, committed):
-        if token != done:
-            break
-        n += 1
-    return n
 
 
 # Prior acceptance of a continuation's token once the one before it was accepted: following each continuation
@@ -70,6 +61,15 @@ class NgramDrafter:
         go_on = state.lookup_streak and 0 <= state.lookup_source < len(state.tokens)
         return self._locate(state, [], k, state.lookup_source if go_on else None)
 
+    def acceptance(self, state: DecodeState, first: AcceptanceEstimator, match: int,
+                   chained: bool) -> tuple[float, float]:
+        """Acceptance of a continuation's first token (estimated by `first`) and of each next one given the one
+        before it, at this match length; `chained`: the first token goes on a copied stretch (`follow`), so it is
+        a next one too."""
+        conf = match / self.max_n
+        then = self.next_estimate(state).token_prob(conf)
+        return (then if chained else first.token_prob(conf)), then
+
     @staticmethod
     def next_estimate(state: DecodeState) -> AcceptanceEstimator:
         """This generation's acceptance of a continuation's token once the one before it was accepted. Kept per
@@ -85,7 +85,7 @@ class NgramDrafter:
         committed tokens it predicted; when all of them, the text stays in the copied stretch (once a continuation's
         first token is right, its next ones are right 0.88-0.97 of the time: NEXT_PRIOR; start < 0: a
         continuation whose start is not known)."""
-        copied = committed_prefix(draft, committed)
+        copied = common_prefix(draft, committed)
         state.lookup_streak = start >= 0 and 0 < copied == len(committed)
         state.lookup_source = start + copied if state.lookup_streak else -1
         return copied

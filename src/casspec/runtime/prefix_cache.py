@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -110,7 +111,7 @@ class PrefixCache:
                 want = tokens[pos:min(limit, pos + b)]
                 best, k = None, 0
                 for c in node.children.get(want[0], ()):
-                    j = _common(c.tokens, want)
+                    j = common_prefix(c.tokens, want)
                     if j > k:
                         best, k = c, j
                 if best is None:
@@ -291,7 +292,7 @@ class PrefixCache:
             assert seen == self._nodes, "nodes unreachable from the root"
 
 
-def _common(a: tuple[int, ...], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the common prefix of a and b."""
     n = min(len(a), len(b))
     for i in range(n):

@@ -43,7 +43,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from casspec.drafters.ngram import NgramDrafter, committed_prefix
+from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.acceptance import regime
 from casspec.scheduler.guard import PayGuard
@@ -76,7 +76,7 @@ class DyTC:
     def draft(self, tree: DraftTree, state: DecodeState) -> None:
         guard, lone = self._guards(state)
         root, source = self._root_lookup(state)
-        self._round = _Round(tree, time.perf_counter(), guard, None, root, state.lookup_streak, source)
+        self._round = _Round(tree, time.perf_counter(), guard, None, root, source)
         if guard is not None and not guard.allows():
             return
         self._round.lone = lone
@@ -138,7 +138,7 @@ class DyTC:
             draft, match = self._lookup(drafter, tree, state, leaf, min(kmax, room, self._lookup_room(tree, state, leaf)))
             if not draft:
                 return []
-            chained = self._chained(tree, leaf, level)
+            chained = self._chained(tree, leaf, level, state)
             (a, a_next), group, lookup = self._lookup_alphas(level, match, state, chained), [leaf], (draft, match)
             kmax, per_step, first = len(draft), 0.0, self._t_lookup()
         else:
@@ -176,7 +176,7 @@ class DyTC:
         drafter = level.drafter
         if isinstance(drafter, NgramDrafter):  # (level.is_lookup)
             draft, match = opt.lookup
-            chained = self._chained(tree, opt.group[0], level)
+            chained = self._chained(tree, opt.group[0], level, state)
             drafter.extend(tree, opt.group[0], draft[:opt.k], match, *self._lookup_alphas(level, match, state, chained))
             return
         est = level.estimate(regime(state.sampling))
@@ -223,13 +223,13 @@ class DyTC:
         the next round's reach: `_lookup_room`), from its accepted chain where the round drafted with it, else
         from its continuation scored against the committed tokens (the shadow, `_observe_shadow`)."""
         assert isinstance(self.bottom.drafter, NgramDrafter)  # a root lookup comes from prompt lookup at the bottom
-        rnd = self._round
+        rnd, chained = self._round, state.lookup_streak  # whether the round began inside a copied stretch
         copied = self.bottom.drafter.follow(state, root[0], rnd.source if rnd is not None else -1, result.tokens)
         if any(tree.drafter[c] == self.bottom.name for c in tree.children[0]):
             state.lookup_run = self._lookup_run(tree, result)
             return
         state.lookup_run = copied
-        self._observe_shadow(tree, root, result, state)
+        self._observe_shadow(root, copied, chained, result, state)
 
     def _lookup_run(self, tree: DraftTree, result: AcceptResult) -> int:
         """Tokens of the accepted path drafted by prompt lookup from the root on."""
@@ -249,13 +249,15 @@ class DyTC:
             return draft[:k], match
         return drafter.lookup(tree, state, leaf, k)
 
-    def _observe_shadow(self, tree: DraftTree, shadow: tuple[list[int], int], result: AcceptResult,
+    def _observe_shadow(self, shadow: tuple[list[int], int], matched: int, chained: bool, result: AcceptResult,
                         state: DecodeState) -> None:
-        """Score the root's lookup against the committed tokens, as verification would have (each token observed
-        only if the ones before it matched; none beyond what was committed). It keeps the bottom level's estimate
-        measured while other levels win every expansion: otherwise a pessimistic estimate is never corrected, and
-        a8 chains costing half a step each run where prompt lookup would copy ten tokens at once. Exact for greedy
-        and coupled sampling, where a draft token is accepted iff it equals the committed one."""
+        """Score the root's lookup, whose first `matched` tokens the round committed, against the committed tokens
+        as verification would have (each token observed only if the ones before it matched; none beyond what was
+        committed; `chained`: the round began inside a copied stretch, so its first token is a next one). It keeps
+        the bottom level's estimate measured while other levels win every expansion: otherwise a pessimistic
+        estimate is never corrected, and a8 chains costing half a step each run where prompt lookup would copy ten
+        tokens at once. Exact for greedy and coupled sampling, where a draft token is accepted iff it equals the
+        committed one."""
         sampling = state.sampling
         if not self.cfg.use_ema or not (sampling.is_greedy or sampling.is_coupled):
             return
@@ -263,9 +265,7 @@ class DyTC:
         bottom = self.bottom.drafter
         assert isinstance(bottom, NgramDrafter)  # a shadow comes from prompt lookup at the bottom
         reg, conf = regime(state.sampling), match / bottom.max_n
-        matched = committed_prefix(draft, result.tokens)
         seen = matched + (matched < min(len(draft), len(result.tokens)))  # and the first token that differs
-        chained = self._chained(tree, 0, self.bottom)
         for i in range(seen):
             est = bottom.next_estimate(state) if i or chained else self.bottom.estimate(reg)
             est.observe(i < matched, conf)
@@ -292,19 +292,16 @@ class DyTC:
         one before it); the confidence is the match length over the longest n-gram. `chained`: the first token
         goes on a copied stretch already accepted (`_chained`), so it is a next token too."""
         assert isinstance(level.drafter, NgramDrafter)  # a lookup level
-        conf = match / level.drafter.max_n
         if not self.cfg.use_ema:
             return level.estimator.prior, level.estimator.prior
-        a_next = level.drafter.next_estimate(state).token_prob(conf)
-        return (a_next if chained else level.estimate(regime(state.sampling)).token_prob(conf)), a_next
+        return level.drafter.acceptance(state, level.estimate(regime(state.sampling)), match, chained)
 
-    def _chained(self, tree: DraftTree, leaf: int, level: Level) -> bool:
+    @staticmethod
+    def _chained(tree: DraftTree, leaf: int, level: Level, state: DecodeState) -> bool:
         """Whether a lookup below `leaf` continues a copied stretch: the leaf is this level's own token, or the
-        root after a round that committed nothing but its lookup's continuation (the text is in a copy)."""
-        if leaf:
-            return tree.drafter[leaf] == level.name
-        rnd = self._round
-        return rnd is not None and rnd.tree is tree and rnd.streak
+        root while the text is in a copy (the last round committed nothing but its lookup's continuation; the
+        round's lookup learns its outcome only after every node's, so during a round this is its start's)."""
+        return tree.drafter[leaf] == level.name if leaf else state.lookup_streak
 
     def _t_verify(self, n_query: int, ctx: int, sampled: bool = False) -> float:
         """Seconds to verify n_query tree nodes; sampled: with the target's sampling over them."""
@@ -360,7 +357,7 @@ class DyTC:
             if level is None or parent not in on_path:
                 continue
             if _is_first_choice(tree, node):  # runner-ups get their p_acc from the first choice's
-                chained = level.is_lookup and self._chained(tree, parent, level)  # a continuation's next token
+                chained = level.is_lookup and self._chained(tree, parent, level, state)  # a continuation's next token
                 est = NgramDrafter.next_estimate(state) if chained else level.estimate(reg)
                 est.observe(node in on_path, tree.confidence[node])
             elif level.name in ratios:  # a runner-up: how its heuristic p_acc (before correction) fared
@@ -387,15 +384,13 @@ class DyTC:
 
 @dataclass
 class _Round:
-    """The round being timed: its tree, start, guards, prompt lookup's continuation at the root, and whether
-    the text was in a copied stretch when it began."""
+    """The round being timed: its tree, start, guards, and prompt lookup's continuation at the root."""
 
     tree: DraftTree
     t0: float
     guard: PayGuard | None
     lone: PayGuard | None
     root: tuple[list[int], int] | None
-    streak: bool = False  # the round starts inside a copied stretch (state.lookup_streak when it began)
     source: int = -1  # where the root continuation starts in the tokens
 
 
