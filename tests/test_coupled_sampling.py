@@ -153,7 +153,10 @@ def test_bad_sampling_settings_are_refused(kw):
                                  SamplingConfig(temperature=0.7, top_k=50, top_p=0.9, seed=3),
                                  SamplingConfig(temperature=0.8, top_k=20, seed=4),
                                  SamplingConfig(temperature=0.8, top_p=0.99, min_p=0.05, seed=5),
-                                 SamplingConfig(temperature=3.0, top_p=0.999, seed=6)], ids=lambda c: c.filters)
+                                 SamplingConfig(temperature=3.0, top_p=0.999, seed=6),
+                                 SamplingConfig(temperature=0.7, seed=7), SamplingConfig(temperature=2.5, seed=8),
+                                 SamplingConfig(temperature=1.5, min_p=0.001, seed=9),
+                                 SamplingConfig(temperature=1.0, min_p=0.2, seed=10)], ids=lambda c: c.filters)
 def test_the_kernel_sampler_is_the_python_one(cfg, v):
     """kernels/sampling.cpp draws the token coupled_choice(candidates(...)) draws (LM-like rows: a few likely
     tokens over a bulk, so top-p cuts land anywhere from 1 to thousands of columns)."""
@@ -167,9 +170,27 @@ def test_the_kernel_sampler_is_the_python_one(cfg, v):
     for token_ids in (None, ids):
         want = coupled_choice(c, keys, token_ids, 3)  # the sample and two runner-ups
         got, probs = kernels.module().coupled_sample(x, keys, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p,
-                                                     token_ids, 3)
+                                                     token_ids, 3, True)
         assert torch.equal(got, want)
         torch.testing.assert_close(probs, c.probs_of(want), rtol=1e-5, atol=1e-7)
+        alone, _ = kernels.module().coupled_sample(x, keys, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p,
+                                                   token_ids, 1, False)  # the draw without its probabilities
+        assert torch.equal(alone[:, 0], want[:, 0])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs casspec's CPU kernels (x86-64 AVX2)")
+@pytest.mark.parametrize("v", [1000, 49152])
+def test_the_kernel_draws_past_an_open_rows_ranked_prefix_as_python_does(v):
+    """Flat rows at a high temperature: the aggregate of the columns past the ranked prefix often wins, and the
+    kernel draws inside it the column the Python path draws."""
+    cfg = SamplingConfig(temperature=2.0, seed=3)
+    x = _logits(v, 1.0, rows=40, seed=v)
+    keys = noise_keys(cfg.seed, list(range(40)))
+    c = candidates(x, cfg)
+    want = coupled_choice(c, keys, None, 2)
+    got, _ = kernels.module().coupled_sample(x, keys, cfg.temperature, 0, 1.0, 0.0, None, 2, True)
+    assert torch.equal(got, want)
+    assert sum(int(col) not in set(ranked.tolist()) for col, ranked in zip(want[:, 0], c.cols)) >= 10
 
 
 @pytest.mark.skipif(not kernels.available(), reason="needs casspec's CPU kernels (x86-64 AVX2)")
@@ -177,8 +198,8 @@ def test_rows_the_kernel_sampler_refuses_go_the_python_way():
     cfg = SamplingConfig(temperature=0.7, top_p=0.9, seed=1)
     x = _logits(300, 1.0, rows=3, seed=2)
     x[1, 7] = float("nan")
-    cols, _ = kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 0.9, 0.0, None, 1)
+    cols, _ = kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 0.9, 0.0, None, 1, True)
     assert int(cols[1, 0]) == -1 and bool((cols[[0, 2], 0] >= 0).all())
     assert coupled_tokens(x, cfg, [0, 1, 2]) == coupled_choice(candidates(x, cfg), noise_keys(1, [0, 1, 2]))[:, 0].tolist()
-    with pytest.raises(RuntimeError, match="top-k or top-p"):
-        kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 1.0, 0.0, None, 1)
+    with pytest.raises(RuntimeError, match="invalid filters"):
+        kernels.module().coupled_sample(x.contiguous(), noise_keys(1, [0, 1, 2]), 0.7, 0, 1.5, 0.0, None, 1, True)

@@ -69,21 +69,37 @@ def _walk(tree: DraftTree, target: Callable[[int], int]) -> AcceptResult:
 
 
 def _accept_coupled(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig) -> AcceptResult:
-    """The greedy walk over coupled samples. Node i samples position base + depth[i] + 1; every node with
-    children is sampled in one batched call, a leaf only if the path reaches it."""
+    """The greedy walk over coupled samples. Node i samples position base + depth[i] + 1: the root alone first
+    (when its draft children are wrong, as they mostly are at a low acceptance, nothing else is sampled), then
+    every node with children below the root's accepted child in one batched call, a leaf only if the path
+    reaches it."""
     def position(node: int) -> int:
         return tree.base + tree.depth[node] + 1
 
-    rows = [i for i in range(len(tree)) if tree.children[i]] or [0]
-    target = dict(zip(rows, coupled_tokens(logits if len(rows) == len(logits) else logits[rows], cfg,
-                                           [position(i) for i in rows])))
+    def sample(nodes: list[int]) -> None:
+        target.update(zip(nodes, coupled_tokens(logits[nodes], cfg, [position(i) for i in nodes])))
+
+    target: dict[int, int] = {}
+    sample([0])
+    child = next((c for c in tree.children[0] if tree.tokens[c] == target[0]), None)
+    if child is not None:
+        inner = [i for i in range(child, len(tree)) if tree.children[i] and _descends(tree, i, child)]
+        if inner:
+            sample(inner)
 
     def token(node: int) -> int:
         if node not in target:
-            target[node] = coupled_tokens(logits[node:node + 1], cfg, [position(node)])[0]
+            sample([node])
         return target[node]
 
     return _walk(tree, token)
+
+
+def _descends(tree: DraftTree, node: int, ancestor: int) -> bool:
+    """Whether `ancestor` is `node` or on its path to the root (nodes are numbered after their parents)."""
+    while node > ancestor:
+        node = tree.parents[node]
+    return node == ancestor
 
 
 def _accept_sampling(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,

@@ -116,29 +116,29 @@ def coupled_choice(c: Candidates, keys: torch.Tensor, token_ids: torch.Tensor | 
 def coupled_tokens(logits: torch.Tensor, cfg: SamplingConfig, positions: list[int],
                    token_ids: torch.Tensor | None = None) -> list[int]:
     """The coupled sample of each row of logits [N, V] at its position (token ids when `token_ids` maps columns)."""
-    cols = coupled_draws(logits, cfg, noise_keys(cfg.seed, positions), token_ids)[0][:, 0]
+    cols = coupled_draws(logits, cfg, noise_keys(cfg.seed, positions), token_ids, probs=False)[0][:, 0]
     return (cols if token_ids is None else token_ids[cols]).tolist()
 
 
 def coupled_draws(logits: torch.Tensor, cfg: SamplingConfig, keys: torch.Tensor, token_ids: torch.Tensor | None = None,
-                  top: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  top: int = 1, probs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`coupled_choice` over the filtered rows of logits [N, V] -> columns [N, top] (-1: none) and their filtered
-    probabilities [N, top]. With a top-k or top-p cut the CPU kernels compute both in one call
-    (kernels/sampling.cpp, the same function); rows they refuse (non-finite logits) and other cases go the
-    torch way."""
-    if (cfg.top_k > 0 or cfg.top_p < 1.0) and logits.device.type == "cpu" and kernels.available():
+    probabilities [N, top] (zeros unless `probs`: an open row's need a pass over its vocabulary). On the CPU
+    the kernels compute both in one call (kernels/sampling.cpp, the same function); rows they refuse
+    (non-finite logits) and other devices go the torch way."""
+    if logits.device.type == "cpu" and kernels.available():
         ids = None if token_ids is None else token_ids.to(torch.int64).contiguous()
-        cols, probs = kernels.module().coupled_sample(logits.float().contiguous(), keys, cfg.temperature, cfg.top_k,
-                                                      cfg.top_p, cfg.min_p, ids, top)
+        cols, p = kernels.module().coupled_sample(logits.float().contiguous(), keys, cfg.temperature, cfg.top_k,
+                                                  cfg.top_p, cfg.min_p, ids, top, probs)
         rows = (cols[:, 0] < 0).nonzero()[:, 0]
         if len(rows):
             c = candidates(logits[rows], cfg)
             cols[rows] = coupled_choice(c, keys[rows], token_ids, top)
-            probs[rows] = c.probs_of(cols[rows])
-        return cols, probs
+            p[rows] = c.probs_of(cols[rows])
+        return cols, p
     c = candidates(logits, cfg)
     cols = coupled_choice(c, keys, token_ids, top)
-    return cols, c.probs_of(cols)
+    return cols, c.probs_of(cols) if probs else torch.zeros(cols.shape)
 
 
 def _draw_aggregate(z: torch.Tensor, key: int, token_ids: torch.Tensor | None, best: float, ranked: int,

@@ -1,8 +1,6 @@
 // Coupled (Gumbel-max) sampling of rows of logits under temperature, top-k, top-p and min-p, in one call:
 // the function verify/coupling.py computes as coupled_choice(candidates(x, cfg), keys, token_ids, top) (and the
-// filtered probabilities of the columns it returns, Candidates.probs_of), for the
-// configurations with a top-k or top-p cut (every survivor then lies among the ranked columns, so there is
-// no open aggregate). Why hand-written: in torch the same work is ~30 small ops a call, 0.3 ms per Gemma
+// filtered probabilities of the columns it returns, Candidates.probs_of, when asked). Why hand-written: in torch the same work is ~30 small ops a call, 0.3 ms per Gemma
 // position, most of what sampling adds to a decode step; here it is one pass for the block maxima, one for
 // the row's normaliser, a selection inside the few blocks that can hold the ranked columns, and the
 // noise of those columns only.
@@ -13,7 +11,11 @@
 // over the row (top-k: over the k survivors); min-p keeps v >= v_0 + log(min_p); the sample is the argmax
 // of v + g(key, column) over the survivors, g the splitmix64 Gumbel noise of coupling.gumbel. The
 // normaliser is summed in a different order (per block of 64 in fp32, blocks in double), so a cut can
-// differ from the Python path's only where the nucleus mass lands within rounding of top_p.
+// differ from the Python path's only where the nucleus mass lands within rounding of top_p. A row with no
+// top-k / top-p cut is "open": its survivors past the ranked prefix race as one aggregate (noise id -1), looked
+// at only when log(#rest) + z_W + g(-1) could beat the best ranked score, then drawn in blocks
+// (draw_aggregate), as coupling._draw_aggregate does; its sums are in double, torch's in fp32, so the
+// aggregate's verdict can differ only where it lands within rounding of the best ranked score.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -31,6 +33,7 @@ namespace {
 constexpr int64_t BLOCK = 64;      // columns per block of the block-max prefilter (sampling.BLOCK)
 constexpr int64_t PREFIX = 64;     // columns ranked first (sampling.K_PREFIX)
 constexpr int64_t WIDEN = 4;       // growth of the ranked prefix while the nucleus is not inside it
+constexpr int64_t AGG_WIDEN = 16;  // growth of the ranked blocks inside an open row's aggregate (sampling.WIDEN)
 constexpr uint64_t GAMMA = 0x9E3779B97F4A7C15ULL, C1 = 0xBF58476D1CE4E5B9ULL, C2 = 0x94D049BB133111EBULL;
 
 double gumbel(int64_t key, int64_t id) {  // coupling.gumbel: splitmix64 output id + 1 of the stream at key
@@ -132,6 +135,38 @@ std::vector<std::pair<float, int64_t>> top_columns(const float* x, int64_t v, co
   return cand;
 }
 
+// An open row's aggregate of survivors past the ranked prefix won the first race (coupling._draw_aggregate): draw
+// inside it, one ranked block of ranked * (AGG_WIDEN - 1) columns at a time, the remainder racing as the next
+// aggregate with noise id -2, -3, ... . `rest`: raw logits of the unranked survivors (-inf elsewhere; consumed),
+// m: the row's max raw logit, best: the best ranked score. Returns the column drawn, or -1 if the ranked winner
+// stands.
+int64_t draw_aggregate(std::vector<float>& rest, float m, float inv_t, float t, int64_t key, const int64_t* ids,
+                       double best, int64_t ranked) {
+  const int64_t v = static_cast<int64_t>(rest.size());
+  int64_t winner = -1;
+  for (int64_t level = 1;; ++level) {
+    const double lse = row_lse(rest.data(), v, m, t);  // -inf once nothing is left
+    if (lse + gumbel(key, -level) <= best) return winner;
+    std::vector<std::pair<float, int64_t>> alive;
+    for (int64_t j = 0; j < v; ++j)
+      if (rest[j] > -INFINITY) alive.emplace_back(rest[j], j);
+    const int64_t block = std::min(v, ranked * (AGG_WIDEN - 1));
+    if (static_cast<int64_t>(alive.size()) > block)
+      std::nth_element(alive.begin(), alive.begin() + block, alive.end(),
+                       [](const auto& a, const auto& b) { return a.first > b.first; });
+    const int64_t n = std::min<int64_t>(block, static_cast<int64_t>(alive.size()));
+    best = -INFINITY;  // the aggregate won: the token is the best of its block, or lies in the remainder
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t col = alive[i].second;
+      const double score = static_cast<double>(alive[i].first * inv_t) + gumbel(key, ids ? ids[col] : col);
+      if (score > best) best = score, winner = col;
+      rest[col] = -INFINITY;
+    }
+    if (n < block || n == v) return winner;
+    ranked += n;
+  }
+}
+
 // The survivors of one row as (score z + g, column), best score first, and log sum exp z over them; none
 // for a row with NaN or infinite logits (the caller's Python path handles it).
 struct Draws {
@@ -140,7 +175,7 @@ struct Draws {
 };
 
 Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, float t, int64_t top_k, double top_p,
-                 double min_p) {
+                 double min_p, int64_t want, bool with_probs) {
   const RowStats s = block_maxima(x, v);
   if (!std::isfinite(s.max)) return {};
   const bool cut_k = top_k > 0;
@@ -178,8 +213,30 @@ Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, flo
     const int64_t col = top[i].second;
     d.ranked.emplace_back(static_cast<double>(z[i]) + gumbel(key, ids ? ids[col] : col), col);
   }
-  d.log_norm = log_sum_exp(z, last);
-  std::sort(d.ranked.begin(), d.ranked.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  const size_t keep = std::min<size_t>(d.ranked.size(), static_cast<size_t>(want));
+  std::partial_sort(d.ranked.begin(), d.ranked.begin() + keep, d.ranked.end(),
+                    [](const auto& a, const auto& b) { return a.first > b.first; });
+  d.ranked.resize(keep);
+  const bool open = !cut_k && top_p >= 1.0 && w < v && last == top.size();
+  if (!open) {
+    d.log_norm = log_sum_exp(z, last);
+    return d;
+  }
+  // an open row: every column past the ranked prefix with z >= floor survives too (coupling.coupled_choice)
+  const float floor = min_p > 0.0 ? z[0] + static_cast<float>(std::log(min_p)) : -INFINITY;
+  std::vector<float> rest(x, x + v);  // raw logits of the survivors not ranked yet, -inf elsewhere
+  for (int64_t j = 0; j < v; ++j)
+    if (!(rest[j] * inv_t >= floor)) rest[j] = -INFINITY;
+  if (with_probs) d.log_norm = row_lse(rest.data(), v, s.max, t);  // over every survivor
+  for (const auto& c : top) rest[c.second] = -INFINITY;
+  const double bound = std::log(static_cast<double>(v - w)) + static_cast<double>(z[w - 1]) + gumbel(key, -1);
+  if (bound > d.ranked[0].first) {
+    const int64_t winner = draw_aggregate(rest, s.max, inv_t, t, key, ids, d.ranked[0].first, w);
+    if (winner >= 0) {
+      d.ranked.insert(d.ranked.begin(), {INFINITY, winner});
+      d.ranked.resize(std::min<size_t>(d.ranked.size(), static_cast<size_t>(want)));
+    }
+  }
   return d;
 }
 
@@ -187,7 +244,7 @@ Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, flo
 
 std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
                                        double top_p, double min_p, const std::optional<at::Tensor>& token_ids,
-                                       int64_t top) {
+                                       int64_t top, bool with_probs) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) > 0,
               "x must be contiguous [N, V] fp32");
   TORCH_CHECK(keys.dim() == 1 && keys.is_contiguous() && keys.scalar_type() == at::kLong && keys.size(0) == x.size(0),
@@ -195,7 +252,6 @@ std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& ke
   TORCH_CHECK(!token_ids || (token_ids->dim() == 1 && token_ids->is_contiguous() &&
                              token_ids->scalar_type() == at::kLong && token_ids->size(0) == x.size(1)),
               "token_ids must be int64 [V]");
-  TORCH_CHECK(top_k > 0 || top_p < 1.0, "coupled_sample needs a top-k or top-p cut");
   TORCH_CHECK(top_k >= 0 && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0 && min_p <= 1.0 && top >= 1, "invalid filters");
   const int64_t n = x.size(0), v = x.size(1);
   const float t = static_cast<float>(std::max(temperature, 1e-5));
@@ -203,12 +259,13 @@ std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& ke
   at::Tensor probs = at::zeros({n, top}, x.options());
   const int64_t* ids = token_ids ? token_ids->data_ptr<int64_t>() : nullptr;
   for (int64_t r = 0; r < n; ++r) {
-    const Draws d = sample_row(x.data_ptr<float>() + r * v, v, keys.data_ptr<int64_t>()[r], ids, t, top_k, top_p, min_p);
     const float* row = x.data_ptr<float>() + r * v;
-    for (int64_t i = 0; i < std::min<int64_t>(top, static_cast<int64_t>(d.ranked.size())); ++i) {
+    const Draws d = sample_row(row, v, keys.data_ptr<int64_t>()[r], ids, t, top_k, top_p, min_p, top, with_probs);
+    for (int64_t i = 0; i < static_cast<int64_t>(d.ranked.size()); ++i) {
       const int64_t col = d.ranked[i].second;
       cols.data_ptr<int64_t>()[r * top + i] = col;
-      probs.data_ptr<float>()[r * top + i] = static_cast<float>(std::exp(static_cast<double>(row[col] * (1.0f / t)) - d.log_norm));
+      if (with_probs)
+        probs.data_ptr<float>()[r * top + i] = static_cast<float>(std::exp(static_cast<double>(row[col] * (1.0f / t)) - d.log_norm));
     }
   }
   return {cols, probs};

@@ -7,4 +7,4 @@
 
 std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
                                        double top_p, double min_p, const std::optional<at::Tensor>& token_ids,
-                                       int64_t top);
+                                       int64_t top, bool with_probs);
