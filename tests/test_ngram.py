@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from casspec.drafters.ngram import find_ngram_continuation
+from casspec.drafters.ngram import NgramIndex, find_ngram_continuation, find_ngram_match
 
 
 def f(tokens, max_n=3, min_n=1, k=4):
@@ -35,3 +37,14 @@ def test_min_n_gates_short_matches():
 
 def test_continuation_truncated_at_end():
     assert f([1, 2, 1, 2], k=10) == ([1, 2], 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.lists(st.integers(0, 4), max_size=6),
+       st.integers(1, 4), st.integers(1, 3), st.integers(0, 40))
+def test_the_index_finds_what_the_scan_finds(tokens, path, max_n, min_n, grow):
+    """NgramIndex.match over a text indexed as it grew equals the scan of the whole text plus the draft path."""
+    index = NgramIndex(max_n)
+    index.update(tokens[:grow])  # indexed earlier, at a shorter length
+    want = find_ngram_match(np.array(tokens + path), max_n, min_n)
+    assert index.match(tokens, path, min_n) == want

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from casspec.runtime.kv_cache import SeqCache
 from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.latency import ForwardTimes
 from casspec.verify.logprobs import TokenLogprob
+
+if TYPE_CHECKING:
+    from casspec.drafters.ngram import NgramIndex
 
 
 @dataclass
@@ -30,6 +34,7 @@ class DecodeState:
     lookup_streak: bool = False  # last round committed nothing but its root lookup continuation's tokens (DyTC)
     lookup_source: int = -1  # where that continuation goes on in tokens, while lookup_streak (DyTC)
     lookup_next: AcceptanceEstimator | None = None  # this text's next-token acceptance of lookup continuations
+    ngram_index: dict[int, NgramIndex] = field(default_factory=dict)  # max_n -> prompt lookup's index of tokens
     logprobs: int | None = None  # None: no logprobs; k: each committed token's logprob and the top k
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed new token
 

@@ -28,6 +28,40 @@ def find_ngram_match(tokens: np.ndarray, max_n: int, min_n: int) -> tuple[int, i
     return -1, 0
 
 
+class NgramIndex:
+    """Where the latest occurrence of every n-gram (n <= max_n) of a growing text is followed: find_ngram_match as a
+    few dict reads. The scan reads the whole text each lookup (~0.1 ms at 900 tokens, several a step); this index
+    adds each committed token's n-grams once and scans only the draft path past the committed text."""
+
+    def __init__(self, max_n: int) -> None:
+        self.max_n = max_n
+        self.grams: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]  # n -> gram -> start
+        self.size = 0  # tokens indexed: every gram followed by a token at c < size is in
+
+    def update(self, tokens: list[int]) -> None:
+        """Index the grams the tokens added since the last call end (tokens only grow)."""
+        for c in range(max(self.size, 1), len(tokens)):
+            for n in range(1, min(self.max_n, c) + 1):
+                self.grams[n][tuple(tokens[c - n:c])] = c
+        self.size = max(self.size, len(tokens))
+
+    def match(self, tokens: list[int], path: list[int], min_n: int) -> tuple[int, int]:
+        """find_ngram_match(tokens + path, max_n, min_n): (start, n) or (-1, 0)."""
+        self.update(tokens)
+        size, base = len(tokens) + len(path), len(tokens)
+        tail = tokens[max(0, base - self.max_n):] + path  # ctx[size - len(tail):]
+        off = size - len(tail)
+        for n in range(min(self.max_n, size - 1), min_n - 1, -1):
+            suffix = tail[len(tail) - n:]
+            for c in range(size - 1, max(base, n) - 1, -1):  # occurrences followed by a path token, latest first
+                if tail[c - n - off:c - off] == suffix:
+                    return c, n
+            start = self.grams[n].get(tuple(suffix), -1)
+            if start >= 0:
+                return start, n
+        return -1, 0
+
+
 def find_ngram_continuation(tokens: np.ndarray, max_n: int, min_n: int, k: int) -> tuple[list[int], int]:
     """Tokens after the latest earlier occurrence of the longest suffix n-gram (n in [min_n, max_n])."""
     start, n = find_ngram_match(tokens, max_n, min_n)
@@ -94,9 +128,13 @@ class NgramDrafter:
                 source: int | None) -> tuple[list[int], int, int]:
         """(continuation of prompt + generated + path, match length, its start); `source`: continue from there."""
         t0 = time.perf_counter()
-        ctx = np.asarray(state.tokens + path, dtype=np.int64)
-        start, n = (source, self.max_n) if source is not None else find_ngram_match(ctx, self.max_n, self.min_n)
-        draft = ctx[start:start + k].tolist() if n else []
+        tokens = state.tokens
+        if source is not None:
+            start, n = source, self.max_n
+        else:
+            index = state.ngram_index.setdefault(self.max_n, NgramIndex(self.max_n))
+            start, n = index.match(tokens, path, self.min_n)
+        draft = ((tokens[start:start + k] + path)[:k] if start < len(tokens) else path[start - len(tokens):][:k]) if n else []
         for i, t in enumerate(draft):  # nothing after EOS can be accepted
             if t in state.eos_ids:
                 draft = draft[:i + 1]
