@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from casspec.config import SAMPLING_RULES, SamplingConfig
+from casspec.runtime import heap
 
 HELP = "commands: /reset (clear history), /exit (or Ctrl-D), /help"
 
@@ -183,6 +184,7 @@ def chat(args: argparse.Namespace) -> int:
             import casspec
 
             engine = casspec.load(args.model)
+            heap.settle()
     methods = tuple(getattr(engine, "methods", ()) or ())
     if methods and args.method not in methods:
         err.print(f"error: unknown method {args.method!r}; choose one of {', '.join(methods)}")

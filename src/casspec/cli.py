@@ -8,6 +8,7 @@ import sys
 
 from casspec.config import SAMPLING_RULES
 from casspec.errors import CasspecError
+from casspec.runtime import heap
 
 # subcommands owned by other modules: module path -> its add_parser(subparsers)
 _PLUGINS = ("casspec.bench.cli", "casspec.server.cli", "casspec.chat", "casspec.loadtest")
@@ -72,6 +73,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     _check_generate_args(args)
     engine = casspec.load(args.model, hierarchy=args.drafts)
+    heap.settle()
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, min_p=args.min_p, seed=args.seed, sampling_rule=args.sampling_rule,
                   stop=args.stop, chat=args.chat)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from casspec.cli import add_drafts_arg
+from casspec.runtime import heap
 
 DEFAULT_LIMIT = 10
 
@@ -209,6 +210,7 @@ def profile_command(args: argparse.Namespace, *, engine: Any = None) -> int:
     if engine is None:
         import casspec
         engine = casspec.load(args.model, hierarchy=args.drafts)
+        heap.settle()
     result = run_profile(engine, ctx_len=args.ctx_len, max_query=args.max_query,
                          repeats=args.repeats, plans=_split(args.plans), progress=not args.no_progress)
     out = Path(args.out or Path("bench_out") / f"profile-{_stamp()}")

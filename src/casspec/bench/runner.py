@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from casspec.errors import InvalidRequestError
+from casspec.runtime import heap
 
 from .compare import compare_to_reference
 from .llamacpp import LLAMACPP_PEERS, LlamaCppPeers, skip_message, unavailable_reason
@@ -310,6 +311,7 @@ def run_bench(models: Iterable[str], questions: list[Question], cfg: BenchConfig
                 import casspec
                 loader = casspec.load
             engine = loader(name)
+            heap.settle()
         records += run_model(engine, questions, cfg, progress=progress, on_record=on_record, log=log)
         del engine
         gc.collect()

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping
 
 from casspec.cli import add_drafts_arg
+from casspec.runtime import heap
 
 from .app import create_app
 
@@ -57,6 +58,7 @@ def load_engine(args: argparse.Namespace):
         import casspec
 
         engine = casspec.load(args.model, hierarchy=getattr(args, "drafts", None))
+        heap.settle()
     tokens = getattr(args, "prefix_cache_tokens", None)
     if tokens is not None and hasattr(engine, "runner"):  # --prefix-cache-tokens: resize (0: no prefix cache)
         from casspec.runtime.prefix_cache import PrefixCache
