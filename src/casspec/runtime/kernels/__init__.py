@@ -7,6 +7,8 @@ computes the same functions with stock torch ops. `CASSPEC_KERNELS=0` turns the 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -14,6 +16,7 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -77,14 +80,43 @@ def _load() -> ModuleType | None:
 
 
 def _build(folder: Path) -> ModuleType:
-    """Compile (first use) or load the kernels kept in `folder`."""
+    """Compile (first use) or load the kernels kept in `folder`. The sources are built from a copy inside the
+    folder, so another checkout of the same sources (a clean clone beside a working tree) finds the build
+    torch made and does not compile again; one process builds at a time, under a lock the OS drops with it."""
     from torch.utils.cpp_extension import load
 
     folder.mkdir(parents=True, exist_ok=True)
-    if not any(folder.glob("*.so")):
-        print("casspec: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr, flush=True)
-    return load(name="casspec_kernels", sources=[str(f) for f in SOURCES], extra_cflags=FLAGS,
-                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+    with _exclusive(folder / "build.flock"):
+        # torch's own lock file: left by a process killed while building, it would make every later load wait
+        # for it forever; holding our lock, nobody else is building here
+        (folder / "lock").unlink(missing_ok=True)
+        sources = _staged(folder / "src")
+        if not any(folder.glob("*.so")):
+            print("casspec: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr,
+                  flush=True)
+        return load(name="casspec_kernels", sources=[str(f) for f in sources], extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An advisory lock on `path` for the duration (released by the OS if the process dies)."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _staged(into: Path) -> list[Path]:
+    """The sources and headers copied into `into` (kept where identical); returns the copied SOURCES."""
+    into.mkdir(exist_ok=True)
+    for f in SOURCES + HEADERS:
+        target = into / f.name
+        if not target.exists() or target.read_bytes() != f.read_bytes():
+            shutil.copyfile(f, target)
+    return [into / f.name for f in SOURCES]
 
 
 def _folder_or_none() -> Path | None:
