@@ -51,6 +51,31 @@ def test_kernel_runner_equals_torch_runner(runners, plan):
     assert torch.equal(out[0].argmax(-1), out[1].argmax(-1))
 
 
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
+def test_a_fused_layer_call_is_bitwise_the_ops_one_by_one(runners, plan, monkeypatch):
+    """layer.cpp runs a decoder layer's kernel ops in one call: the same logits, bit for bit, as calling them
+    from Python (prefill-sized and tree forwards, every family's norms, skipped sub-layers, int8 weights)."""
+    fast = runners[0]
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(1))
+    tree = _tree_inputs(15)
+
+    def logits() -> list[torch.Tensor]:
+        cache = fast.new_cache(64)
+        pos = torch.arange(15)
+        first = fast.forward(ids[:15], pos, pos, cache, plan)
+        cache.length = 15
+        return [first, fast.forward(ids[15:], tree[0], tree[1], cache, plan, tree[2], tree[3])]
+
+    calls = []
+    original = type(fast.backend).layer
+    monkeypatch.setattr(type(fast.backend), "layer", lambda self, *a: calls.append(1) or original(self, *a))
+    fused = logits()
+    assert calls and all(lw.kernel for lw in fast.weights_for(plan).layers)  # the fused call ran
+    monkeypatch.setattr(type(fast.backend), "layer", lambda self, *a: False)
+    for got, want in zip(fused, logits()):
+        assert torch.equal(got, want)
+
+
 def test_long_inputs_use_the_torch_path_and_agree(runners, monkeypatch):
     fast, ref = runners
     calls = []

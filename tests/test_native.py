@@ -169,3 +169,24 @@ def test_native_draft_levels_are_lossless_and_read_the_targets_blocks(tmp_path):
     want = engine.generate(prompt, method="ar", max_new_tokens=20).token_ids
     for method in ("casspec", "casspec-chain", "self", "vc", "hc", "vchc", "tree"):
         assert engine.generate(prompt, method=method, max_new_tokens=20).token_ids == want, method
+
+
+@pytest.mark.parametrize("family,qtype", [("gemma3", T.Q5_0), ("llama", T.Q4_K)], ids=str)
+def test_a_fused_layer_call_over_blocks_is_bitwise_the_ops_one_by_one(family, qtype, tmp_path, monkeypatch):
+    """layer.cpp over GGUF blocks (and the a8 draft's int8 activations): the logits of the ops called one by one."""
+    from casspec.runtime.plans import FULL, ExecutionPlan
+
+    runner = _native_engine(family, qtype, tmp_path)[0].runner
+    ids = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(2))
+
+    def logits(plan: ExecutionPlan) -> torch.Tensor:
+        cache = runner.new_cache(32)
+        pos = torch.arange(12)
+        return runner.forward(ids, pos, pos, cache, plan)
+
+    for plan in (FULL, ExecutionPlan(weights="a8")):
+        fused = logits(plan)
+        assert all(lw.kernel for lw in runner.weights_for(plan).layers)
+        with monkeypatch.context() as m:
+            m.setattr(type(runner.backend), "layer", lambda self, *a: False)
+            assert torch.equal(fused, logits(plan))

@@ -5,6 +5,9 @@
     attention(q, k, v, lo, len)  softmax(q k^T * scale, masked) v; row m over cache slots lo[m] .. lo[m] + len[m]
     add_rms_norm(h, x, w)        h += rmsnorm(x) * w  (Gemma 3's post-norms)
 
+and `layer`, the ops of one decoder layer in one call where a backend can (the kernels: layer.cpp), else False
+and the runner calls them one by one.
+
 `TorchBackend` is stock torch (any device and dtype; prefill; machines without the kernels).
 `KernelBackend` runs the same math in casspec's CPU kernels for fp32 activations (weights tiled fp32 /
 int8 / int4, or native: GGUF blocks, bf16, fp16 read in place), and defers to the torch backend where a
@@ -14,17 +17,26 @@ allclose. The runner sends prefills longer than `MAX_KERNEL_ROWS` tokens to the 
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from casspec.runtime import kernels
-from casspec.runtime.weights import Proj
+from casspec.runtime.weights import LayerWeights, Proj
 
 MAX_KERNEL_ROWS = 64  # longer prefills are compute-bound: MKL's blocked GEMM is as fast there
 _GLU_MODE = {"silu": 2, "gelu_tanh": 3}
 _ACCUMULATE = 1
+
+
+class LayerShape(NamedTuple):
+    """What a decoder layer's ops take beside its weights."""
+
+    heads: int
+    kv_heads: int
+    eps: float  # RMSNorm epsilon
+    scale: float  # attention scale
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,6 +68,10 @@ class Backend(Protocol):
                   lens: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor: ...
 
     def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None: ...
+
+    def layer(self, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+              v_cache: torch.Tensor, slots: torch.Tensor, lo: torch.Tensor, lens: torch.Tensor,
+              mask: torch.Tensor | None, shape: LayerShape, attn: bool, mlp: bool) -> bool: ...
 
 
 class TorchBackend:
@@ -111,6 +127,12 @@ class TorchBackend:
     def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
         h.add_(rms_norm(x, w, eps))
 
+    def layer(self, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+              v_cache: torch.Tensor, slots: torch.Tensor, lo: torch.Tensor, lens: torch.Tensor,
+              mask: torch.Tensor | None, shape: LayerShape, attn: bool, mlp: bool) -> bool:
+        """No fused layer: the runner calls the ops one by one."""
+        return False
+
 
 class KernelBackend(TorchBackend):
     """The ops in casspec's CPU kernels (fp32, up to MAX_KERNEL_ROWS rows), else the torch ones."""
@@ -144,6 +166,32 @@ class KernelBackend(TorchBackend):
     def add_rms_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
         self.ops.add_rms_norm(h, x, w, eps)
 
+    def layer(self, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+              v_cache: torch.Tensor, slots: torch.Tensor, lo: torch.Tensor, lens: torch.Tensor,
+              mask: torch.Tensor | None, shape: LayerShape, attn: bool, mlp: bool) -> bool:
+        """h += attention, then h += MLP in one kernel call (layer.cpp: the same ops, in the same order), where
+        every projection has a kernel and the head size an attention kernel; False: the runner calls the ops."""
+        if lw.kernel is None:
+            lw.kernel = self._bind(lw, shape, k_cache.shape[-1])
+        if lw.kernel is False:
+            return False
+        self.ops.layer_forward(lw.kernel, h, rope[0], rope[1], k_cache, v_cache, slots, lo, lens, mask, attn, mlp)
+        return True
+
+    def _bind(self, lw: LayerWeights, shape: LayerShape, head_dim: int) -> object:
+        projs = lw.projections()
+        if (head_dim % 64 and head_dim not in (8, 16, 32)) or any(p.native is None and p.tiled is None for p in projs):
+            return False
+        bound = [self._projection(p) for p in projs]
+        return self.ops.Layer(*bound, lw.attn_norm, lw.mlp_norm, lw.post_attn_norm, lw.post_mlp_norm, lw.q_norm,
+                              lw.k_norm, *shape)
+
+    def _projection(self, p: Proj) -> object:
+        glu = _GLU_MODE[p.glu] if p.glu else 0
+        if p.native is not None:
+            return self.ops.Projection(p.blocks, p.qtypes, None, None, None, 0, p.n, p.bias, glu, p.act8)
+        return self.ops.Projection([], [], p.tiled, p.scale, p.mins, p.group, p.n, p.bias, glu, False)
+
 
 class TimedBackend:
     """Wraps a backend and adds up the seconds spent in its linears and in everything else it runs
@@ -170,3 +218,6 @@ class TimedBackend:
 
     def add_rms_norm(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         return self._timed("other", self.inner.add_rms_norm, *args, **kwargs)
+
+    def layer(self, *args, **kwargs) -> bool:  # noqa: ANN002, ANN003
+        return False  # timed op by op

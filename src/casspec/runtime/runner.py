@@ -16,7 +16,7 @@ from torch import nn
 
 from casspec.runtime import kernels, weight_cache
 from casspec.runtime.adapter import LlamaAdapter, make_adapter
-from casspec.runtime.backend import MAX_KERNEL_ROWS, Backend, KernelBackend, TorchBackend
+from casspec.runtime.backend import MAX_KERNEL_ROWS, Backend, KernelBackend, LayerShape, TorchBackend
 from casspec.runtime.batch import Rows, Segment
 from casspec.runtime.kv_cache import KVPool, SeqCache, StaticKVCache
 from casspec.runtime.plans import FULL, ExecutionPlan
@@ -148,14 +148,17 @@ class TargetRunner:
         keys, values = segments[0].cache.keys, segments[0].cache.values
         h = a.embed(rows.input_ids)  # [M, d]
         rope = a.rope(h, rows.positions)  # layer type -> (cos, sin) [M, D/2]
+        shape = LayerShape(a.num_heads, a.num_kv_heads, a.eps, a.scaling)
         for i, lw in enumerate(w.layers):
             if plan.exit_layer is not None and i >= plan.exit_layer:
                 break
-            kind = a.layer_types[i]
-            if plan.runs_attn(i):
-                self._attention(ops, lw, h, rope[kind], rows, rows.masks[kind], keys[i], values[i])
-            if plan.runs_mlp(i):
-                self._mlp(ops, lw, h)
+            kind, attn, mlp = a.layer_types[i], plan.runs_attn(i), plan.runs_mlp(i)
+            if not ops.layer(lw, h, rope[kind], keys[i], values[i], rows.slots, rows.key_lo, rows.key_len,
+                             rows.masks[kind], shape, attn, mlp):  # the same ops one by one
+                if attn:
+                    self._attention(ops, lw, h, rope[kind], rows, rows.masks[kind], keys[i], values[i])
+                if mlp:
+                    self._mlp(ops, lw, h)
         if logits_rows is not None:
             if logits_rows.numel() == 0:
                 return h.new_empty(0, a.vocab_size, dtype=torch.float32)

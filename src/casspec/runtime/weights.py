@@ -248,6 +248,8 @@ class LayerWeights:
     post_mlp_norm: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [D] per-head norms (Qwen3, Gemma 3)
     k_norm: torch.Tensor | None = None
+    kernel: object = field(default=None, init=False, repr=False, compare=False)  # the kernels' bound layer (a
+    # KernelBackend's, False where it has none); init=False: a layer made by replace() binds its own
 
     def projections(self) -> list[Proj]:
         return [self.qkv, self.o, self.gate_up, self.down]

@@ -26,23 +26,29 @@ def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_le
 def forward_breakdown(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3,
                       timed: bool = True) -> dict[str, float]:
     """Medians over `repeats` forwards (after one warm-up) of the total seconds and, with `timed`, of the
-    seconds in the backend's linears ("matmul"), attention and everything else ("rest" = total - matmul)."""
+    seconds in the backend's linears ("matmul") and attention, from a forward run op by op, and the rest
+    (total - matmul)."""
     cache = runner.new_cache(ctx_len + n_query + 1)
     cache.length = ctx_len
     ids = torch.randint(0, min(runner.vocab_size, 1000), (n_query,))
     pos = torch.arange(ctx_len, ctx_len + n_query)
     backend = runner.backend
     rows: list[dict[str, float]] = []
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        runner.forward(ids, pos, pos, cache, plan)
+        runner.synchronize()
+        return time.perf_counter() - t0
+
     try:
         for _ in range(repeats + 1):
-            timer = TimedBackend(backend) if timed else None
-            if timer is not None:
-                runner.backend = timer
-            t0 = time.perf_counter()
-            runner.forward(ids, pos, pos, cache, plan)
-            runner.synchronize()
-            total = time.perf_counter() - t0
-            parts = timer.seconds if timer is not None else {"linear": 0.0, "attention": 0.0}
+            total = run()  # as decoding runs it (a fused layer call where the backend has one)
+            parts = {"linear": 0.0, "attention": 0.0}
+            if timed:  # the split from a forward run op by op, each op timed
+                runner.backend = timer = TimedBackend(backend)
+                run()
+                runner.backend, parts = backend, timer.seconds
             rows.append({"total": total, "matmul": parts["linear"], "attention": parts["attention"],
                          "rest": total - parts["linear"]})
     finally:

@@ -23,7 +23,9 @@
 #include <cmath>
 #include <vector>
 #include "common.h"
+#include "layer.h"
 #include "native_linear.h"
+#include "ops.h"
 #include "sampling.h"
 
 namespace {
@@ -116,6 +118,8 @@ void linear_q4_tiles(const LinearArgs& a, const uint8_t* w, const uint16_t* d, c
 }
 
 
+}  // namespace
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& mins, int64_t group, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& norm_w, double eps, int64_t n, int64_t mode,
@@ -168,6 +172,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return y;
 }
 
+namespace {
+
 // ---- RoPE + KV-cache write --------------------------------------------------------------------
 // qkv [M, (H + 2 Hkv) D] -> q [M, H, D] rotated; k rotated and v written to cache[h, slots[m], :].
 // RoPE in HF's half-split layout: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), c/s [M, D/2].
@@ -189,6 +195,8 @@ void rotate(const float* src, const float* c, const float* s, int64_t D, const f
     dst[d + h] = x2 * c[d] + x1 * s[d];
   }
 }
+
+}  // namespace
 
 at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                    at::Tensor& v_cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads,
@@ -230,6 +238,8 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
   }
   return q;
 }
+
+namespace {
 
 // ---- decode attention -------------------------------------------------------------------------
 // q [M, H, D], caches [Hkv, S, D]. Row m sees keys lo[m] .. lo[m] + len[m] - 1 (its sequence's region),
@@ -362,6 +372,8 @@ void merge_blocks(const AttnArgs& a, int64_t h, int64_t m, float* out) {
   }
 }
 
+}  // namespace
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lo,
                      const at::Tensor& len, const std::optional<at::Tensor>& allowed, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && q.scalar_type() == at::kFloat &&
@@ -417,8 +429,6 @@ void add_rms_norm(at::Tensor& h, const at::Tensor& x, const at::Tensor& w, doubl
   for (int64_t i = 0; i < M * K; ++i) hp[i] += tmp[i];
 }
 
-}  // namespace
-
 // Bound with pybind11 rather than registered as torch ops: a call costs ~0.4 us instead of ~3 us of
 // dispatcher boxing, and a forward makes ~180 of them.
 // The ops run without the GIL (they touch no Python object): a server's event loop thread formats and
@@ -433,5 +443,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("native_linear", &native_linear, nogil(), "y = rmsnorm(x) W^T + b over weights in GGUF / bf16 / fp16 blocks, per part; act8: int8 activations");
   m.def("dequantize_rows", &dequantize_rows, nogil(), "rows of a block tensor as fp32 (bit-identical to gguf-py)");
   m.def("native_type_supported", &native_type_supported, "whether a ggml type has a kernel");
+  py::class_<Projection>(m, "Projection", "a projection bound for layer_forward (native blocks, or tiled weights)")
+      .def(py::init([](std::vector<at::Tensor> parts, std::vector<int64_t> types, std::optional<at::Tensor> tiled,
+                       std::optional<at::Tensor> scale, std::optional<at::Tensor> mins, int64_t group, int64_t n,
+                       std::optional<at::Tensor> bias, int64_t glu, bool act8) {
+        TORCH_CHECK(!parts.empty() ? parts.size() == types.size() : tiled.has_value(), "native parts or tiled weights");
+        return Projection{std::move(parts), std::move(types), std::move(tiled), std::move(scale), std::move(mins), group,
+                          n, std::move(bias), glu, act8};
+      }));
+  py::class_<Layer>(m, "Layer", "a decoder layer bound for layer_forward")
+      .def(py::init([](Projection qkv, Projection o, Projection gate_up, Projection down, at::Tensor attn_norm,
+                       at::Tensor mlp_norm, std::optional<at::Tensor> post_attn_norm,
+                       std::optional<at::Tensor> post_mlp_norm, std::optional<at::Tensor> q_norm,
+                       std::optional<at::Tensor> k_norm, int64_t heads, int64_t kv_heads, double eps, double scale) {
+        return Layer{std::move(qkv), std::move(o), std::move(gate_up), std::move(down), std::move(attn_norm),
+                     std::move(mlp_norm), std::move(post_attn_norm), std::move(post_mlp_norm), std::move(q_norm),
+                     std::move(k_norm), heads, kv_heads, eps, scale};
+      }));
+  m.def("layer_forward", &layer_forward, nogil(), "h += attention, then h += MLP of one bound Layer, in place (the ops one by one)");
   m.def("coupled_sample", &coupled_sample, nogil(), "coupled (Gumbel-max) draws per row under top-k / top-p / min-p: (columns [N, top] best first, -1 past the survivors; their filtered probabilities)");
 }
