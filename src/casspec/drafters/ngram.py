@@ -134,7 +134,10 @@ class NgramDrafter:
         else:
             index = state.ngram_index.setdefault(self.max_n, NgramIndex(self.max_n))
             start, n = index.match(tokens, path, self.min_n)
-        draft = ((tokens[start:start + k] + path)[:k] if start < len(tokens) else path[start - len(tokens):][:k]) if n else []
+        draft: list[int] = []
+        if n:  # the continuation of tokens + path from `start`
+            after = tokens[start:start + k] + path if start < len(tokens) else path[start - len(tokens):]
+            draft = after[:k]
         for i, t in enumerate(draft):  # nothing after EOS can be accepted
             if t in state.eos_ids:
                 draft = draft[:i + 1]

@@ -1,9 +1,9 @@
 // Coupled (Gumbel-max) sampling of rows of logits under temperature, top-k, top-p and min-p, in one call:
 // the function verify/coupling.py computes as coupled_choice(candidates(x, cfg), keys, token_ids, top) (and the
-// filtered probabilities of the columns it returns, Candidates.probs_of, when asked). Why hand-written: in torch the same work is ~30 small ops a call, 0.3 ms per Gemma
-// position, most of what sampling adds to a decode step; here it is one pass for the block maxima, one for
-// the row's normaliser, a selection inside the few blocks that can hold the ranked columns, and the
-// noise of those columns only.
+// filtered probabilities of the columns it returns, Candidates.probs_of, when asked). Why hand-written: in
+// torch the same work is ~30 small ops a call, 0.3 ms per Gemma position, most of what sampling adds to a
+// decode step; here it is one pass for the block maxima, one for the row's normaliser, a selection inside
+// the few blocks that can hold the ranked columns, and the noise of those columns only.
 //
 // Same definitions as the Python path: ranked columns are the W best raw logits (W = 64, widened 4x while
 // the top-p nucleus is not inside them; top-k: W = k), tempered as v * (1 / t) in fp32; the nucleus is the
@@ -222,15 +222,18 @@ Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, flo
     d.log_norm = log_sum_exp(z, last);
     return d;
   }
-  // an open row: every column past the ranked prefix with z >= floor survives too (coupling.coupled_choice)
+  // an open row: every column past the ranked prefix with z >= floor survives too (coupling.coupled_choice);
+  // they are read only when their aggregate could win, or for the normaliser of the probabilities
+  const double bound = std::log(static_cast<double>(v - w)) + static_cast<double>(z[w - 1]) + gumbel(key, -1);
+  const bool contest = bound > d.ranked[0].first;
+  if (!contest && !with_probs) return d;
   const float floor = min_p > 0.0 ? z[0] + static_cast<float>(std::log(min_p)) : -INFINITY;
   std::vector<float> rest(x, x + v);  // raw logits of the survivors not ranked yet, -inf elsewhere
   for (int64_t j = 0; j < v; ++j)
     if (!(rest[j] * inv_t >= floor)) rest[j] = -INFINITY;
   if (with_probs) d.log_norm = row_lse(rest.data(), v, s.max, t);  // over every survivor
   for (const auto& c : top) rest[c.second] = -INFINITY;
-  const double bound = std::log(static_cast<double>(v - w)) + static_cast<double>(z[w - 1]) + gumbel(key, -1);
-  if (bound > d.ranked[0].first) {
+  if (contest) {
     const int64_t winner = draw_aggregate(rest, s.max, inv_t, t, key, ids, d.ranked[0].first, w);
     if (winner >= 0) {
       d.ranked.insert(d.ranked.begin(), {INFINITY, winner});
