@@ -8,7 +8,6 @@ computes the same functions with stock torch ops. `CASSPEC_KERNELS=0` turns the 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import platform
@@ -101,7 +100,13 @@ def _build(folder: Path) -> ModuleType:
 
 @contextlib.contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    """An advisory lock on `path` for the duration (released by the OS if the process dies)."""
+    """An advisory lock on `path` for the duration (released by the OS if the process dies); none where the
+    platform has no flock (the kernels need x86 Linux-style toolchains anyway, but importing must not fail)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
