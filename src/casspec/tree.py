@@ -82,6 +82,10 @@ class DraftTree:
         """Draft tokens on the path below the root (the root token is already committed)."""
         return [self.tokens[i] for i in self.path(node)[1:]]
 
+    def subtree(self, node: int) -> list[int]:
+        """`node` and every node below it, ascending (from the ancestor-or-self closure)."""
+        return self._anc[:len(self.tokens), node].nonzero()[:, 0].tolist()
+
     def leaves(self) -> list[int]:
         return [i for i, c in enumerate(self.children) if not c]
 

@@ -300,8 +300,6 @@ def run_bench(models: Iterable[str], questions: list[Question], cfg: BenchConfig
               progress: bool = True, on_record: Callable[[Record], None] | None = None,
               log: Callable[[str], None] | None = None) -> list[Record]:
     """Load each model once (or take it from `engines`), race it, free it; returns all records."""
-    import gc
-
     records: list[Record] = []
     for name in models:
         if engines and name in engines:
@@ -314,5 +312,5 @@ def run_bench(models: Iterable[str], questions: list[Question], cfg: BenchConfig
             heap.settle()
         records += run_model(engine, questions, cfg, progress=progress, on_record=on_record, log=log)
         del engine
-        gc.collect()
+        heap.release()  # settled objects included: the next model should not run beside this one's
     return records

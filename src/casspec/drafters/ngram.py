@@ -132,7 +132,9 @@ class NgramDrafter:
         if source is not None:
             start, n = source, self.max_n
         else:
-            index = state.ngram_index.setdefault(self.max_n, NgramIndex(self.max_n))
+            index = state.ngram_index.get(self.max_n)
+            if index is None:
+                index = state.ngram_index[self.max_n] = NgramIndex(self.max_n)
             start, n = index.match(tokens, path, self.min_n)
         draft: list[int] = []
         if n:  # the continuation of tokens + path from `start`

@@ -30,6 +30,11 @@ _GLU_MODE = {"silu": 2, "gelu_tanh": 3}
 _ACCUMULATE = 1
 
 
+def _attention_kernel_fits(head_dim: int) -> bool:
+    """Whether the attention kernel takes this head size (multiples of 64, or 8 / 16 / 32)."""
+    return head_dim % 64 == 0 or head_dim in (8, 16, 32)
+
+
 class LayerShape(NamedTuple):
     """What a decoder layer's ops take beside its weights."""
 
@@ -159,7 +164,7 @@ class KernelBackend(TorchBackend):
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: torch.Tensor,
                   lens: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
         d = k_cache.shape[-1]
-        if d % 64 and d not in (8, 16, 32):
+        if not _attention_kernel_fits(d):
             return super().attention(q, k_cache, v_cache, lo, lens, allowed, scale)
         return self.ops.attention(q, k_cache, v_cache, lo, lens, allowed, scale)
 
@@ -180,7 +185,7 @@ class KernelBackend(TorchBackend):
 
     def _bind(self, lw: LayerWeights, shape: LayerShape, head_dim: int) -> object:
         projs = lw.projections()
-        if (head_dim % 64 and head_dim not in (8, 16, 32)) or any(p.native is None and p.tiled is None for p in projs):
+        if not _attention_kernel_fits(head_dim) or any(p.native is None and p.tiled is None for p in projs):
             return False
         bound = [self._projection(p) for p in projs]
         return self.ops.Layer(*bound, lw.attn_norm, lw.mlp_norm, lw.post_attn_norm, lw.post_mlp_norm, lw.q_norm,

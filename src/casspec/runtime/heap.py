@@ -17,3 +17,9 @@ def settle() -> None:
     still frees those objects; only cycles among them would outlive their last use."""
     gc.collect()
     gc.freeze()
+
+
+def release() -> None:
+    """Undo `settle` and collect: after dropping an engine, so that cycles among its objects are freed too."""
+    gc.unfreeze()
+    gc.collect()

@@ -83,7 +83,7 @@ def _accept_coupled(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig) 
     sample([0])
     child = next((c for c in tree.children[0] if tree.tokens[c] == target[0]), None)
     if child is not None:
-        inner = [i for i in range(child, len(tree)) if tree.children[i] and _descends(tree, i, child)]
+        inner = [i for i in tree.subtree(child) if tree.children[i]]
         if inner:
             sample(inner)
 
@@ -93,13 +93,6 @@ def _accept_coupled(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig) 
         return target[node]
 
     return _walk(tree, token)
-
-
-def _descends(tree: DraftTree, node: int, ancestor: int) -> bool:
-    """Whether `ancestor` is `node` or on its path to the root (nodes are numbered after their parents)."""
-    while node > ancestor:
-        node = tree.parents[node]
-    return node == ancestor
 
 
 def _accept_sampling(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
