@@ -132,27 +132,30 @@ def test_bf16_checkpoint_stays_at_two_bytes():
         assert engine.generate("hello world", method=method, max_new_tokens=16).token_ids == want.token_ids
 
 
+@pytest.mark.parametrize("act8", [1, 2], ids=["fastest", "portable"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
-def test_activation_quantized_linear_is_int8_rows_times_the_blocks(qtype):
-    """act8: each input row quantized per 32 values (scale max|x| / 127), then the exact block weights."""
+def test_activation_quantized_linear_is_int8_rows_times_the_blocks(qtype, rows, act8):
+    """act8: each input row quantized per 32 values (scale max|x| / 127), then the exact block weights; the
+    same with AVX-VNNI where the CPU has it (1) and without (2)."""
     ops = kernels.module()
     n, k = 37, 512
     blocks = _blocks(qtype, n, k, seed=3)
     dense = ops.dequantize_rows(blocks, int(qtype), k, None)
-    x = torch.randn(5, k)
-    groups = x.reshape(5, k // 32, 32)
+    x = torch.randn(rows, k)
+    groups = x.reshape(rows, k // 32, 32)
     d = groups.abs().amax(-1, keepdim=True) / 127
-    xq = (torch.round(groups / d) * d).reshape(5, k)  # what the integer dot products see
+    xq = (torch.round(groups / d) * d).reshape(rows, k)  # what the integer dot products see
     float_format = qtype in (T.F16, T.BF16)  # no integer view: the exact path
     want = x @ dense.T if float_format else xq @ dense.T
     for gate in (0, 2):
         if gate:
             parts, types = [blocks, blocks], [int(qtype)] * 2
             want_g = torch.nn.functional.silu(want) * want
-            got = ops.native_linear(x, parts, types, None, None, 0.0, 2, None, True)
+            got = ops.native_linear(x, parts, types, None, None, 0.0, 2, None, act8)
             torch.testing.assert_close(got, want_g, rtol=1e-4, atol=1e-4)
         else:
-            got = ops.native_linear(x, [blocks], [int(qtype)], None, None, 0.0, 0, None, True)
+            got = ops.native_linear(x, [blocks], [int(qtype)], None, None, 0.0, 0, None, act8)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -190,3 +193,9 @@ def test_a_fused_layer_call_over_blocks_is_bitwise_the_ops_one_by_one(family, qt
         with monkeypatch.context() as m:
             m.setattr(type(runner.backend), "layer", lambda self, *a: False)
             assert torch.equal(fused, logits(plan))
+
+
+def test_activation_quantization_mode_is_checked():
+    blocks = _blocks(T.Q8_0, 4, 64)
+    with pytest.raises(RuntimeError, match="act8 must be"):
+        kernels.module().native_linear(torch.randn(1, 64), [blocks], [int(T.Q8_0)], None, None, 0.0, 0, None, 3)

@@ -18,6 +18,7 @@
 #include "common.h"
 #include "gguf_blocks.h"
 #include "native_a8.h"
+#include "native_a8_vnni.h"
 
 namespace {
 
@@ -140,16 +141,28 @@ void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int6
   });
 }
 
+// Activation quantization (native_linear's act8): off, integer dot products with the fastest instructions the
+// CPU has, or without AVX-VNNI whatever the CPU (the path every AVX2 CPU runs; tests compare the two).
+enum Act8 : int64_t { ACT8_OFF = 0, ACT8_FASTEST = 1, ACT8_PORTABLE = 2 };
+
+struct Quantized {  // the input rows quantized for an act8 linear, and which build runs them
+  QuantRows rows;
+  bool vnni;
+};
+
 // One part (or a gate|up pair) over every tile; `xq` set: activations quantized (native_a8.h) where the
 // format has an integer view.
-void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint8_t* up, const QuantRows* xq) {
+void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint8_t* up, const Quantized* xq) {
   const bool ok = gguf::dispatch(type, [&](auto b) {
     using B = decltype(b);
     TORCH_CHECK(a.K % B::QK == 0, "K = ", a.K, " is not a multiple of the block size ", B::QK, " of type ", type);
     TORCH_CHECK(w.size(1) == a.K / B::QK * B::BYTES, "weight rows hold ", w.size(1), " bytes, expected ",
                 a.K / B::QK * B::BYTES, " for K = ", a.K);
-    if (B::INTS && xq) a8_tiles<B>(a, *xq, w.data_ptr<uint8_t>(), up, w.size(0));
-    else native_tiles<B>(a, w.data_ptr<uint8_t>(), up, w.size(0));
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    if (!B::INTS || !xq) return native_tiles<B>(a, wp, up, w.size(0));
+    const QuantView x{xq->rows.q.data(), xq->rows.d.data(), xq->rows.s.data()};
+    if (!xq->vnni) return a8_tiles<B, false>(a, x, wp, up, w.size(0));
+    a8_part_vnni(A8Part{a.x, a.M, a.K, a.N, a.bias, a.y, a.ldy, a.mode, a.ffn, x.q, x.d, x.s, wp, up, w.size(0), type});
   });
   TORCH_CHECK(ok, "no kernel for ggml type ", type);
 }
@@ -170,7 +183,7 @@ bool native_type_supported(int64_t type) {
 
 at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& parts, const std::vector<int64_t>& types,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& norm_w, double eps,
-                         int64_t mode, const std::optional<at::Tensor>& out, bool act8) {
+                         int64_t mode, const std::optional<at::Tensor>& out, int64_t act8) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be contiguous [M, K] fp32");
   TORCH_CHECK(!parts.empty() && parts.size() == types.size(), "one type per part");
   int64_t n = 0;
@@ -185,9 +198,11 @@ at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& par
     rms_rows(x.data_ptr<float>(), M, K, norm_w->data_ptr<float>(), eps, xin.data_ptr<float>());
   }
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  TORCH_CHECK(act8 >= ACT8_OFF && act8 <= ACT8_PORTABLE, "act8 must be 0 (off), 1 (fastest) or 2 (portable)");
   TORCH_CHECK(!act8 || K % 32 == 0, "activation quantization needs K a multiple of 32");
-  const QuantRows xq = act8 ? quantize_rows(xin.data_ptr<float>(), M, K) : QuantRows{};
-  const QuantRows* xqp = act8 ? &xq : nullptr;
+  const Quantized xq{act8 ? quantize_rows(xin.data_ptr<float>(), M, K) : QuantRows{},
+                     act8 == ACT8_FASTEST && a8_vnni_supported()};
+  const Quantized* xqp = act8 ? &xq : nullptr;
   if (is_glu(mode)) {
     TORCH_CHECK(parts.size() == 2 && parts[0].size(0) == parts[1].size(0), "GLU needs gate and up of equal rows");
     const int64_t F = parts[0].size(0);
