@@ -13,18 +13,13 @@
 #include "gguf_blocks.h"
 #include "native_a8.h"
 
-bool a8_part_vnni(const A8Part& p) {
+void a8_part_vnni(const A8Part& p) {
   const LinearArgs a{p.x, p.M, p.K, p.N, nullptr, p.bias, p.y, p.ldy, p.mode, p.ffn};
   const QuantView x{p.xq, p.xd, p.xs};
-  bool ints = false;
   gguf::dispatch(p.type, [&](auto b) {
     using B = decltype(b);
-    if constexpr (B::INTS) {
-      a8_tiles<B, true>(a, x, p.w, p.up, p.rows);
-      ints = true;
-    }
+    if constexpr (B::INTS) a8_tiles<B, true>(a, x, p.w, p.up, p.rows);
   });
-  return ints;
 }
 #pragma GCC pop_options
 

@@ -15,5 +15,5 @@ struct A8Part {  // one part of a linear (or a gate|up pair): LinearArgs' fields
   int64_t rows, type;
 };
 
-bool a8_vnni_supported();        // whether this CPU has AVX-VNNI
-bool a8_part_vnni(const A8Part& p);  // false: the type has no integer view
+bool a8_vnni_supported();  // whether this CPU has AVX-VNNI
+void a8_part_vnni(const A8Part& p);  // a type with an integer view (gguf_blocks.h INTS)
