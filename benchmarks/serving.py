@@ -1,10 +1,12 @@
 """Serving under load: `casspec serve` batched vs one at a time, `ar` vs `casspec`, 1..16 streaming clients.
 
-For each (method, max_batch) it starts one server, then runs `casspec loadtest` (closed loop, streaming
-chat, greedy unless --temperature) at each client count against it, and writes every report plus a summary
-table and plot.
+It starts one server per (method, max_batch), then runs `casspec loadtest` (closed loop, streaming chat,
+greedy unless --temperature) against each in turn at each client count, and writes every report plus a
+summary table and plot. With --rounds R each (server, client count) gets R slices of duration / R, the
+servers' order rotated from round to round, so that a machine whose speed drifts over minutes cannot decide
+a few-percent gap between methods: tok/s is the mean over the slices, latencies the median of their p50 / p95.
 
-    python benchmarks/serving.py --out benchmarks/results/2026-11-29-serving --duration 40
+    python benchmarks/serving.py --out benchmarks/results/2026-11-29-serving --duration 40 --rounds 4
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -60,30 +63,57 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--methods", default="ar,casspec")
     ap.add_argument("--batches", default="16,1", help="max_batch values (1 = one at a time)")
-    ap.add_argument("--duration", type=float, default=40.0)
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds of load per (server, client count)")
+    ap.add_argument("--rounds", type=int, default=1, help="slices the duration is cut into, servers interleaved")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="the clients' sampling temperature (0: greedy)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    keys = [(m, int(b)) for b in args.batches.split(",") for m in args.methods.split(",")]
+    servers: dict[tuple[str, int], tuple[subprocess.Popen, int]] = {}
     rows = []
-    for max_batch in [int(b) for b in args.batches.split(",")]:
-        for method in args.methods.split(","):
+    try:
+        for method, max_batch in keys:
             port = free_port()
-            server = start_server(args.model, method, max_batch, port)
-            try:
-                for clients in [int(c) for c in args.clients.split(",")]:
-                    rep = loadtest(port, clients, args.duration, args.max_tokens,
-                                   out / f"{method}-batch{max_batch}-c{clients}.json", args.temperature)
-                    rows.append({"method": method, "max_batch": max_batch, "clients": clients, **summary(rep)})
-                    print(json.dumps(rows[-1]), flush=True)
-            finally:
-                os.killpg(server.pid, signal.SIGINT)
-                server.wait(30)
+            servers[(method, max_batch)] = (start_server(args.model, method, max_batch, port), port)
+        for clients in [int(c) for c in args.clients.split(",")]:
+            reports: dict[tuple[str, int], list[dict]] = {k: [] for k in keys}
+            for r in range(args.rounds):
+                for method, max_batch in keys[r % len(keys):] + keys[:r % len(keys)]:
+                    name = f"{method}-batch{max_batch}-c{clients}" + (f"-r{r}" if args.rounds > 1 else "")
+                    reports[(method, max_batch)].append(loadtest(
+                        servers[(method, max_batch)][1], clients, args.duration / args.rounds, args.max_tokens,
+                        out / f"{name}.json", args.temperature))
+            for (method, max_batch), reps in reports.items():
+                rows.append({"method": method, "max_batch": max_batch, "clients": clients, **merged(reps)})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for server, _ in servers.values():
+            os.killpg(server.pid, signal.SIGINT)
+            server.wait(30)
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     write_table(rows, out / "summary.md")
     plot(rows, out / "serving.png")
+
+
+def merged(reps: list[dict]) -> dict:
+    """One row from the slices of one (server, client count): counts summed, tok/s averaged over the equal
+    slices (also listed per slice), every other figure the median over the slices."""
+    rows = [summary(r) for r in reps]
+    out: dict = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r[key] is not None]
+        if key in ("requests", "errors", "rejected_429"):
+            out[key] = sum(values)
+        elif key == "tok_s":
+            out[key] = statistics.fmean(values) if values else None
+        else:
+            out[key] = statistics.median(values) if values else None
+    if len(rows) > 1:
+        out["tok_s_per_round"] = [r["tok_s"] for r in rows]
+    return out
 
 
 def summary(rep: dict) -> dict:
