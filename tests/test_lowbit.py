@@ -67,6 +67,26 @@ def test_kernels_decode_casspec_formats_bit_identically(qtype):
         torch.testing.assert_close(a8, x @ dense.T, rtol=0.05, atol=0.05 * float((x @ dense.T).abs().max()))
 
 
+@needs_kernels
+@pytest.mark.parametrize("act8", [1, 2], ids=["fastest", "portable"])
+@pytest.mark.parametrize("qtype", LOW, ids=lowbit.name)
+def test_activation_quantized_kernels_are_int8_rows_times_casspec_formats(qtype, act8):
+    """The a8 view of Q2_1 / Q3_1 (built four rows at a time): each input row quantized per 32 values, times the
+    exact blocks, with AVX-VNNI where the CPU has it (1) and without (2)."""
+    ops = kernels.module()
+    k, n = 512, 37
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
+    blocks = lowbit.quantize(w, qtype)
+    dense = lowbit.dequantize(blocks, qtype, k)
+    for m in (1, 2, 5, 8):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        groups = x.reshape(m, k // 32, 32)
+        d = groups.abs().amax(-1, keepdim=True) / 127
+        xq = (torch.round(groups / d) * d).reshape(m, k)
+        got = ops.native_linear(x, [blocks], [qtype], None, None, 0.0, 0, None, act8)
+        torch.testing.assert_close(got, xq @ dense.T, rtol=1e-4, atol=1e-4)
+
+
 def _sens() -> tuple[dict, dict, dict, dict]:
     t = lowbit.CANDIDATES
     sens = {"a": {fames.KEEP: 0.0, t[0]: 0.001, t[1]: 0.01, t[2]: 0.05, t[3]: 0.5},

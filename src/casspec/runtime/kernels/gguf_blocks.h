@@ -96,8 +96,8 @@ inline __m256i crumbs32(const uint8_t* p) {
 // `B::ints(row, c, a0, a1, b)`: the c-th run of 32 weights as 32 int8 q with w = a * q + b, where a is a0
 // for values 0..15 and a1 for 16..31 (they differ only for Q6_K's 16-value sub-blocks). SIGNED says
 // whether q may be negative (unsigned q feed `maddubs` directly; signed ones need the sign trick),
-// SPLIT whether a0 may differ from a1, OFFSET whether b may be non-zero. Q8_0, Q4_0, Q4_1 and Q5_0 have only
-// INTS here: their views are built four rows at a time, scales included, by native_a8.h's TileInts.
+// SPLIT whether a0 may differ from a1, OFFSET whether b may be non-zero. Q8_0, Q4_0, Q4_1, Q5_0, Q2_1 and Q3_1
+// have only INTS here: their views are built four rows at a time, scales included, by native_a8.h's TileInts.
 inline __m256i nibbles32(const uint8_t* p) {  // 16 bytes of nibbles -> 32 bytes q[0..31]
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low4 = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
@@ -238,17 +238,7 @@ struct LowBitB {
       w[v] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), m);  // d q exact: one rounding
     }
   }
-  static constexpr bool INTS = true, SIGNED = false, SPLIT = false, OFFSET = true;
-  static inline __m256i ints(const uint8_t* row, int64_t c, float& a0, float& a1, float& off) {
-    const uint8_t* b = row + c * BYTES;
-    a0 = a1 = f16(b);
-    off = f16(b + 2);
-    const __m256i q = crumbs32(b + 4);
-    if constexpr (!THIRD) return q;
-    uint32_t qh;
-    std::memcpy(&qh, b + 12, 4);
-    return _mm256_or_si256(q, _mm256_and_si256(bits32(qh), _mm256_set1_epi8(4)));
-  }
+  static constexpr bool INTS = true;  // integer view: native_a8.h TileInts, four rows at a time
 };
 
 struct F32B {

@@ -117,18 +117,41 @@ struct TileInts {
   }
 };
 
+// Scale and offset of formats with an fp16 (d, m) pair at the start of a block (w = d q + m): [d0..d3 | d0..d3]
+// and [m0..m3 | 0] from one conversion; `high`: the factor of values 16-31 (in-place high nibbles).
+template <int64_t BYTES>
+inline void dm4(const Rows& w, int64_t c, float high, __m256& scale, __m256& off) {
+  const int64_t o = c * BYTES;
+  const __m256 dm = _mm256_cvtph_ps(  // [d0 m0 d1 m1 d2 m2 d3 m3]
+      _mm_setr_epi32(load32(w.r[0] + o), load32(w.r[1] + o), load32(w.r[2] + o), load32(w.r[3] + o)));
+  const __m256 d = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+  scale = high == 1.f ? d : _mm256_mul_ps(d, _mm256_setr_ps(1, 1, 1, 1, high, high, high, high));
+  off = _mm256_blend_ps(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7)),
+                        _mm256_setzero_ps(), 0xF0);
+}
+
 template <bool WIDE>
 struct TileInts<gguf::Q4_1B, WIDE> {  // w = d q + m
   static constexpr bool SIGNED = false, OFFSET = true;
   static inline void get(const Rows& w, int64_t c, __m256i (&q)[NB], __m256& scale, __m256& off) {
-    const int64_t o = c * gguf::Q4_1B::BYTES;
-    for (int r = 0; r < NB; ++r) q[r] = nibbles<WIDE>(w.r[r] + o + 4);
-    const __m256 dm = _mm256_cvtph_ps(  // [d0 m0 d1 m1 d2 m2 d3 m3]
-        _mm_setr_epi32(load32(w.r[0] + o), load32(w.r[1] + o), load32(w.r[2] + o), load32(w.r[3] + o)));
-    const __m256 d = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
-    scale = WIDE ? _mm256_mul_ps(d, _mm256_setr_ps(1, 1, 1, 1, HIGH_NIBBLE, HIGH_NIBBLE, HIGH_NIBBLE, HIGH_NIBBLE)) : d;
-    off = _mm256_blend_ps(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7)),
-                          _mm256_setzero_ps(), 0xF0);
+    for (int r = 0; r < NB; ++r) q[r] = nibbles<WIDE>(w.r[r] + c * gguf::Q4_1B::BYTES + 4);
+    dm4<gguf::Q4_1B::BYTES>(w, c, WIDE ? HIGH_NIBBLE : 1.f, scale, off);
+  }
+};
+
+template <bool THIRD, bool WIDE>
+struct TileInts<gguf::LowBitB<THIRD>, WIDE> {  // casspec's Q2_1 / Q3_1: w = d q + m, q of 2 (3) bits
+  using B = gguf::LowBitB<THIRD>;
+  static constexpr bool SIGNED = false, OFFSET = true;
+  static inline void get(const Rows& w, int64_t c, __m256i (&q)[NB], __m256& scale, __m256& off) {
+    for (int r = 0; r < NB; ++r) {
+      const uint8_t* b = w.r[r] + c * B::BYTES;
+      q[r] = gguf::crumbs32(b + 4);
+      if constexpr (THIRD)
+        q[r] = _mm256_or_si256(q[r], _mm256_and_si256(gguf::bits32(static_cast<uint32_t>(load32(b + 12))),
+                                                      _mm256_set1_epi8(4)));
+    }
+    dm4<B::BYTES>(w, c, 1.f, scale, off);
   }
 };
 
