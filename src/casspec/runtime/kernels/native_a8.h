@@ -79,10 +79,10 @@ inline int32_t load32(const uint8_t* p) {
   return v;
 }
 
-// The fp16 scale at byte `at` of each row's block c, as [d0 d1 d2 d3].
+// The fp16 scale that starts each row's block c, as [d0 d1 d2 d3].
 template <int64_t BYTES>
-inline __m128 scales4(const Rows& w, int64_t c, int at) {
-  const int64_t o = c * BYTES + at;
+inline __m128 scales4(const Rows& w, int64_t c) {
+  const int64_t o = c * BYTES;
   return _mm_cvtph_ps(_mm_setr_epi16(load16(w.r[0] + o), load16(w.r[1] + o), load16(w.r[2] + o), load16(w.r[3] + o),
                                      0, 0, 0, 0));
 }
@@ -103,7 +103,7 @@ inline __m256i nibbles(const uint8_t* p) {
 
 inline constexpr float HIGH_NIBBLE = 1.f / 16.f;  // the scale of in-place high nibbles (exact)
 
-// Any format with an integer view: its scalar `ints`, one row at a time.
+// The other formats with an integer view (the K-quants): their scalar `ints`, one row at a time.
 template <class B, bool WIDE>
 struct TileInts {
   static constexpr bool SIGNED = B::SIGNED, OFFSET = B::OFFSET;
@@ -161,7 +161,7 @@ struct TileInts<gguf::Q4_0B, WIDE> {  // w = d (q - 8) = d q - 8 d: unsigned q, 
   static inline void get(const Rows& w, int64_t c, __m256i (&q)[NB], __m256& scale, __m256& off) {
     const int64_t o = c * gguf::Q4_0B::BYTES;
     for (int r = 0; r < NB; ++r) q[r] = nibbles<WIDE>(w.r[r] + o + 2);
-    const __m128 d = scales4<gguf::Q4_0B::BYTES>(w, c, 0);
+    const __m128 d = scales4<gguf::Q4_0B::BYTES>(w, c);
     scale = _mm256_set_m128(WIDE ? _mm_mul_ps(d, _mm_set1_ps(HIGH_NIBBLE)) : d, d);
     off = low_half(_mm_mul_ps(d, _mm_set1_ps(-8.f)));
   }
@@ -177,7 +177,7 @@ struct TileInts<gguf::Q5_0B, WIDE> {  // w = d (q5 - 16): unsigned q5 (0..31, fi
                                             _mm256_set1_epi8(16));
       q[r] = _mm256_or_si256(gguf::nibbles32(w.r[r] + o + 6), high);
     }
-    const __m128 d = scales4<gguf::Q5_0B::BYTES>(w, c, 0);
+    const __m128 d = scales4<gguf::Q5_0B::BYTES>(w, c);
     scale = twice(d);
     off = low_half(_mm_mul_ps(d, _mm_set1_ps(-16.f)));
   }
@@ -192,7 +192,7 @@ struct TileInts<gguf::Q8_0B, WIDE> {  // signed q; wide: q + 128 unsigned, offse
       q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.r[r] + o + 2));
       if constexpr (WIDE) q[r] = _mm256_xor_si256(q[r], _mm256_set1_epi8(static_cast<char>(0x80)));
     }
-    const __m128 d = scales4<gguf::Q8_0B::BYTES>(w, c, 0);
+    const __m128 d = scales4<gguf::Q8_0B::BYTES>(w, c);
     scale = twice(d);
     off = low_half(_mm_mul_ps(d, _mm_set1_ps(-128.f)));
   }
