@@ -15,6 +15,7 @@ import copy
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -231,12 +232,22 @@ def load_gguf_native(gguf: Path, name: str, cache: Path) -> LoadedModel:
 
 
 def _file_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
-    """The fast tokenizer of `folder` built straight from its tokenizer.json. A family class (e.g. transformers'
-    GemmaTokenizer) rebuilds it from Python copies of the vocabulary and merges it then keeps: ~350 MB more
-    for Gemma's 262k vocabulary than the same tokenizer read from the file (same ids, tested)."""
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    """The fast tokenizer of `folder` built straight from its tokenizer.json by the Rust library, with the
+    special tokens and chat template saved beside it. Neither a family class (e.g. transformers'
+    GemmaTokenizer, which keeps Python copies of the vocabulary and merges: ~350 MB more for Gemma's 262k
+    vocabulary) nor `from_pretrained` (which parses the JSON in Python and deep-copies it: a ~500 MB
+    transient, most of casspec.load's peak memory) is needed for the same ids (tested)."""
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    kwargs = {k: v for k, v in config.items() if k not in _NOT_TOKENIZER_KWARGS}
+    template = folder / "chat_template.jinja"
+    if template.exists():
+        kwargs["chat_template"] = template.read_text(encoding="utf-8")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **kwargs)
     _return_freed_memory()
     return tokenizer
+
+
+_NOT_TOKENIZER_KWARGS = ("tokenizer_class", "backend", "is_local", "local_files_only", "auto_map")
 
 
 def _return_freed_memory() -> None:
