@@ -155,7 +155,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
                 out->size(0) == M && out->size(1) == n, "accumulate needs out [M, N] fp32");
     y = *out;
   } else {
-    y = at::empty({M, glu ? n / 2 : n}, x.options());
+    y = at::empty({M, n}, x.options());  // GLU: gate | up, gated below
   }
   LinearArgs a{xin.data_ptr<float>(), M, K, n, nullptr, bias ? bias->data_ptr<float>() : nullptr,
                y.data_ptr<float>(), y.size(1), mode, n / 2};
@@ -169,7 +169,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
     a.scale = scale->data_ptr<float>();
     linear_tiles<I8>(a, w.data_ptr<int8_t>());
   }
-  return y;
+  if (!glu) return y;
+  at::Tensor gated = at::empty({M, n / 2}, x.options());
+  glu_rows(y.data_ptr<float>(), M, n / 2, mode, gated.data_ptr<float>());
+  return gated;
 }
 
 namespace {

@@ -11,8 +11,8 @@
 // the fp32 tile kernel runs over it. Both paths accumulate every output in the fp32 kernel's order on bit-identical weights, so a
 // native linear equals the fp32 linear on the dequantized model, whatever the number of rows.
 // Fused projections: q|k|v run part by part (each part may be another type) into column ranges of one
-// output; gate|up with one type run as GLU tiles (gate 2t, 2t+1, up 2t, 2t+1), otherwise through a
-// temporary and a separate gating pass.
+// output; gate|up with one type run as GLU tiles (gate 2t, 2t+1, up 2t, 2t+1), otherwise as two parts; either
+// way into gate | up columns that one vectorized pass gates (glu_rows).
 #include "native_linear.h"
 
 #include "common.h"
@@ -167,14 +167,6 @@ void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint
   TORCH_CHECK(ok, "no kernel for ggml type ", type);
 }
 
-void gate(float* y, const float* gu, int64_t M, int64_t F, int64_t mode) {  // y[m, f] = act(gu[m, f]) * gu[m, F + f]
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t f = 0; f < F; ++f) {
-      const float g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f];
-      y[m * F + f] = (mode == GLU_SILU ? silu(g) : gelu_tanh(g)) * u;
-    }
-}
-
 }  // namespace
 
 bool native_type_supported(int64_t type) {
@@ -206,14 +198,16 @@ at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& par
   if (is_glu(mode)) {
     TORCH_CHECK(parts.size() == 2 && parts[0].size(0) == parts[1].size(0), "GLU needs gate and up of equal rows");
     const int64_t F = parts[0].size(0);
-    at::Tensor y = at::empty({M, F}, x.options());
+    at::Tensor gu;  // [M, 2F]: gate | up
     if (types[0] == types[1] && F % 2 == 0) {
-      LinearArgs a{xin.data_ptr<float>(), M, K, 2 * F, nullptr, b, y.data_ptr<float>(), F, mode, F};
+      gu = at::empty({M, 2 * F}, x.options());
+      LinearArgs a{xin.data_ptr<float>(), M, K, 2 * F, nullptr, b, gu.data_ptr<float>(), 2 * F, mode, F};
       run_part(a, types[0], parts[0], parts[1].data_ptr<uint8_t>(), xqp);
-      return y;
+    } else {
+      gu = native_linear(xin, parts, types, bias, std::nullopt, eps, STORE, std::nullopt, act8);
     }
-    at::Tensor gu = native_linear(xin, parts, types, bias, std::nullopt, eps, STORE, std::nullopt, act8);
-    gate(y.data_ptr<float>(), gu.data_ptr<float>(), M, F, mode);
+    at::Tensor y = at::empty({M, F}, x.options());
+    glu_rows(gu.data_ptr<float>(), M, F, mode, y.data_ptr<float>());
     return y;
   }
   at::Tensor y;
