@@ -195,6 +195,7 @@ def _attention_args(**bad):
     dict(allowed=torch.ones(2, 4, dtype=torch.bool)),  # narrower than the key range
     dict(k_cache=torch.randn(0, 32, 16), v_cache=torch.randn(0, 32, 16)),  # no kv heads
     dict(k_cache=torch.randn(2, 32, 32), v_cache=torch.randn(2, 32, 32)),  # head size != q's
+    dict(q=torch.randn(2, 4, 24), k_cache=torch.randn(2, 32, 24), v_cache=torch.randn(2, 32, 24)),  # 24: no kernel
     dict(v_cache=torch.randn(2, 16, 16)),
     dict(len=torch.full((2,), 40)),  # keys past the cache
     dict(lo=torch.zeros(2, dtype=torch.int32)),

@@ -109,26 +109,32 @@ inline __m256 glu_act(__m256 g, int64_t mode) {
   return _mm256_div_ps(g, _mm256_add_ps(one, exp256(z)));
 }
 
-// y[m, f] = act(gu[m, f]) * gu[m, F + f]: gate and up side by side, as GLU tiles store them (epilogue).
-// A row's last F % 8 features go through a padded vector: the same arithmetic wherever a feature sits.
-inline void glu_rows(const float* gu, int64_t M, int64_t F, int64_t mode, float* y) {
+// y[m, f] = act(gu[m, f]) * gu[m, F + f] -> y [M, F], from gate and up side by side ([M, 2F], as GLU tiles
+// store them: epilogue). A row's last F % 8 features go through a padded vector: the same arithmetic wherever
+// a feature sits.
+inline at::Tensor gated(const at::Tensor& gu, int64_t mode) {
+  const int64_t M = gu.size(0), F = gu.size(1) / 2;
+  at::Tensor out = at::empty({M, F}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* g = gu + m * 2 * F;
+      const float* g = gp + m * 2 * F;
       const float* u = g + F;
-      float* out = y + m * F;
+      float* y = yp + m * F;
       int64_t f = 0;
       for (; f + 8 <= F; f += 8)
-        _mm256_storeu_ps(out + f, _mm256_mul_ps(glu_act(_mm256_loadu_ps(g + f), mode), _mm256_loadu_ps(u + f)));
+        _mm256_storeu_ps(y + f, _mm256_mul_ps(glu_act(_mm256_loadu_ps(g + f), mode), _mm256_loadu_ps(u + f)));
       if (f < F) {
         alignas(32) float gt[8] = {}, ut[8] = {}, ot[8];
         std::copy(g + f, g + F, gt);
         std::copy(u + f, u + F, ut);
         _mm256_store_ps(ot, _mm256_mul_ps(glu_act(_mm256_load_ps(gt), mode), _mm256_load_ps(ut)));
-        std::copy(ot, ot + (F - f), out + f);
+        std::copy(ot, ot + (F - f), y + f);
       }
     }
   });
+  return out;
 }
 
 struct LinearArgs {
@@ -136,7 +142,7 @@ struct LinearArgs {
   int64_t M, K, N;     // N = weight rows (before GLU halving)
   const float* scale;  // [N] per-row weight scale or nullptr
   const float* bias;   // [N] or nullptr (GLU: bias in weight-row order, gate then up)
-  float* y;            // [M, N]; GLU: gate and up values side by side, [M, 2 ffn] (glu_rows gates them)
+  float* y;            // [M, N]; GLU: gate and up values side by side, [M, 2 ffn] (`gated` gates them)
   int64_t ldy;
   int64_t mode;
   int64_t ffn;         // GLU: N / 2
@@ -174,7 +180,7 @@ inline void epilogue(const LinearArgs& a, const TileCols& o, int64_t m0, int mb,
     if (f >= a.ffn) break;
     float bg = a.bias ? a.bias[f] : 0.f, bu = a.bias ? a.bias[a.ffn + f] : 0.f;
     for (int m = 0; m < mb; ++m) {
-      float* row = a.y + (m0 + m) * a.ldy;  // [2F]: gate, then up (glu_rows gates them)
+      float* row = a.y + (m0 + m) * a.ldy;  // [2F]: gate, then up (`gated` gates them)
       row[f] = v[j][m] + bg;
       row[a.ffn + f] = v[2 + j][m] + bu;
     }

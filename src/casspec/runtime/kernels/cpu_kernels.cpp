@@ -169,10 +169,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
     a.scale = scale->data_ptr<float>();
     linear_tiles<I8>(a, w.data_ptr<int8_t>());
   }
-  if (!glu) return y;
-  at::Tensor gated = at::empty({M, n / 2}, x.options());
-  glu_rows(y.data_ptr<float>(), M, n / 2, mode, gated.data_ptr<float>());
-  return gated;
+  return glu ? gated(y, mode) : y;
 }
 
 namespace {
@@ -342,9 +339,14 @@ void block_scores(const AttnArgs& a, const float* const* qg, const float* kc, in
   }
 }
 
+struct AttnScratch {  // a thread's buffers: the heads' p [Q, padded], the keys they add up
+  std::vector<float> p;
+  std::vector<int32_t> keys;
+};
+
 // Q query heads of one kv head, one row and one block of keys: (unnormalized output, max, sum) of each.
 template <int Q>
-void attend_heads(const AttnArgs& a, int64_t h, int64_t m, int64_t b, int64_t g0, std::vector<float>& buf) {
+void attend_heads(const AttnArgs& a, int64_t h, int64_t m, int64_t b, int64_t g0, AttnScratch& buf) {
   const int64_t j0 = b * KEY_BLOCK, len = std::min(a.len[m], j0 + KEY_BLOCK) - j0;
   const int64_t padded = (std::max<int64_t>(len, 0) + KS - 1) / KS * KS;
   const float* kc = a.k + (h * a.S + a.lo[m]) * a.D;  // keys of this row's region, relative index j
@@ -356,8 +358,8 @@ void attend_heads(const AttnArgs& a, int64_t h, int64_t m, int64_t b, int64_t g0
   }
   const float* qg[Q];
   for (int g = 0; g < Q; ++g) qg[g] = a.q + (m * a.H + h * a.G + g0 + g) * a.D;
-  buf.resize((Q + 1) * padded);  // p of each head, then the list of keys to add up (int32)
-  float* p = buf.data();
+  buf.p.resize(Q * padded);
+  float* p = buf.p.data();
   float mx[Q];
   block_scores<Q>(a, qg, kc, j0, len, padded, a.allowed ? a.allowed + m * a.W : nullptr, p, mx);
   for (int g = 0; g < Q; ++g) {  // p = exp(s - max), summed 8 keys to a lane
@@ -372,7 +374,8 @@ void attend_heads(const AttnArgs& a, int64_t h, int64_t m, int64_t b, int64_t g0
     out[g * (a.D + 2) + a.D] = mx[g];
     out[g * (a.D + 2) + a.D + 1] = hsum(sum);
   }
-  int32_t* keys = reinterpret_cast<int32_t*>(p + Q * padded);  // keys some head gives a non-zero p
+  buf.keys.resize(len);  // the keys some head gives a non-zero p
+  int32_t* keys = buf.keys.data();
   int64_t n = 0;
   for (int64_t j = 0; j < len; ++j) {
     bool any = false;
@@ -385,13 +388,13 @@ void attend_heads(const AttnArgs& a, int64_t h, int64_t m, int64_t b, int64_t g0
       case 4: pv<Q, 4>(p, padded, keys, n, v0, a.D, out + d0, a.D + 2); break;
       case 2: pv<Q, 2>(p, padded, keys, n, v0, a.D, out + d0, a.D + 2); break;
       case 1: pv<Q, 1>(p, padded, keys, n, v0, a.D, out + d0, a.D + 2); break;
-      default: TORCH_CHECK(false, "head_dim must be a multiple of 32, or 8 or 16");
+      default: break;  // (attention refuses other head sizes)
     }
   }
 }
 
 // A work item: the G query heads of kv head h for row m over key block b, three or two at a time (registers).
-void attend_block(const AttnArgs& a, int64_t h, int64_t m, int64_t b, std::vector<float>& buf) {
+void attend_block(const AttnArgs& a, int64_t h, int64_t m, int64_t b, AttnScratch& buf) {
   int64_t g = 0;
   for (; a.G - g >= 3 && a.G - g != 4; g += 3) attend_heads<3>(a, h, m, b, g, buf);
   for (; a.G - g >= 2; g += 2) attend_heads<2>(a, h, m, b, g, buf);
@@ -431,6 +434,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int64_t M = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), S = k_cache.size(1);
   TORCH_CHECK(Hkv > 0 && k_cache.size(2) == D, "caches must be [Hkv, S, D] with D = ", D, ", got ", k_cache.sizes());
   TORCH_CHECK(q.is_contiguous() && D % KS == 0 && H % Hkv == 0, "bad attention shapes");
+  TORCH_CHECK(D % 32 == 0 || D % 32 == 8 || D % 32 == 16, "head_dim must be 32 k, 32 k + 8 or 32 k + 16, got ", D);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous [Hkv, S, D]");
   TORCH_CHECK(lo.numel() == M && len.numel() == M && lo.scalar_type() == at::kLong && len.scalar_type() == at::kLong &&
               lo.is_contiguous() && len.is_contiguous(), "lo and len must be contiguous int64 [M]");
@@ -457,8 +461,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, G * D * std::min(W, KEY_BLOCK) * 2));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, Hkv * M * blocks, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) attend_block(a, i / (M * blocks), (i / blocks) % M, i % blocks, p);
+    AttnScratch buf;
+    for (int64_t i = i0; i < i1; ++i) attend_block(a, i / (M * blocks), (i / blocks) % M, i % blocks, buf);
   });
   for (int64_t i = 0; i < Hkv * M; ++i) merge_blocks(a, i / M, i % M, op);
   return out;

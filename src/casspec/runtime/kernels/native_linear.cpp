@@ -12,7 +12,7 @@
 // native linear equals the fp32 linear on the dequantized model, whatever the number of rows.
 // Fused projections: q|k|v run part by part (each part may be another type) into column ranges of one
 // output; gate|up with one type run as GLU tiles (gate 2t, 2t+1, up 2t, 2t+1), otherwise as two parts; either
-// way into gate | up columns that one vectorized pass gates (glu_rows).
+// way into gate | up columns that one vectorized pass gates (`gated`).
 #include "native_linear.h"
 
 #include "common.h"
@@ -206,9 +206,7 @@ at::Tensor native_linear(const at::Tensor& x, const std::vector<at::Tensor>& par
     } else {
       gu = native_linear(xin, parts, types, bias, std::nullopt, eps, STORE, std::nullopt, act8);
     }
-    at::Tensor y = at::empty({M, F}, x.options());
-    glu_rows(gu.data_ptr<float>(), M, F, mode, y.data_ptr<float>());
-    return y;
+    return gated(gu, mode);
   }
   at::Tensor y;
   if (mode == ACCUMULATE) {
