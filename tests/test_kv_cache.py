@@ -56,3 +56,26 @@ def test_out_of_range_slots_raise(slots):
     c = StaticKVCache(1, 1, 4, capacity=4)
     with pytest.raises(RuntimeError, match="overflow"):
         c.check_slots(torch.tensor(slots))
+
+
+def test_single_stream_generations_reuse_one_pool_and_match_fresh_output():
+    """A generation's KV region returns to the runner's pool when it ends; the next one reuses it, stale
+    slots included, with the output a fresh engine gives; one started while another is live gets its own."""
+    from casspec.testing import tiny_engine
+
+    engine, fresh = tiny_engine(), tiny_engine()
+    engine.prefix_cache = fresh.prefix_cache = None  # every prompt token is computed, none copied
+    long, short = "the cat sat on the mat and then", "a dog"
+    engine.generate(long, method="casspec", max_new_tokens=40)  # fills the pool with its KV
+    pool = engine.runner._stream_pool
+    assert pool is not None and pool.used == 0  # region freed at the end
+    for method in ("ar", "casspec"):
+        assert engine.generate(short, method=method, max_new_tokens=12).token_ids == \
+            fresh.generate(short, method=method, max_new_tokens=12).token_ids
+    assert engine.runner._stream_pool is pool and pool.used == 0
+    live = engine.start(short, "ar", max_new_tokens=4)
+    assert live.state.cache.pool is pool and pool.used > 0
+    other = engine.start(short, "ar", max_new_tokens=4)  # pool busy: a private cache
+    assert other.state.cache.pool is not pool
+    assert engine.generate(short, method="ar", max_new_tokens=12).token_ids == \
+        fresh.generate(short, method="ar", max_new_tokens=12).token_ids

@@ -135,6 +135,7 @@ class Engine:
             yield gen.finish("cancelled" if gen.cancel.is_set() and not gen.finished else None)
         finally:
             gen.keep_prefix(release=True)  # cancelled or failed: the committed KV is still valid
+            gen.state.cache.pool.free(gen.state.cache)  # its region goes back for the next request
 
     def start(self, prompt: Prompt, method: str | Scheduler = "casspec", *, max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
@@ -192,7 +193,7 @@ class Engine:
             gen = torch.Generator().manual_seed(seed)
         need = self.cache_size(len(ids), max_new)
         if kv_pool is None:
-            cache = self.runner.new_cache(need)
+            cache = self.runner.stream_cache(need)
         elif need > kv_pool.capacity:
             raise ContextOverflowError(f"this request needs {need} KV slots; the batch's KV pool has {kv_pool.capacity}")
         else:
