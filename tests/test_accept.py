@@ -116,18 +116,39 @@ def test_coupled_acceptance_commits_the_targets_own_samples():
                                  SamplingConfig(temperature=0.8, seed=1, rule="rejection")],
                          ids=["greedy", "coupled", "rejection"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, "all -inf"])
-def test_a_row_with_nan_or_inf_or_nothing_finite_is_refused_in_every_rule(cfg, bad):
+@pytest.mark.parametrize("row", [0, 1])
+def test_a_row_with_nan_or_inf_or_nothing_finite_is_refused_in_every_rule(cfg, bad, row):
     from casspec.errors import NonFiniteLogitsError
+    from casspec.verify.coupling import coupled_tokens
 
-    tree = DraftTree(0, 0, 8)
-    tree.add(0, 3, "d", 1.0, 0.9)
     logits = torch.randn(2, 300)
+    tree = DraftTree(0, 0, 8)  # the child is the root's coupled sample, so the walk samples its row too
+    tree.add(0, coupled_tokens(logits[:1], cfg, [1])[0] if cfg.is_coupled else 3, "d", 1.0, 0.9)
     if bad == "all -inf":
-        logits[1] = -math.inf
+        logits[row] = -math.inf
     else:
-        logits[1, 17] = bad
+        logits[row, 17] = bad
     with pytest.raises(NonFiniteLogitsError):
         acc.accept(tree, logits, cfg, torch.Generator().manual_seed(0))
+    logits[row] = torch.randn(300)
+    logits[row, 5] = -math.inf  # -inf beside finite values is a masked token, not a fault
+    acc.accept(tree, logits, cfg, torch.Generator().manual_seed(0))
+
+
+def test_coupled_acceptance_reads_only_the_rows_it_samples():
+    """Under the coupling the output is `ar`'s for the seed: a NaN in a node's row the walk never samples (a
+    wrong draft's child) changes nothing and raises nothing."""
+    from casspec.verify.coupling import coupled_tokens
+
+    cfg = SamplingConfig(temperature=0.8, seed=1)
+    logits = torch.randn(3, 300)
+    first = coupled_tokens(logits[:1], cfg, [1])[0]
+    tree = DraftTree(0, 0, 8)
+    wrong = tree.add(0, (first + 1) % 300, "d", 1.0, 0.9)
+    tree.add(wrong, 7, "d", 1.0, 0.8)
+    expected = acc.accept(tree, logits, cfg)
+    logits[1:] = math.nan
+    assert acc.accept(tree, logits, cfg) == expected and expected.tokens == [first]
     logits[1] = torch.randn(300)
     logits[1, 5] = -math.inf  # -inf beside finite values is a masked token, not a fault
     acc.accept(tree, logits, cfg, torch.Generator().manual_seed(0))

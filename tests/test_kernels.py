@@ -251,3 +251,20 @@ def test_good_inputs_still_pass_the_checks():
     KERNELS.ops.attention(*_attention_args())
     for kind in ("fp32", "int8", "int4"):
         KERNELS.ops.linear(*_linear_args(kind))
+
+
+@pytest.mark.parametrize("v", [1, 7, 8, 9, 300, 49152 + 3])
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_first_argmax_is_torch_argmax_and_refuses_non_finite_rows(n, v):
+    import math
+
+    g = torch.Generator().manual_seed(n * v)
+    x = torch.randint(-3, 4, (n, v), generator=g).float()  # few distinct values: ties everywhere
+    assert torch.equal(kernels.module().first_argmax(x), x.argmax(-1))
+    x[0, v // 2] = math.nan
+    x[-1] = -math.inf  # no finite value
+    if n > 2:
+        x[1, v - 1] = math.inf
+    out = kernels.module().first_argmax(x)
+    assert out[0] == -1 and out[-1] == -1 and (n < 3 or out[1] == -1)
+    assert torch.equal(out[2:-1], x[2:-1].argmax(-1))

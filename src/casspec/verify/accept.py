@@ -20,9 +20,10 @@ import torch
 
 from casspec.config import SamplingConfig
 from casspec.errors import NonFiniteLogitsError
+from casspec.runtime import kernels
 from casspec.tree import DraftTree
 from casspec.verify.coupling import coupled_tokens
-from casspec.verify.sampling import first_argmax, logits_to_probs, sample, uniform
+from casspec.verify.sampling import NON_FINITE, check_finite, first_argmax, logits_to_probs, sample, uniform
 
 
 @dataclass
@@ -40,19 +41,25 @@ class AcceptResult:
 def accept(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
            generator: torch.Generator | None = None) -> AcceptResult:
     """Walk the tree with the target's logits [N, V]; raises NonFiniteLogitsError on NaN / inf rows."""
-    if cfg.is_greedy:  # argmax picks a row's NaN or +inf, and lands on -inf only when all are
-        best = first_argmax(logits)  # [N]
-        _check_finite(logits.gather(1, best[:, None]))
-        return _walk(tree, best.tolist().__getitem__)
-    _check_finite(logits.amax(-1))  # a NaN anywhere in a row makes its max NaN
-    if cfg.is_coupled:
+    if cfg.is_greedy:
+        return _walk(tree, greedy_tokens(logits).__getitem__)
+    if cfg.is_coupled:  # the rows it samples are checked as they are sampled (coupled_tokens, strict)
         return _accept_coupled(tree, logits, cfg)
+    check_finite(logits.amax(-1))  # a NaN anywhere in a row makes its max NaN
     return _accept_sampling(tree, logits, cfg, generator)
 
 
-def _check_finite(top: torch.Tensor) -> None:
-    if not torch.isfinite(top).all():
-        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this request")
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax of logits [N, V] (its max's first column); NonFiniteLogitsError where a row's max is NaN
+    or inf or no value is finite. On the CPU one kernel call (kernels/sampling.cpp), else torch."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
+        best = kernels.module().first_argmax(logits.contiguous()).tolist()  # -1: the row's max is not finite
+        if min(best) < 0:
+            raise NonFiniteLogitsError(NON_FINITE)
+        return best
+    top = first_argmax(logits)  # [N]; argmax picks a row's NaN or +inf, and lands on -inf only when all are
+    check_finite(logits.gather(1, top[:, None]))
+    return top.tolist()
 
 
 def _walk(tree: DraftTree, target: Callable[[int], int]) -> AcceptResult:
@@ -72,12 +79,14 @@ def _accept_coupled(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig) 
     """The greedy walk over coupled samples. Node i samples position base + depth[i] + 1: the root alone first
     (when its draft children are wrong, as they mostly are at a low acceptance, nothing else is sampled), then
     every node with children below the root's accepted child in one batched call, a leaf only if the path
-    reaches it."""
+    reaches it. A row sampled with NaN or inf logits (or none finite) raises NonFiniteLogitsError; rows never
+    sampled play no part in the output (it is `ar`'s for the seed) and are not read."""
     def position(node: int) -> int:
         return tree.base + tree.depth[node] + 1
 
     def sample(nodes: list[int]) -> None:
-        target.update(zip(nodes, coupled_tokens(logits[nodes], cfg, [position(i) for i in nodes])))
+        rows = logits[nodes[0]:nodes[0] + 1] if len(nodes) == 1 else logits[nodes]  # [len(nodes), V]; one: a view
+        target.update(zip(nodes, coupled_tokens(rows, cfg, [position(i) for i in nodes], strict=True)))
 
     target: dict[int, int] = {}
     sample([0])

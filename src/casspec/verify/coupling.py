@@ -31,7 +31,7 @@ import torch
 
 from casspec.config import SamplingConfig
 from casspec.runtime import kernels
-from casspec.verify.sampling import WIDEN, Candidates, candidates, rank
+from casspec.verify.sampling import WIDEN, Candidates, candidates, check_finite, rank
 
 _M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64 increment (odd: id -> id * GAMMA is a bijection mod 2^64)
@@ -114,28 +114,34 @@ def coupled_choice(c: Candidates, keys: torch.Tensor, token_ids: torch.Tensor | 
 
 
 def coupled_tokens(logits: torch.Tensor, cfg: SamplingConfig, positions: list[int],
-                   token_ids: torch.Tensor | None = None) -> list[int]:
-    """The coupled sample of each row of logits [N, V] at its position (token ids when `token_ids` maps columns)."""
-    cols = coupled_draws(logits, cfg, noise_keys(cfg.seed, positions), token_ids, probs=False)[0][:, 0]
+                   token_ids: torch.Tensor | None = None, strict: bool = False) -> list[int]:
+    """The coupled sample of each row of logits [N, V] at its position (token ids when `token_ids` maps columns).
+    `strict`: a row with NaN or inf logits, or none finite, raises NonFiniteLogitsError."""
+    cols = coupled_draws(logits, cfg, noise_keys(cfg.seed, positions), token_ids, probs=False, strict=strict)[0][:, 0]
     return (cols if token_ids is None else token_ids[cols]).tolist()
 
 
 def coupled_draws(logits: torch.Tensor, cfg: SamplingConfig, keys: torch.Tensor, token_ids: torch.Tensor | None = None,
-                  top: int = 1, probs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  top: int = 1, probs: bool = True, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`coupled_choice` over the filtered rows of logits [N, V] -> columns [N, top] (-1: none) and their filtered
     probabilities [N, top] (zeros unless `probs`: an open row's need a pass over its vocabulary). On the CPU
     the kernels compute both in one call (kernels/sampling.cpp, the same function); rows they refuse
-    (non-finite logits) and other devices go the torch way."""
+    (NaN or inf logits, or none finite: strict raises NonFiniteLogitsError) and other devices go the torch way."""
     if logits.device.type == "cpu" and kernels.available():
         ids = None if token_ids is None else token_ids.to(torch.int64).contiguous()
         cols, p = kernels.module().coupled_sample(logits.float().contiguous(), keys, cfg.temperature, cfg.top_k,
                                                   cfg.top_p, cfg.min_p, ids, top, probs)
+        if min(cols[:, 0].tolist()) >= 0:  # (one list, not three small tensor ops: this runs every token)
+            return cols, p
         rows = (cols[:, 0] < 0).nonzero()[:, 0]
-        if len(rows):
-            c = candidates(logits[rows], cfg)
-            cols[rows] = coupled_choice(c, keys[rows], token_ids, top)
-            p[rows] = c.probs_of(cols[rows])
+        if strict:
+            check_finite(logits[rows].amax(-1))  # a NaN anywhere in a row makes its max NaN
+        c = candidates(logits[rows], cfg)
+        cols[rows] = coupled_choice(c, keys[rows], token_ids, top)
+        p[rows] = c.probs_of(cols[rows])
         return cols, p
+    if strict:
+        check_finite(logits.amax(-1))
     c = candidates(logits, cfg)
     cols = coupled_choice(c, keys, token_ids, top)
     return cols, c.probs_of(cols) if probs else torch.zeros(cols.shape)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from casspec.config import SamplingConfig
+from casspec.errors import NonFiniteLogitsError
 
 K_PREFIX = 64  # columns ranked individually per row
 WIDEN = 16  # growth factor of coupled sampling's ranked blocks past an open row's prefix (coupling.py)
@@ -48,6 +49,15 @@ def rank(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cols = torch.cat([cols, torch.arange(blocks * BLOCK, v, device=x.device).expand(n, -1)], 1)
     vals, idx = torch.topk(x.gather(1, cols), k, dim=-1)
     return vals, cols.gather(1, idx)
+
+
+NON_FINITE = "the model produced non-finite logits (NaN or inf) for this request"
+
+
+def check_finite(values: torch.Tensor) -> None:
+    """NonFiniteLogitsError unless every value (a row's max, or its chosen logit) is finite."""
+    if not torch.isfinite(values).all():
+        raise NonFiniteLogitsError(NON_FINITE)
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:

@@ -243,7 +243,46 @@ Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, flo
   return d;
 }
 
+// The first column of a row's max (torch.argmax), or -1 when the max is not finite (a NaN anywhere, +inf, or no
+// finite value). One vectorized pass for the max, one that stops at its first occurrence.
+int64_t row_argmax(const float* p, int64_t v) {
+  __m256 acc = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= v; j += 8) {
+    const __m256 x8 = _mm256_loadu_ps(p + j);
+    acc = _mm256_max_ps(acc, x8);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x8, x8, _CMP_UNORD_Q));
+  }
+  float m = hmax(acc);
+  bool nan = _mm256_movemask_ps(unordered) != 0;
+  for (; j < v; ++j) nan |= std::isnan(p[j]), m = std::max(m, p[j]);
+  if (nan || !std::isfinite(m)) return -1;
+  const __m256 target = _mm256_set1_ps(m);
+  for (j = 0; j + 8 <= v; j += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + j), target, _CMP_EQ_OQ));
+    if (hit) return j + __builtin_ctz(static_cast<unsigned>(hit));
+  }
+  for (; j < v; ++j)
+    if (p[j] == m) return j;
+  return -1;
+}
+
 }  // namespace
+
+// Greedy verification's argmax of every row of x [N, V] fp32 in one call (rows in parallel): in torch it is
+// ~8 small ops a step (~0.1 ms on this CPU, the block-max prefilter included), here a few microseconds a row.
+at::Tensor first_argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "x must be contiguous [N, V] fp32");
+  const int64_t n = x.size(0), v = x.size(1);
+  at::Tensor out = at::empty({n}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const float* rows = x.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, (int64_t{1} << 18) / v), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) o[r] = row_argmax(rows + r * v, v);
+  });
+  return out;
+}
 
 std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
                                        double top_p, double min_p, const std::optional<at::Tensor>& token_ids,

@@ -1,4 +1,4 @@
-// Coupled (Gumbel-max) sampling of rows of logits in one call: see sampling.cpp.
+// Coupled (Gumbel-max) sampling of rows of logits in one call, and greedy's argmax: see sampling.cpp.
 #pragma once
 #include <torch/extension.h>
 
@@ -8,3 +8,5 @@
 std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& keys, double temperature, int64_t top_k,
                                        double top_p, double min_p, const std::optional<at::Tensor>& token_ids,
                                        int64_t top, bool with_probs);
+
+at::Tensor first_argmax(const at::Tensor& x);  // [N] first column of each row's max; -1: the max is not finite
