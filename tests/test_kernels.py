@@ -268,3 +268,22 @@ def test_first_argmax_is_torch_argmax_and_refuses_non_finite_rows(n, v):
     out = kernels.module().first_argmax(x)
     assert out[0] == -1 and out[-1] == -1 and (n < 3 or out[1] == -1)
     assert torch.equal(out[2:-1], x[2:-1].argmax(-1))
+
+
+@pytest.mark.parametrize("v", [5, 300, 65536 + 100])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_top_softmax_is_softmax_topk_with_ties_lower_column_first(v, k):
+    import math
+
+    g = torch.Generator().manual_seed(v + k)
+    x = torch.randn(3, v, generator=g) * 4
+    x[2] = torch.randint(-2, 3, (v,), generator=g).float()  # ties: lower column first, column 0 is argmax's
+    cols, probs = kernels.module().top_softmax(x, k)
+    ref = torch.topk(torch.softmax(x, -1), min(k, v))
+    assert torch.equal(cols[:2, :min(k, v)], ref.indices[:2])
+    assert torch.allclose(probs[:, :min(k, v)], ref.values, rtol=1e-5, atol=1e-7)
+    ranked = [(-float(x[2, j]), j) for j in cols[2, :min(k, v)].tolist()]
+    assert cols[2, 0] == x[2].argmax() and ranked == sorted(ranked)
+    assert (cols[:, min(k, v):] == -1).all()
+    x[1, 3] = math.nan
+    assert (kernels.module().top_softmax(x, k)[0][1] == -1).all()  # a non-finite row: no columns

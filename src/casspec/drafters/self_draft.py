@@ -23,7 +23,7 @@ from casspec.runtime.runner import TargetRunner
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
 from casspec.verify.coupling import coupled_draws, noise_keys
-from casspec.verify.sampling import logits_to_probs, sample
+from casspec.verify.sampling import logits_to_probs, sample, top_probs
 
 
 def _identity(conf: float) -> float:
@@ -55,12 +55,8 @@ def pick_drafts(logits: torch.Tensor, states: list[DecodeState], positions: list
         lg = logits if len(rows) == len(states) else logits[rows]  # [len(rows), V']
         cfg = states[rows[0]].sampling
         if cfg.is_greedy:
-            probs = torch.softmax(lg.float(), dim=-1)
-            top = torch.topk(probs, min(runners + 1, probs.shape[-1]))
-            for r, p, j, tv, ti in zip(rows, probs, probs.argmax(-1).tolist(), top.values.tolist(),
-                                       top.indices.tolist()):
-                runner = [(v, i) for v, i in zip(tv, ti) if i != j][:runners]
-                picks[r] = DraftPick([j] + [i for _, i in runner], [float(p[j])] + [v for v, _ in runner])
+            for r, (best, best_p) in zip(rows, top_probs(lg, runners + 1)):
+                picks[r] = DraftPick(best, best_p)
         elif cfg.is_coupled:
             keys = torch.cat([noise_keys(states[r].sampling.seed, [positions[r]]) for r in rows])
             cols, probs = coupled_draws(lg, cfg, keys, ids, runners + 1)  # [len(rows), 1 + runners], -1: none
@@ -144,8 +140,9 @@ class SelfDrafter:
             picks = pick_drafts(logits, [state] * len(rows), [tree.base + tree.depth[n] + 1 for n in rows], ids, 0,
                                 self.runner.vocab_size)
         else:  # greedy, and the rejection rule (a deterministic correction is a one-hot draft)
-            probs = torch.softmax(logits.float(), -1)
-            picks = [DraftPick([j], [float(p[j])]) for p, j in zip(probs, logits.argmax(-1).tolist())]
+            picks = [DraftPick(best, best_p) for best, best_p in top_probs(logits, 1)]
+        if not all(p.cols for p in picks):  # a row with non-finite draft logits: keep the chain as it is
+            return chain[-1]
         mine = [p.cols[0] if ids is None else int(ids[p.cols[0]]) for p in picks]
         keep = next((j for j, node in enumerate(chain) if tree.tokens[node] != mine[j]), len(chain))
         end = chain[keep - 1] if keep else parent

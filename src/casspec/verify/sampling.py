@@ -28,6 +28,7 @@ import torch
 
 from casspec.config import SamplingConfig
 from casspec.errors import NonFiniteLogitsError
+from casspec.runtime import kernels
 
 K_PREFIX = 64  # columns ranked individually per row
 WIDEN = 16  # growth factor of coupled sampling's ranked blocks past an open row's prefix (coupling.py)
@@ -58,6 +59,21 @@ def check_finite(values: torch.Tensor) -> None:
     """NonFiniteLogitsError unless every value (a row's max, or its chosen logit) is finite."""
     if not torch.isfinite(values).all():
         raise NonFiniteLogitsError(NON_FINITE)
+
+
+def top_probs(logits: torch.Tensor, k: int) -> list[tuple[list[int], list[float]]]:
+    """Each row's k most likely columns of logits [N, V] with their softmax probabilities, best first (column 0
+    is argmax's; a row whose max is not finite: none). On the CPU one kernel call (kernels/sampling.cpp)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
+        cols, probs = kernels.module().top_softmax(logits.contiguous(), k)
+        return [([j for j in c if j >= 0], p[:sum(j >= 0 for j in c)]) for c, p in zip(cols.tolist(), probs.tolist())]
+    probs = torch.softmax(logits.float(), dim=-1)  # [N, V]
+    top = torch.topk(probs, min(k, probs.shape[-1]))
+    out = []
+    for p, j, tv, ti in zip(probs, probs.argmax(-1).tolist(), top.values.tolist(), top.indices.tolist()):
+        runner = [(v, i) for v, i in zip(tv, ti) if i != j][:k - 1]
+        out.append(([j] + [i for _, i in runner], [float(p[j])] + [v for v, _ in runner]))
+    return out
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:

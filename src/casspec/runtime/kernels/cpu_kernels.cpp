@@ -514,5 +514,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }));
   m.def("layer_forward", &layer_forward, nogil(), "h += attention, then h += MLP of one bound Layer, in place (the ops one by one)");
   m.def("first_argmax", &first_argmax, nogil(), "first column of each row's max ([N] int64; -1 where the max is not finite)");
+  m.def("top_softmax", &top_softmax, nogil(), "k best columns of each row with their softmax probabilities ([N, k] each; -1 / 0: none)");
   m.def("coupled_sample", &coupled_sample, nogil(), "coupled (Gumbel-max) draws per row under top-k / top-p / min-p: (columns [N, top] best first, -1 past the survivors; their filtered probabilities)");
 }

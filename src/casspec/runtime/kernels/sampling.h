@@ -10,3 +10,4 @@ std::vector<at::Tensor> coupled_sample(const at::Tensor& x, const at::Tensor& ke
                                        int64_t top, bool with_probs);
 
 at::Tensor first_argmax(const at::Tensor& x);  // [N] first column of each row's max; -1: the max is not finite
+std::vector<at::Tensor> top_softmax(const at::Tensor& x, int64_t k);  // [N, k] best columns, their softmax probs
