@@ -47,7 +47,7 @@ def test_native_linear_equals_fp32_linear_on_dequantized_weights(qtype, n):
     dense = ops.dequantize_rows(blocks, int(qtype), k, None)  # [n, k]
     tiled = make_proj([dense], tile=True)
     bias = torch.randn(n)
-    for m in (1, 2, 3, 4, 5, 7, 8, 33, 64):
+    for m in (1, 2, 3, 4, 5, 7, 8, 10, 13, 16, 33, 64):  # 9..16: balanced groups through the registers
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))  # seeded: the tolerance check is not flaky
         got = ops.native_linear(x, [blocks], [int(qtype)], bias, None, 0.0, 0, None, False)
         want = ops.linear(x, tiled.tiled, None, None, 0, bias, None, 0.0, n, 0, None)

@@ -113,6 +113,7 @@ inline __m256i bits32(uint32_t bits) {  // byte j = 0xFF where bit j of `bits` i
 
 struct Q8_0B {
   static constexpr int PAIRED_UP_TO = 6;  // rows decoded in pairs up to this many input rows
+  static constexpr int SPLIT_UP_TO = 16;  // input rows run as groups through the registers (native_linear.cpp)
   static constexpr int64_t QK = 32, BYTES = 34;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
@@ -124,6 +125,7 @@ struct Q8_0B {
 
 struct Q4_0B {
   static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int SPLIT_UP_TO = 16;
   static constexpr int64_t QK = 32, BYTES = 18;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
@@ -137,6 +139,7 @@ struct Q4_0B {
 
 struct Q4_1B {
   static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int SPLIT_UP_TO = 16;
   static constexpr int64_t QK = 32, BYTES = 20;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
@@ -150,6 +153,7 @@ struct Q4_1B {
 
 struct Q5_0B {
   static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int SPLIT_UP_TO = 16;
   static constexpr int64_t QK = 32, BYTES = 22;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
@@ -166,6 +170,7 @@ struct Q5_0B {
 
 struct Q4_KB {
   static constexpr int PAIRED_UP_TO = 0;
+  static constexpr int SPLIT_UP_TO = 8;
   static constexpr int64_t QK = 256, BYTES = 144;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + (c / 8) * BYTES;
@@ -198,6 +203,7 @@ struct Q4_KB {
 
 struct Q6_KB {
   static constexpr int PAIRED_UP_TO = 5;
+  static constexpr int SPLIT_UP_TO = 8;
   static constexpr int64_t QK = 256, BYTES = 210;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {  // the integer view, widened
     float a0, a1, unused_off;
@@ -227,6 +233,7 @@ struct Q6_KB {
 template <bool THIRD>  // Q2_1 (false) and Q3_1 (true): casspec's low-bit draft formats
 struct LowBitB {
   static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int SPLIT_UP_TO = 8;
   static constexpr int64_t QK = 32, BYTES = THIRD ? 16 : 12;
   static inline void decode(const uint8_t* row, int64_t c, __m256 (&w)[4]) {
     const uint8_t* b = row + c * BYTES;
@@ -243,6 +250,7 @@ struct LowBitB {
 
 struct F32B {
   static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int SPLIT_UP_TO = 8;
   static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 128;
@@ -254,6 +262,7 @@ struct F32B {
 
 struct F16B {
   static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int SPLIT_UP_TO = 8;
   static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;
@@ -265,6 +274,7 @@ struct F16B {
 
 struct BF16B {
   static constexpr int PAIRED_UP_TO = 6;
+  static constexpr int SPLIT_UP_TO = 8;
   static constexpr bool INTS = false, SIGNED = true, SPLIT = false, OFFSET = false;
   static inline __m256i ints(const uint8_t*, int64_t, float&, float&, float&) { return _mm256_setzero_si256(); }
   static constexpr int64_t QK = 32, BYTES = 64;
