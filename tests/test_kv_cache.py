@@ -60,7 +60,8 @@ def test_out_of_range_slots_raise(slots):
 
 def test_single_stream_generations_reuse_one_pool_and_match_fresh_output():
     """A generation's KV region returns to the runner's pool when it ends; the next one reuses it, stale
-    slots included, with the output a fresh engine gives; one started while another is live gets its own."""
+    slots included, with the output a fresh engine gives; live generations share it while it has room, and one that
+    finds too little gets a private cache."""
     from casspec.testing import tiny_engine
 
     engine, fresh = tiny_engine(), tiny_engine()
@@ -75,7 +76,10 @@ def test_single_stream_generations_reuse_one_pool_and_match_fresh_output():
     assert engine.runner._stream_pool is pool and pool.used == 0
     live = engine.start(short, "ar", max_new_tokens=4)
     assert live.state.cache.pool is pool and pool.used > 0
-    other = engine.start(short, "ar", max_new_tokens=4)  # pool busy: a private cache
-    assert other.state.cache.pool is not pool
+    both = engine.start(short, "ar", max_new_tokens=4)  # room left: a region of its own in the same pool
+    assert both.state.cache.pool is pool and both.state.cache.base != live.state.cache.base
+    fits = pool.capacity - engine.cache_size(len(engine.encode_prompt(short)), 1)  # new tokens of a full-pool request
+    other = engine.start(short, "ar", max_new_tokens=fits)  # it would fit the pool, not the room left: private
+    assert other.state.cache.pool is not pool and engine.runner._stream_pool is pool
     assert engine.generate(short, method="ar", max_new_tokens=12).token_ids == \
         fresh.generate(short, method="ar", max_new_tokens=12).token_ids

@@ -26,6 +26,7 @@ from casspec.runtime.weights import LayerWeights, ModelWeights, with_act8
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STREAM_POOL_SLOTS = 4096  # the largest single-sequence pool a runner keeps for reuse (SmolLM2: 188 MB of KV)
+STREAM_POOL_STEP = 512  # its size is a multiple of this (a request a little longer than the last reuses it)
 
 
 class TargetRunner:
@@ -79,14 +80,16 @@ class TargetRunner:
         sequence ends and the next one takes the same memory, instead of allocating and page-faulting new zeroed
         buffers (5 / 16 / 46 ms for 512 / 1,500 / 4,096 SmolLM2 slots, each request). Its slots hold earlier
         sequences' finite KV until written, as a batch pool's regions do: the attention masks never read them.
-        A larger request replaces the pool with one of its size (at most STREAM_POOL_SLOTS kept; longer ones
-        get a private cache, freed with the request); one that finds the pool busy gets a private cache."""
+        A larger request replaces the pool with one of its size rounded up to STREAM_POOL_STEP (at most
+        STREAM_POOL_SLOTS kept; longer ones get a private cache, freed with the request); one that finds the pool
+        busy gets a private cache."""
         pool = self._stream_pool
         if pool is not None and capacity <= pool.capacity:
             return pool.alloc(capacity) or self.new_cache(capacity)
         if capacity > STREAM_POOL_SLOTS:
             return self.new_cache(capacity)
-        self._stream_pool = self.new_pool(capacity)  # a sequence still in the old pool keeps it alive
+        size = min(-(-capacity // STREAM_POOL_STEP) * STREAM_POOL_STEP, STREAM_POOL_SLOTS)  # a chat's next turn fits
+        self._stream_pool = self.new_pool(size)  # a sequence still in the old pool keeps it alive
         cache = self._stream_pool.alloc(capacity)
         assert cache is not None
         return cache
