@@ -83,3 +83,29 @@ def test_single_stream_generations_reuse_one_pool_and_match_fresh_output():
     assert other.state.cache.pool is not pool and engine.runner._stream_pool is pool
     assert engine.generate(short, method="ar", max_new_tokens=12).token_ids == \
         fresh.generate(short, method="ar", max_new_tokens=12).token_ids
+
+
+@pytest.mark.parametrize("method", ["ar", "casspec"])
+def test_interleaved_single_stream_generations_in_one_pool_match_their_outputs_alone(method):
+    """Two generations stepped in turn hold regions of the same pool (the second at a non-zero base); each
+    produces what it produces alone."""
+    from casspec.testing import tiny_engine
+
+    engine, fresh = tiny_engine(), tiny_engine()
+    engine.prefix_cache = fresh.prefix_cache = None
+    prompts = ["the cat sat on the mat and then the cat", "a dog ran"]
+    alone = [fresh.generate(p, method=method, max_new_tokens=24).token_ids for p in prompts]
+    streams = [engine.iter_generate(p, method, max_new_tokens=24) for p in prompts]
+    ids: list[list[int]] = [[], []]
+    live, shared = [True, True], 0
+    while any(live):
+        for i, s in enumerate(streams):
+            if live[i]:
+                chunk = next(s, None)
+                live[i] = chunk is not None
+                if chunk is not None:
+                    ids[i] += chunk.token_ids
+        pool = engine.runner._stream_pool
+        shared = max(shared, len(pool.regions()) if pool is not None else 0)
+    assert ids == alone and shared == 2
+    assert engine.runner._stream_pool is not None and engine.runner._stream_pool.used == 0
