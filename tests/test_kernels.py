@@ -1,6 +1,8 @@
 """casspec's CPU kernels compute what the torch backend computes (allclose), batch-invariantly."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,8 +258,6 @@ def test_good_inputs_still_pass_the_checks():
 @pytest.mark.parametrize("v", [1, 7, 8, 9, 300, 49152 + 3])
 @pytest.mark.parametrize("n", [1, 3, 20])
 def test_first_argmax_is_torch_argmax_and_refuses_non_finite_rows(n, v):
-    import math
-
     g = torch.Generator().manual_seed(n * v)
     x = torch.randint(-3, 4, (n, v), generator=g).float()  # few distinct values: ties everywhere
     assert torch.equal(kernels.module().first_argmax(x), x.argmax(-1))
@@ -273,8 +273,6 @@ def test_first_argmax_is_torch_argmax_and_refuses_non_finite_rows(n, v):
 @pytest.mark.parametrize("v", [5, 300, 65536 + 100])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_top_softmax_is_softmax_topk_with_ties_lower_column_first(v, k):
-    import math
-
     g = torch.Generator().manual_seed(v + k)
     x = torch.randn(3, v, generator=g) * 4
     x[2] = torch.randint(-2, 3, (v,), generator=g).float()  # ties: lower column first, column 0 is argmax's

@@ -19,11 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from casspec.config import SamplingConfig
-from casspec.errors import NonFiniteLogitsError
-from casspec.runtime import kernels
 from casspec.tree import DraftTree
 from casspec.verify.coupling import coupled_tokens
-from casspec.verify.sampling import NON_FINITE, check_finite, first_argmax, logits_to_probs, sample, uniform
+from casspec.verify.sampling import check_finite, greedy_tokens, logits_to_probs, sample, uniform
 
 
 @dataclass
@@ -47,19 +45,6 @@ def accept(tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig,
         return _accept_coupled(tree, logits, cfg)
     check_finite(logits.amax(-1))  # a NaN anywhere in a row makes its max NaN
     return _accept_sampling(tree, logits, cfg, generator)
-
-
-def greedy_tokens(logits: torch.Tensor) -> list[int]:
-    """Each row's argmax of logits [N, V] (its max's first column); NonFiniteLogitsError where a row's max is NaN
-    or inf or no value is finite. On the CPU one kernel call (kernels/sampling.cpp), else torch."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
-        best = kernels.module().first_argmax(logits.contiguous()).tolist()  # -1: the row's max is not finite
-        if min(best) < 0:
-            raise NonFiniteLogitsError(NON_FINITE)
-        return best
-    top = first_argmax(logits)  # [N]; argmax picks a row's NaN or +inf, and lands on -inf only when all are
-    check_finite(logits.gather(1, top[:, None]))
-    return top.tolist()
 
 
 def _walk(tree: DraftTree, target: Callable[[int], int]) -> AcceptResult:

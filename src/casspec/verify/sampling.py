@@ -61,10 +61,28 @@ def check_finite(values: torch.Tensor) -> None:
         raise NonFiniteLogitsError(NON_FINITE)
 
 
+def _in_kernels(logits: torch.Tensor) -> bool:
+    """Whether the CPU kernels (kernels/sampling.cpp) take these logits."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available()
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax of logits [N, V] (its max's first column); NonFiniteLogitsError where a row's max is NaN
+    or inf or no value is finite. On the CPU one kernel call, else `first_argmax`."""
+    if _in_kernels(logits):
+        best = kernels.module().first_argmax(logits.contiguous()).tolist()  # -1: the row's max is not finite
+        if min(best) < 0:
+            raise NonFiniteLogitsError(NON_FINITE)
+        return best
+    top = first_argmax(logits)  # [N]; argmax picks a row's NaN or +inf, and lands on -inf only when all are
+    check_finite(logits.gather(1, top[:, None]))
+    return top.tolist()
+
+
 def top_probs(logits: torch.Tensor, k: int) -> list[tuple[list[int], list[float]]]:
     """Each row's k most likely columns of logits [N, V] with their softmax probabilities, best first (column 0
     is argmax's; a row whose max is not finite: none). On the CPU one kernel call (kernels/sampling.cpp)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
+    if _in_kernels(logits):
         cols, probs = kernels.module().top_softmax(logits.contiguous(), k)
         return [([j for j in c if j >= 0], p[:sum(j >= 0 for j in c)]) for c, p in zip(cols.tolist(), probs.tolist())]
     probs = torch.softmax(logits.float(), dim=-1)  # [N, V]

@@ -7,7 +7,8 @@
 // A tile is 4 weight rows, each row a pointer into its tensor's blocks (the GGUF file, memory-mapped).
 // Up to 3 input rows, the tile's 4 rows are decoded in registers, 32 at a time, interleaved (4 M
 // independent FMA chains); 4 to 8 input rows, each weight row is decoded once and meets every input
-// row in registers; beyond, the tile is decoded once into an L1 scratch in the fp32 kernel's tiled layout and
+// row in registers (up to a format's SPLIT_UP_TO rows, in balanced groups of 4-8); beyond, the tile is
+// decoded once into an L1 scratch in the fp32 kernel's tiled layout and
 // the fp32 tile kernel runs over it. Both paths accumulate every output in the fp32 kernel's order on bit-identical weights, so a
 // native linear equals the fp32 linear on the dequantized model, whatever the number of rows.
 // Fused projections: q|k|v run part by part (each part may be another type) into column ranges of one
@@ -107,12 +108,6 @@ void tile_small_m(const LinearArgs& a, const TileCols& o, const Rows& w) {
   }
 }
 
-// Beyond MAX_REG_ROWS input rows and up to a format's SPLIT_UP_TO (gguf_blocks.h), the rows go in balanced groups
-// through the registers path (each group decodes the tile again) rather than through an L1 scratch and the fp32
-// tile kernel, whose 9-16 row shapes ran slow (Gemma's Q8_0 head: 9 rows 25.4 ms against 8 rows 15.5; split,
-// 18.0). Formats whose decoding costs more (K-quants) keep the scratch. Per output row the arithmetic is the
-// registers path's, so the outputs stay bitwise those of any other row count.
-
 // The tile's 4 rows decoded into [K/8][4][8] fp32, the layout the fp32 tile kernel reads.
 template <class B>
 void decode_tile(const Rows& w, int64_t K, float* out) {
@@ -130,7 +125,11 @@ void native_tile(const LinearArgs& a, const TileCols& o, const Rows& r, float* s
     tile_rows(a, o, RegDot<B>{a, r});
   } else if (a.M <= MAX_REG_ROWS) {
     tile_small_m<B>(a, o, r);
-  } else if (a.M <= B::SPLIT_UP_TO) {  // balanced groups of 4..8 rows, each decoding the tile in registers again
+  } else if (a.M <= B::SPLIT_UP_TO) {
+    // Balanced groups of 4-8 rows through the registers path, each decoding the tile again, rather than the L1
+    // scratch and the fp32 tile kernel, whose 10- and 16-row shapes left a 1-row remainder (Gemma's Q8_0 head,
+    // 10 rows: 28.1 -> 19.5 ms). Formats whose decoding costs more (K-quants) keep the scratch (gguf_blocks.h
+    // SPLIT_UP_TO). Per output row the arithmetic is the registers path's: bitwise any other row count's.
     const int64_t groups = (a.M + MAX_REG_ROWS - 1) / MAX_REG_ROWS;
     for (int64_t g = 0, m0 = 0; g < groups; ++g) {
       LinearArgs part = a;
@@ -151,7 +150,7 @@ void native_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int6
   const int64_t row_bytes = a.K / B::QK * B::BYTES;
   const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(a.M > MAX_REG_ROWS ? NB * a.K : 0);
+    std::vector<float> scratch(a.M > B::SPLIT_UP_TO ? NB * a.K : 0);  // the scratch path's only
     each_block_tile(a, w, up, rows, row_bytes, t0, t1,
                     [&](const TileCols& o, const Rows& r) { native_tile<B>(a, o, r, scratch.data()); });
   });

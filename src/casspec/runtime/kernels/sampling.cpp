@@ -52,29 +52,26 @@ struct RowStats {
   float max;
 };
 
+// The max of p[0, n), NaN if any value is (max_ps drops NaN, so they are looked for apart): 8 at a time, then the tail.
+float span_max(const float* p, int64_t n) {
+  __m256 acc = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x8 = _mm256_loadu_ps(p + j);
+    acc = _mm256_max_ps(acc, x8);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x8, x8, _CMP_UNORD_Q));
+  }
+  float m = hmax(acc);
+  bool nan = _mm256_movemask_ps(unordered) != 0;
+  for (; j < n; ++j) nan |= std::isnan(p[j]), m = std::max(m, p[j]);
+  return nan ? NAN : m;
+}
+
 RowStats block_maxima(const float* x, int64_t v) {
   const int64_t nb = (v + BLOCK - 1) / BLOCK;
   RowStats s{std::vector<float>(nb), -INFINITY};
   at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* p = x + b * BLOCK;
-      const int64_t n = std::min(BLOCK, v - b * BLOCK);
-      float m = -INFINITY;
-      bool nan = false;
-      if (n == BLOCK) {
-        __m256 acc = _mm256_loadu_ps(p), unordered = _mm256_cmp_ps(acc, acc, _CMP_UNORD_Q);
-        for (int j = 8; j < BLOCK; j += 8) {
-          const __m256 x8 = _mm256_loadu_ps(p + j);
-          acc = _mm256_max_ps(acc, x8);
-          unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x8, x8, _CMP_UNORD_Q));
-        }
-        m = hmax(acc);
-        nan = _mm256_movemask_ps(unordered) != 0;
-      } else {
-        for (int64_t j = 0; j < n; ++j) nan |= std::isnan(p[j]), m = std::max(m, p[j]);
-      }
-      s.block_max[b] = nan ? NAN : m;  // max_ps drops NaN: say so, and the row is refused
-    }
+    for (int64_t b = b0; b < b1; ++b) s.block_max[b] = span_max(x + b * BLOCK, std::min(BLOCK, v - b * BLOCK));
   });
   for (float m : s.block_max) s.max = std::isnan(m) || std::isnan(s.max) ? NAN : std::max(s.max, m);
   return s;
@@ -246,19 +243,11 @@ Draws sample_row(const float* x, int64_t v, int64_t key, const int64_t* ids, flo
 // The first column of a row's max (torch.argmax), or -1 when the max is not finite (a NaN anywhere, +inf, or no
 // finite value). One vectorized pass for the max, one that stops at its first occurrence.
 int64_t row_argmax(const float* p, int64_t v) {
-  __m256 acc = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  const float m = span_max(p, v);
+  if (!std::isfinite(m)) return -1;
+  const __m256 target = _mm256_set1_ps(m);
   int64_t j = 0;
   for (; j + 8 <= v; j += 8) {
-    const __m256 x8 = _mm256_loadu_ps(p + j);
-    acc = _mm256_max_ps(acc, x8);
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x8, x8, _CMP_UNORD_Q));
-  }
-  float m = hmax(acc);
-  bool nan = _mm256_movemask_ps(unordered) != 0;
-  for (; j < v; ++j) nan |= std::isnan(p[j]), m = std::max(m, p[j]);
-  if (nan || !std::isfinite(m)) return -1;
-  const __m256 target = _mm256_set1_ps(m);
-  for (j = 0; j + 8 <= v; j += 8) {
     const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + j), target, _CMP_EQ_OQ));
     if (hit) return j + __builtin_ctz(static_cast<unsigned>(hit));
   }
