@@ -25,6 +25,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from casspec.runtime.machine import cpu_summary
+
 BIN = Path(sys.executable).parent / "casspec"
 
 
@@ -93,7 +95,7 @@ def main() -> None:
         for server, _ in servers.values():
             os.killpg(server.pid, signal.SIGINT)
             server.wait(30)
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), "cpu": cpu_summary(), "rows": rows}, indent=1))
     write_table(rows, out / "summary.md")
     plot(rows, out / "serving.png")
 

@@ -112,6 +112,8 @@ def _meta(args: argparse.Namespace, prompts_path: str, n_questions: int) -> dict
     import torch
     import transformers
 
+    from casspec.runtime.machine import cpu_info
+
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "models": args.models,
         "methods": args.methods or "all engine methods" + ("" if args.no_peers else " + peers"),
@@ -121,7 +123,7 @@ def _meta(args: argparse.Namespace, prompts_path: str, n_questions: int) -> dict
         "repeats": args.repeats, "seed": args.seed, "sampling rule": args.sampling_rule if args.temperature > 0
         else "greedy", "torch": torch.__version__,
         "transformers": transformers.__version__, "torch threads": torch.get_num_threads(),
-        "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+        "platform": platform.platform(), "cpu": cpu_info()["model"], "cpu features": cpu_info()["features"],
         "cpu cores": os.cpu_count(),
     }
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 import torch
 
 from casspec.errors import InvalidRequestError
+from casspec.runtime.machine import cpu_summary
 
 PARTS = ("total", "matmul", "rest")
 
@@ -58,7 +59,7 @@ def run_profile(engine: Any, *, ctx_len: int = 512, max_query: int = 32, repeats
     weights = {plan: engine.plan_weights(plan) for plan in names} if hasattr(engine, "plan_weights") else {}
     return {"model": engine.name, "ctx_len": ctx_len, "weights": weights, "repeats": repeats, "n_query": queries, "plans": curves,
             "c": c, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__}
+            "cpu": cpu_summary(), "torch": torch.__version__}
 
 
 def plot_profile(result: dict[str, Any], path: Path) -> str:
@@ -107,7 +108,8 @@ def print_profile(result: dict[str, Any], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    t = Table(title=f"{result['model']}: forward cost at context {result['ctx_len']} (median ms)")
+    t = Table(title=f"{result['model']}: forward cost at context {result['ctx_len']} (median ms)",
+              caption=result.get("cpu"))
     weights = result.get("weights", {})
     if weights:
         w = Table(title="weights each plan reads per step")

@@ -13,6 +13,7 @@ import torch
 
 from casspec.runtime import cache_files
 from casspec.runtime.backend import TimedBackend
+from casspec.runtime.machine import cpu_info
 from casspec.runtime.plans import ExecutionPlan
 from casspec.runtime.runner import TargetRunner
 from casspec.scheduler.latency import LatencyModel, calibration_grid
@@ -58,7 +59,8 @@ def forward_breakdown(runner: TargetRunner, plan: ExecutionPlan, n_query: int, c
 
 def machine_key(model_name: str, runner: TargetRunner) -> str:
     """Identifies (model, machine, software, kernels) for cached calibrations."""
-    info = [model_name, platform.machine(), platform.processor(), str(os.cpu_count()), torch.__version__,
+    cpu = cpu_info()  # two CPUs that both say "x86_64" may run the kernels twice as fast as each other
+    info = [model_name, platform.machine(), cpu["model"], cpu["features"], str(os.cpu_count()), torch.__version__,
             str(torch.get_num_threads()), runner.backend.name, runner.kernel_build]
     return hashlib.sha1("|".join(info).encode()).hexdigest()[:12]
 

@@ -1,0 +1,53 @@
+"""The CPU description reports and calibration keys carry (runtime/machine.py)."""
+from __future__ import annotations
+
+from casspec.runtime import machine
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx f16c fma avx2 bmi2
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx f16c fma avx2 bmi2
+"""
+VNNI = ZEN3.replace("bmi2", "bmi2 avx_vnni avx512f avx512_vnni")
+
+
+def test_parse_names_the_model_and_the_features_that_matter() -> None:
+    assert machine.parse_cpuinfo(ZEN3) == {"model": "AMD EPYC 7B13", "features": "avx2 fma f16c"}
+    assert machine.parse_cpuinfo(VNNI)["features"] == "avx2 fma f16c avx_vnni avx512f avx512_vnni"
+    assert machine.parse_cpuinfo("") == {"model": "", "features": ""}
+
+
+def test_int8_dot_follows_the_features(monkeypatch, tmp_path) -> None:
+    for text, dot in ((ZEN3, "vpmaddubsw (AVX2)"), (VNNI, "vpdpbusd (AVX-VNNI)"), ("model name: x\n", "none")):
+        (tmp_path / "cpuinfo").write_text(text)
+        monkeypatch.setattr(machine, "CPUINFO", tmp_path / "cpuinfo")
+        machine.cpu_info.cache_clear()
+        assert machine.cpu_info()["int8 dot"] == dot
+    machine.cpu_info.cache_clear()
+
+
+def test_unreadable_cpuinfo_still_describes_the_machine(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(machine, "CPUINFO", tmp_path / "missing")
+    machine.cpu_info.cache_clear()
+    try:
+        info = machine.cpu_info()
+        assert info["model"] and info["features"] == "" and "cores" in machine.cpu_summary()
+    finally:
+        machine.cpu_info.cache_clear()
+
+
+def test_calibration_key_changes_with_the_cpu_features(monkeypatch) -> None:
+    from casspec.scheduler import calibrate
+
+    class Runner:  # what machine_key reads of a runner
+        backend = type("B", (), {"name": "kernels"})()
+        kernel_build = "k"
+
+    keys = []
+    for feats in ("avx2 fma f16c", "avx2 fma f16c avx_vnni"):
+        monkeypatch.setattr(calibrate, "cpu_info", lambda f=feats: {"model": "AMD EPYC", "features": f})
+        keys.append(calibrate.machine_key("smollm2", Runner()))  # type: ignore[arg-type]
+    assert keys[0] != keys[1]
