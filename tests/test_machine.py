@@ -51,3 +51,17 @@ def test_calibration_key_changes_with_the_cpu_features(monkeypatch) -> None:
         monkeypatch.setattr(calibrate, "cpu_info", lambda f=feats: {"model": "AMD EPYC", "features": f})
         keys.append(calibrate.machine_key("smollm2", Runner()))  # type: ignore[arg-type]
     assert keys[0] != keys[1]
+
+
+def test_calibration_interleaves_plans_and_measures_one_row_more(monkeypatch) -> None:
+    """A burst of machine noise must land on every plan, not on one plan's whole curve."""
+    from casspec.scheduler import calibrate
+    from casspec.scheduler.latency import LatencyModel, calibration_grid
+
+    calls = []
+    monkeypatch.setattr(calibrate, "time_forward", lambda runner, plan, q, ctx, repeats: calls.append((plan, q, ctx))
+                        or 0.01 * q)
+    calibrate.calibrate(None, {"full": "F", "a8": "A"}, LatencyModel(), max_query=4, ctx_lens=(64,))  # type: ignore[arg-type]
+    grid = calibration_grid(4)
+    assert [p for p, _, _ in calls] == ["F", "A"] * (len(grid) + calibrate.ONE_ROW_ROUNDS - 1)
+    assert sum(q == 1 for _, q, _ in calls) == 2 * calibrate.ONE_ROW_ROUNDS

@@ -61,17 +61,26 @@ def machine_key(model_name: str, runner: TargetRunner) -> str:
     """Identifies (model, machine, software, kernels) for cached calibrations."""
     cpu = cpu_info()  # two CPUs that both say "x86_64" may run the kernels twice as fast as each other
     info = [model_name, platform.machine(), cpu["model"], cpu["features"], str(os.cpu_count()), torch.__version__,
-            str(torch.get_num_threads()), runner.backend.name, runner.kernel_build]
+            str(torch.get_num_threads()), runner.backend.name, runner.kernel_build, CALIBRATION]
     return hashlib.sha1("|".join(info).encode()).hexdigest()[:12]
+
+
+CALIBRATION = "interleaved"  # how `calibrate` measures (in the cache key: a change measures again)
+ONE_ROW_ROUNDS = 3  # interleaved rounds at one query token: the point that decides whether a level pays
 
 
 def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: LatencyModel,
               max_query: int = 32, ctx_lens: tuple[int, ...] = (64, 512), repeats: int = 2) -> None:
-    """Fit `latency` with a few timed forwards per plan, query size and context length (seconds)."""
-    for name, plan in plans.items():
-        for ctx in ctx_lens:
-            for q in calibration_grid(max_query):
-                latency.observe(name, q, ctx, time_forward(runner, plan, q, ctx, repeats))
+    """Fit `latency` with a few timed forwards per plan, query size and context length (seconds), the plans
+    interleaved per point so that a burst of machine noise lands on all of them rather than on one plan's
+    curve, and one query token measured in ONE_ROW_ROUNDS rounds. On a noisy 2-core VM, Gemma-3's `a8v`
+    timed after the target came out at 0.64 of it, over the 0.6 that keeps a level in DyTC
+    (pool.MAX_DRAFT_COST); interleaved, its samples ran 0.41-0.66 around a median of 0.51."""
+    for ctx in ctx_lens:
+        for q in calibration_grid(max_query):
+            for _ in range(ONE_ROW_ROUNDS if q == 1 else 1):
+                for name, plan in plans.items():
+                    latency.observe(name, q, ctx, time_forward(runner, plan, q, ctx, repeats))
     latency.clear_errors()
 
 
