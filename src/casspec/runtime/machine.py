@@ -9,6 +9,7 @@ keyed by them: one measured on another CPU is measured again, not reused.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -34,22 +35,18 @@ def parse_cpuinfo(text: str) -> dict[str, str]:
 
 @functools.cache
 def cpu_info() -> dict[str, str]:
-    """This CPU: {"model", "features", "int8 dot"} (the instruction the activation-quantized kernels use).
-    Where /proc/cpuinfo cannot be read, the model is what `platform` says and the features are empty."""
+    """This CPU: {"model", "features"} (which int8 dot product the kernels use, they decide themselves at run
+    time: avx_vnni among the features means `vpdpbusd`). Where /proc/cpuinfo cannot be read, the model is what
+    `platform` says and the features are empty."""
     try:
         info = parse_cpuinfo(CPUINFO.read_text(encoding="utf-8", errors="replace"))
     except OSError:
         info = {"model": "", "features": ""}
     info["model"] = info["model"] or platform.processor() or platform.machine()
-    features = info["features"].split()
-    info["int8 dot"] = ("vpdpbusd (AVX-VNNI)" if "avx_vnni" in features else
-                        "vpmaddubsw (AVX2)" if "avx2" in features else "none")
     return info
 
 
 def cpu_summary() -> str:
     """One line for reports: "AMD EPYC, 2 cores (avx2 fma f16c)"."""
-    import os
-
     info = cpu_info()
     return f"{info['model']}, {os.cpu_count()} cores ({info['features'] or 'no AVX2'})"
