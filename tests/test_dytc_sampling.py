@@ -51,7 +51,9 @@ def test_regimes_bucket_rule_and_temperature():
 
 
 def test_sampled_outcomes_do_not_move_greedy_estimates_nor_the_reverse(llama_engine):
-    sched = make_dytc(llama_engine, alphas=(0.8, 0.6))
+    # fixed costs: with measured ones, a CPU where the int8 draft is slow (AVX2 without VNNI) leaves it out of the
+    # greedy run, and there is nothing to observe
+    sched = make_dytc(llama_engine, DyTCConfig(use_latency=False), alphas=(0.8, 0.6))
     int8 = sched.levels[0]
     llama_engine.generate(PROMPT, sched, max_new_tokens=40, seed=1, **SAMPLED)
     sampled = int8.estimate(regime(SamplingConfig(**SAMPLED)))
