@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.latency import (
+    _REFIT_TOL,
     FEATURES,
     LatencyModel,
     calibration_grid,
@@ -233,6 +234,27 @@ def test_bucket_correction_fits_piecewise_cpu_curve():
         errs[bc] = np.mean(rel)
     assert errs[True] < 0.03
     assert errs[True] < errs[False] / 4
+
+
+def test_cached_corrections_stay_within_tolerance_of_a_refit():
+    """Bucket corrections and predictions are cached between observations (the decode loop asks for the same
+    ones many times a step); whatever the updates, a cached prediction is within _REFIT_TOL-ish of what a
+    refit from scratch gives."""
+    model = LatencyModel()
+    _calibrate(model, _t_piecewise)
+    rng = np.random.default_rng(5)
+    worst = 0.0
+    for i in range(400):
+        scale = 1.0 + 0.5 * (i >= 200)  # the machine slows down halfway
+        n, ctx = int(rng.choice([1, 1, 2, 3, 4, 8])), int(rng.integers(200, 3000))
+        model.observe("full", n, ctx, scale * _t_piecewise(n, ctx) * (1 + 0.03 * rng.standard_normal()))
+        queries = [(int(rng.integers(1, 17)), int(rng.integers(0, 4000))) for _ in range(4)]
+        cached = [model.predict("full", q, c) for q, c in queries]
+        fit = model._plans["full"]
+        fit.corr_cache.clear(), fit.memo.clear()
+        exact = [model.predict("full", q, c) for q, c in queries]
+        worst = max(worst, max(abs(a / b - 1) for a, b in zip(cached, exact)))
+    assert 0 < worst < 2.5 * _REFIT_TOL
 
 
 def test_relative_error_is_reported_before_update():

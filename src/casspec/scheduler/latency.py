@@ -25,9 +25,14 @@ its last `bucket_keep` forwards (n, ctx, t), and the prediction is multiplied by
 exp(a + g * (c - c_mean)), where a and g are a ridge fit (ridge 0.5 on both) of the log ratios
 log(t_i / x_i'w) of those forwards to the *current* linear prediction, with c in kilotokens
 centred on the bucket's mean ctx. A bucket seen at one ctx gets a constant factor (g = 0); one
-seen across ctx also corrects the ctx slope. Residuals are recomputed whenever the linear part
-moves, so the correction never goes stale; buckets without data get factor 1. On a measured CPU
-curve this cuts held-out error from ~19% to ~1% (tests/test_scheduler_math.py).
+seen across ctx also corrects the ctx slope. Residuals are recomputed when the bucket gets a forward
+and whenever the linear part has moved by more than `_REFIT_TOL` at the bucket's mean point since its
+last fit, so the correction never goes stale by more than that; buckets without data get factor 1. On
+a measured CPU curve this cuts held-out error from ~19% to ~1% (tests/test_scheduler_math.py).
+
+The model runs in the decode loop: every step observes the target's forward and its sampling work, and
+DyTC predicts ten or more (plan, n) pairs. Its 4-dimensional algebra is plain Python floats (numpy's
+per-call overhead made an observe cost ~90 us, ~1% of a SmolLM2 step on an AVX2 CPU, twice a step).
 """
 from __future__ import annotations
 
@@ -45,13 +50,15 @@ _D = len(FEATURES)
 _MIN_SECONDS = 1e-6
 _BUCKET_SHRINK = 0.5  # ridge pulling a bucket's log correction (level and ctx slope) toward 0
 _MAX_LOG_CORR = 3.0  # |log correction| cap, against wild ctx extrapolation
+_MEMO_SIZE = 256  # predictions kept between observations of a plan
+_REFIT_TOL = 0.002  # a bucket's correction is refit once the linear part moved this much (relative) at its data
 
 
-def features(n_query: int, ctx_len: int) -> np.ndarray:
-    """Scaled feature vector [1, n, c, n*c] with c = ctx_len / 1000; shape [4]."""
+def features(n_query: int, ctx_len: int) -> list[float]:
+    """Scaled feature vector [1, n, c, n*c] with c = ctx_len / 1000; length 4."""
     n = float(n_query)
     c = float(ctx_len) / CTX_SCALE
-    return np.array([1.0, n, c, n * c])
+    return [1.0, n, c, n * c]
 
 
 def _grid_values():
@@ -80,10 +87,15 @@ def calibration_grid(max_query: int = 32) -> list[int]:
 
 def query_bucket(n_query: int) -> int:
     """Residual-correction bucket of a query size: smallest grid value >= n_query."""
+    if 0 <= n_query < len(_SMALL_BUCKETS):
+        return _SMALL_BUCKETS[n_query]
     for g in _grid_values():
         if g >= n_query:
             return g
     raise AssertionError("unreachable")
+
+
+_SMALL_BUCKETS = tuple(next(g for g in _grid_values() if g >= n) for n in range(257))  # query_bucket, precomputed
 
 
 class ForwardTime(NamedTuple):
@@ -120,13 +132,15 @@ class ForwardTimes:
 class _PlanFit:
     """Posterior and bookkeeping for one plan."""
 
-    mean: np.ndarray  # [4] posterior mean of w
-    cov: np.ndarray  # [4, 4] posterior covariance of w
+    mean: list[float]  # [4] posterior mean of w
+    cov: list[list[float]]  # [4, 4] posterior covariance of w
     buckets: dict[int, deque] = field(default_factory=dict)  # bucket -> deque of (n, ctx, t)
     recent_err: deque = field(default_factory=lambda: deque(maxlen=100))
     num_obs: int = 0
-    # bucket -> (a, g, c_mean) of its correction; cleared on every observe
-    corr_cache: dict[int, tuple] = field(default_factory=dict)
+    # bucket -> (a, g, c_mean, n_mean, linear prediction at (n_mean, c_mean) when fitted); a bucket's entry
+    # goes when it gets a forward, and is refit when the linear part has moved (_REFIT_TOL)
+    corr_cache: dict[int, tuple[float, float, float, float, float]] = field(default_factory=dict)
+    memo: dict[tuple[int, int], float] = field(default_factory=dict)  # (n, ctx) -> prediction since the last observe
 
 
 class LatencyModel:
@@ -175,15 +189,16 @@ class LatencyModel:
         if fit is None:
             fit = self._new_fit()
             self._plans[plan] = fit
-        if fit.num_obs > 0:
-            pred = self._predict(fit, n_query, ctx_len)
+        if fit.num_obs > 0:  # the prediction made for this forward, if one was (memo), else made now
+            pred = fit.memo.get((n_query, ctx_len)) or self._predict(fit, n_query, ctx_len)
             fit.recent_err.append(abs(pred - t) / t)
         self._update(fit, features(n_query, ctx_len), t)
         b = query_bucket(n_query)
         bucket = fit.buckets.setdefault(b, deque(maxlen=self.bucket_keep))
         bucket.append((int(n_query), int(ctx_len), t))
         fit.num_obs += 1
-        fit.corr_cache.clear()
+        fit.corr_cache.pop(b, None)
+        fit.memo.clear()
 
     def observe_all(self, times: ForwardTimes, learns: Callable[[str], bool] | None = None) -> None:
         """Add every record of `times`, in order, whose plan `learns` accepts (None: every plan); records of
@@ -195,20 +210,26 @@ class LatencyModel:
 
     def predict(self, plan: str, n_query: int, ctx_len: int) -> float:
         """Posterior mean time in seconds (bucket correction included), at least 1e-6."""
-        return self._predict(self._fit(plan), n_query, ctx_len)
+        fit = self._fit(plan)
+        t = fit.memo.get((n_query, ctx_len))
+        if t is None:
+            if len(fit.memo) >= _MEMO_SIZE:  # a plan predicted but not run for a long while
+                fit.memo.clear()
+            t = fit.memo[n_query, ctx_len] = self._predict(fit, n_query, ctx_len)
+        return t
 
     def predict_std(self, plan: str, n_query: int, ctx_len: int) -> float:
         """Posterior predictive std in seconds (weight uncertainty plus timing noise)."""
         fit = self._fit(plan)
         x = features(n_query, ctx_len)
         pred = self._predict(fit, n_query, ctx_len)
-        var_w = float(x @ fit.cov @ x)
+        var_w = _dot(x, _matvec(fit.cov, x))
         corr = self._correction(fit, n_query, ctx_len)
         return math.sqrt(max(var_w, 0.0) * corr * corr + self._noise(pred))
 
     def weights(self, plan: str) -> dict[str, float]:
         """Posterior mean weights of the linear part (seconds per feature unit, ctx in ktokens)."""
-        return dict(zip(FEATURES, (float(w) for w in self._fit(plan).mean)))
+        return dict(zip(FEATURES, self._fit(plan).mean))
 
     def relative_error(self) -> dict[str, float]:
         """Mean |pred - actual| / actual per plan over recent observations, each prediction made
@@ -223,7 +244,7 @@ class LatencyModel:
     # -- internals ---------------------------------------------------------------------------
 
     def _new_fit(self) -> _PlanFit:
-        fit = _PlanFit(mean=np.zeros(_D), cov=np.eye(_D) * self.prior_var)
+        fit = _PlanFit(mean=[0.0] * _D, cov=[[self.prior_var * (i == j) for j in range(_D)] for i in range(_D)])
         fit.recent_err = deque(maxlen=self.recent)
         return fit
 
@@ -237,22 +258,24 @@ class LatencyModel:
         """Observation noise variance for a forward taking about t seconds."""
         return self.noise_var + (self.rel_noise * t) ** 2
 
-    def _update(self, fit: _PlanFit, x: np.ndarray, t: float) -> None:
+    def _update(self, fit: _PlanFit, x: list[float], t: float) -> None:
         """One RLS / Kalman step on (x, t) with directional forgetting."""
         cov = fit.cov
-        sx = cov @ x
-        q = float(x @ sx)
+        sx = _matvec(cov, x)
+        q = _dot(x, sx)
         if self.forget < 1.0 and q > 0.0:
-            cov = cov + np.outer(sx, sx) * ((1.0 / self.forget - 1.0) / q)
-            sx = sx / self.forget  # = (inflated cov) @ x
-        gain = sx / (float(x @ sx) + self._noise(t))
-        fit.mean = fit.mean + gain * (t - float(x @ fit.mean))
-        cov = cov - np.outer(gain, sx)
-        fit.cov = 0.5 * (cov + cov.T)
+            f = (1.0 / self.forget - 1.0) / q
+            cov = [[cov[i][j] + f * sx[i] * sx[j] for j in range(_D)] for i in range(_D)]
+            sx = [v / self.forget for v in sx]  # = (inflated cov) @ x
+        gain = [v / (_dot(x, sx) + self._noise(t)) for v in sx]
+        err = t - _dot(x, fit.mean)
+        fit.mean = [m + g * err for m, g in zip(fit.mean, gain)]
+        cov = [[cov[i][j] - gain[i] * sx[j] for j in range(_D)] for i in range(_D)]
+        fit.cov = [[0.5 * (cov[i][j] + cov[j][i]) for j in range(_D)] for i in range(_D)]
 
-    def _linear(self, fit: _PlanFit, n_query: int, ctx_len: int) -> float:
+    def _linear(self, fit: _PlanFit, n_query: float, ctx_len: float) -> float:
         """x'w without building arrays (the scheduler calls this in its inner loop)."""
-        w0, w1, w2, w3 = fit.mean.tolist()
+        w0, w1, w2, w3 = fit.mean
         c = ctx_len / CTX_SCALE
         return w0 + w1 * n_query + w2 * c + w3 * n_query * c
 
@@ -268,28 +291,32 @@ class LatencyModel:
             return 1.0
         b = query_bucket(n_query)
         coef = fit.corr_cache.get(b)
-        if coef is None:
+        if coef is None or abs(self._linear(fit, coef[3], coef[2] * CTX_SCALE) - coef[4]) > _REFIT_TOL * abs(coef[4]):
             coef = self._fit_bucket(fit, b)
             fit.corr_cache[b] = coef
-        a, g, c_mean = coef
+        a, g, c_mean = coef[:3]
         z = a + g * (ctx_len / CTX_SCALE - c_mean)
         return math.exp(min(max(z, -_MAX_LOG_CORR), _MAX_LOG_CORR))
 
-    def _fit_bucket(self, fit: _PlanFit, b: int) -> tuple[float, float, float]:
-        """Ridge fit of log(t / linear) = a + g * (c - c_mean) on bucket b's stored forwards."""
-        cs, ys = [], []
+    def _fit_bucket(self, fit: _PlanFit, b: int) -> tuple[float, float, float, float, float]:
+        """Ridge fit of log(t / linear) = a + g * (c - c_mean) on bucket b's stored forwards; returns (a, g, c_mean,
+        n_mean, the linear prediction at (n_mean, c_mean)): where to tell that the linear part has moved."""
+        ns, cs, ys = [], [], []
+        w0, w1, w2, w3 = fit.mean
         for n, ctx, t in fit.buckets.get(b, ()):
-            lin = self._linear(fit, n, ctx)
+            c = ctx / CTX_SCALE
+            lin = w0 + w1 * n + w2 * c + w3 * n * c  # (_linear, inlined: this loop runs every step)
             if lin > 0.0:
-                cs.append(ctx / CTX_SCALE)
+                ns.append(n)
+                cs.append(c)
                 ys.append(math.log(t / lin))
         if not ys:
-            return 0.0, 0.0, 0.0
-        c_mean = sum(cs) / len(cs)
+            return 0.0, 0.0, 0.0, float(b), self._linear(fit, b, 0.0)
+        c_mean, n_mean = sum(cs) / len(cs), sum(ns) / len(ns)
         a = sum(ys) / (len(ys) + _BUCKET_SHRINK)
         sxx = sum((c - c_mean) ** 2 for c in cs)
         g = sum((c - c_mean) * y for c, y in zip(cs, ys)) / (sxx + _BUCKET_SHRINK)
-        return a, g, c_mean
+        return a, g, c_mean, n_mean, self._linear(fit, n_mean, c_mean * CTX_SCALE)
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -298,8 +325,8 @@ class LatencyModel:
         plans = {}
         for p, f in self._plans.items():
             plans[p] = {
-                "mean": [float(v) for v in f.mean],
-                "cov": [[float(v) for v in row] for row in f.cov],
+                "mean": list(f.mean),
+                "cov": [list(row) for row in f.cov],
                 "buckets": {str(b): [list(o) for o in q] for b, q in f.buckets.items()},
                 "recent_err": [float(e) for e in f.recent_err],
                 "num_obs": f.num_obs,
@@ -318,11 +345,10 @@ class LatencyModel:
         plans = {}
         for p, s in d["plans"].items():
             fit = self._new_fit()
-            fit.mean = np.array(s["mean"], dtype=float)
-            fit.cov = np.array(s["cov"], dtype=float)
-            if fit.mean.shape != (_D,) or fit.cov.shape != (_D, _D) or not (
-                    np.isfinite(fit.mean).all() and np.isfinite(fit.cov).all()):
+            mean, cov = np.array(s["mean"], dtype=float), np.array(s["cov"], dtype=float)
+            if mean.shape != (_D,) or cov.shape != (_D, _D) or not (np.isfinite(mean).all() and np.isfinite(cov).all()):
                 raise ValueError(f"latency state of plan {p!r} has the wrong shape")
+            fit.mean, fit.cov = mean.tolist(), cov.tolist()
             for b, obs in s["buckets"].items():
                 q: deque[tuple[int, int, float]] = deque(maxlen=self.bucket_keep)
                 q.extend((int(n), int(c), float(t)) for n, c, t in obs)
@@ -333,3 +359,11 @@ class LatencyModel:
             fit.num_obs = int(s["num_obs"])
             plans[p] = fit
         self._plans = plans
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2] + a[3] * b[3]
+
+
+def _matvec(m: list[list[float]], x: list[float]) -> list[float]:
+    return [_dot(row, x) for row in m]
