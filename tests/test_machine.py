@@ -54,15 +54,16 @@ def test_calibration_key_changes_with_the_cpu_features(monkeypatch) -> None:
     assert keys[0] != keys[1]
 
 
-def test_calibration_interleaves_plans_and_measures_one_row_more(monkeypatch) -> None:
-    """A burst of machine noise must land on every plan, not on one plan's whole curve."""
+def test_calibration_interleaves_plans_and_small_query_sizes(monkeypatch) -> None:
+    """A burst of machine noise must land on every plan and on every small query size, not on one plan's
+    curve or one point of it."""
     from casspec.scheduler import calibrate
-    from casspec.scheduler.latency import LatencyModel, calibration_grid
+    from casspec.scheduler.latency import LatencyModel
 
     calls = []
     monkeypatch.setattr(calibrate, "time_forward", lambda runner, plan, q, ctx, repeats: calls.append((plan, q, ctx))
                         or 0.01 * q)
-    calibrate.calibrate(None, {"full": "F", "a8": "A"}, LatencyModel(), max_query=4, ctx_lens=(64,))  # type: ignore[arg-type]
-    grid = calibration_grid(4)
-    assert [p for p, _, _ in calls] == ["F", "A"] * (len(grid) + calibrate.ONE_ROW_ROUNDS - 1)
-    assert sum(q == 1 for _, q, _ in calls) == 2 * calibrate.ONE_ROW_ROUNDS
+    calibrate.calibrate(None, {"full": "F", "a8": "A"}, LatencyModel(), max_query=8, ctx_lens=(64,))  # type: ignore[arg-type]
+    assert [p for p, _, _ in calls] == ["F", "A"] * (len(calls) // 2)
+    small = [1, 2, 3, 4]
+    assert [q for p, q, _ in calls if p == "F"] == small * calibrate.ROUNDS + [6, 8]

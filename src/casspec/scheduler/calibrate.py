@@ -65,20 +65,26 @@ def machine_key(model_name: str, runner: TargetRunner) -> str:
     return hashlib.sha1("|".join(info).encode()).hexdigest()[:12]
 
 
-CALIBRATION = "interleaved"  # how `calibrate` measures (in the cache key: a change measures again)
-ONE_ROW_ROUNDS = 3  # interleaved rounds at one query token: the point that decides whether a level pays
+CALIBRATION = "interleaved-rounds"  # how `calibrate` measures (in the cache key: a change measures again)
+ROUNDS = 3  # interleaved rounds over the small query sizes: the points that decide DyTC's trees
+SMALL_QUERY = 4  # query sizes up to this one are measured in ROUNDS rounds
 
 
 def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: LatencyModel,
               max_query: int = 32, ctx_lens: tuple[int, ...] = (64, 512), repeats: int = 2) -> None:
-    """Fit `latency` with a few timed forwards per plan, query size and context length (seconds), the plans
-    interleaved per point so that a burst of machine noise lands on all of them rather than on one plan's
-    curve, and one query token measured in ONE_ROW_ROUNDS rounds. On a noisy 2-core VM, Gemma-3's `a8v`
-    timed after the target came out at 0.64 of it, over the 0.6 that keeps a level in DyTC
-    (pool.MAX_DRAFT_COST); interleaved, its samples ran 0.41-0.66 around a median of 0.51."""
+    """Fit `latency` with a few timed forwards per plan, query size and context length (seconds). A noisy
+    2-core VM runs 10-40% slower for seconds at a time, so what is compared is measured side by side: the
+    plans interleaved per point (timed one plan's curve after the other, Gemma-3's `a8v` once came out at 0.64
+    of the target, over the 0.6 that keeps a level in DyTC, pool.MAX_DRAFT_COST; interleaved, its samples ran
+    0.41-0.66 around a median of 0.51), and the small query sizes, whose ratios decide whether a draft token
+    pays for its verify row, in ROUNDS rounds of 1, 2, ..., SMALL_QUERY each (measured one after the other,
+    SmolLM2's 2-row verify came out at 1.28 of one row against ~1.15 in use, and sampled DyTC drafted nothing;
+    a cost it never pays is never measured again)."""
+    grid = calibration_grid(max_query)
+    small, large = [q for q in grid if q <= SMALL_QUERY], [q for q in grid if q > SMALL_QUERY]
     for ctx in ctx_lens:
-        for q in calibration_grid(max_query):
-            for _ in range(ONE_ROW_ROUNDS if q == 1 else 1):
+        for points in [small] * ROUNDS + [large]:
+            for q in points:
                 for name, plan in plans.items():
                     latency.observe(name, q, ctx, time_forward(runner, plan, q, ctx, repeats))
     latency.clear_errors()
