@@ -51,7 +51,7 @@ _MIN_SECONDS = 1e-6
 _BUCKET_SHRINK = 0.5  # ridge pulling a bucket's log correction (level and ctx slope) toward 0
 _MAX_LOG_CORR = 3.0  # |log correction| cap, against wild ctx extrapolation
 _MEMO_SIZE = 256  # predictions kept between observations of a plan
-_REFIT_TOL = 0.002  # a bucket's correction is refit once the linear part moved this much (relative) at its data
+_REFIT_TOL = 0.01  # a bucket's correction is refit once the linear part moved this much (relative) at its data
 
 
 def features(n_query: int, ctx_len: int) -> list[float]:
