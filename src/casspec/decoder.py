@@ -120,12 +120,15 @@ def decode_step(runner: TargetRunner, drafts: StepDrafts, states: list[DecodeSta
 
 def verify(runner: TargetRunner, states: list[DecodeState], trees: list[DraftTree], chunks: Sequence[PromptChunk],
            times: ForwardTimes) -> list[torch.Tensor]:
-    """Target logits [N_i, V] of each tree from one forward, timed into `times`; chunks get no logits."""
+    """Target logits [N_i, V] of each tree from one forward, timed into `times`; chunks get no logits. When every
+    request is greedy without logprobs, only each row's argmax is exact (runtime/argmax_head.py)."""
     segments = [tree.segment(s.cache) for s, tree in zip(states, trees)]
     segments += [Segment(c.state.cache, c.ids, c.positions, c.positions) for c in chunks]
     rows = [len(t) for t in trees]
+    greedy = all(s.sampling.is_greedy and s.logprobs is None for s in states)  # only argmaxes are read
     t0 = time.perf_counter()
-    logits = runner.forward_batch(segments, FULL, torch.arange(sum(rows)) if chunks else None)  # [sum(rows), V]
+    logits = runner.forward_batch(segments, FULL, torch.arange(sum(rows)) if chunks else None,
+                                  argmax_only=greedy)  # [sum(rows), V]
     runner.synchronize()
     times.record("full", sum(len(s) for s in segments), mean_ctx(segments), time.perf_counter() - t0)
     return list(torch.split(logits, rows)) if trees else []

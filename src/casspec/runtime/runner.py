@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from casspec.runtime import kernels, weight_cache
 from casspec.runtime.adapter import LlamaAdapter, make_adapter
+from casspec.runtime.argmax_head import ArgmaxHead
 from casspec.runtime.backend import MAX_KERNEL_ROWS, Backend, KernelBackend, LayerShape, TorchBackend
 from casspec.runtime.batch import Rows, Segment
 from casspec.runtime.kv_cache import KVPool, SeqCache, StaticKVCache
@@ -56,6 +58,8 @@ class TargetRunner:
         self._windows = {t: self.adapter.window(t) for t in set(self.adapter.layer_types)}
         self.build_log: list[tuple[str, float]] = []  # (what was built or read, seconds), in order
         self._stream_pool: KVPool | None = None  # the pool `stream_cache` carves single sequences from
+        self.use_argmax_head = True  # greedy rows may take their argmax from runtime/argmax_head.py
+        self._argmax_head: ArgmaxHead | Literal[False] | None = None  # None: not built yet; False: not possible
 
     @property
     def num_layers(self) -> int:
@@ -160,8 +164,11 @@ class TargetRunner:
 
     @torch.inference_mode()
     def forward_batch(self, segments: list[Segment], plan: ExecutionPlan = FULL,
-                      logits_rows: torch.Tensor | None = None, prefill: bool = False) -> torch.Tensor:
-        """One forward over the rows of several sequences (same KV pool); logits rows index the concatenation."""
+                      logits_rows: torch.Tensor | None = None, prefill: bool = False,
+                      argmax_only: bool = False) -> torch.Tensor:
+        """One forward over the rows of several sequences (same KV pool); logits rows index the concatenation.
+        `argmax_only`: the caller reads only each row's first argmax (greedy, no logprobs), so a head that
+        can (runtime/argmax_head.py) returns exact logits where a row's maximum may be and -inf elsewhere."""
         a = self.adapter
         rows = Rows.build(segments, self._windows, self.device)
         w = self.weights_for(plan)
@@ -188,7 +195,17 @@ class TargetRunner:
         if plan.vocab:  # [r, V'] over self.vocab.ids
             parts = [ops.linear(h, head, w.final_norm, a.eps) for head in self.draft_vocab().heads(plan.weights)]
             return a.softcap(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).float()
+        if argmax_only and self.use_argmax_head and plan.is_full and (head := self.argmax_head()) is not None:
+            return head.logits(h, w.final_norm, a.eps, a.softcap)
         return a.softcap(ops.linear(h, w.head, w.final_norm, a.eps)).float()
+
+    def argmax_head(self) -> ArgmaxHead | None:
+        """The target's argmax-exact head where its format allows (built on first use), else None."""
+        if self._argmax_head is None:
+            b, head = self.backend, self.weights.head
+            ok = isinstance(b, KernelBackend) and ArgmaxHead.supports(head)
+            self._argmax_head = ArgmaxHead(head, with_act8(head), b.ops) if isinstance(b, KernelBackend) and ok else False
+        return self._argmax_head or None
 
     def _attention(self, ops: Backend, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    rows: Rows, mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <vector>
+#include "argmax_bound.h"
 #include "common.h"
 #include "layer.h"
 #include "native_linear.h"
@@ -513,6 +514,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                      std::move(k_norm), heads, kv_heads, eps, scale};
       }));
   m.def("layer_forward", &layer_forward, nogil(), "h += attention, then h += MLP of one bound Layer, in place (the ops one by one)");
+  m.def("bound_candidates", &bound_candidates, nogil(), "columns that may hold a row's exact argmax, from int8-activation logits and their error bound ([C] int64, sorted)");
   m.def("first_argmax", &first_argmax, nogil(), "first column of each row's max ([N] int64; -1 where the max is not finite)");
   m.def("top_softmax", &top_softmax, nogil(), "k best columns of each row with their softmax probabilities ([N, k] each; -1 / 0: none)");
   m.def("coupled_sample", &coupled_sample, nogil(), "coupled (Gumbel-max) draws per row under top-k / top-p / min-p: (columns [N, top] best first, -1 past the survivors; their filtered probabilities)");
