@@ -50,8 +50,9 @@ class Engine:
         self.runner = TargetRunner(model, cache_dir=cache_dir, source=source)
         check_tokenizer(tokenizer, self.runner.adapter.embed_rows)  # before any draft weights are built
         self.pool = DrafterPool(self.runner, name, cache_dir, hierarchy, tokenizer)
-        if prepare:  # draft weights and latency model now, so no generation pays for them
+        if prepare:  # draft weights, latency model and the argmax head's bound now, so no generation pays for them
             self.pool.prepare(progress)
+            self.runner.argmax_head()
         self.load_seconds = time.perf_counter() - t0  # casspec.load() adds reading the model
         self.context_length: int = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(model, tokenizer)
