@@ -86,8 +86,8 @@ def test_nan_row_fails_only_its_request(eng, solo, monkeypatch):
     forward_batch = eng.runner.forward_batch
     bad_cache = {}
 
-    def nan_forward(segments, plan=FULL, logits_rows=None, prefill=False):
-        out = forward_batch(segments, plan, logits_rows, prefill).clone()  # an inference tensor: copy to edit
+    def nan_forward(segments, plan=FULL, logits_rows=None, prefill=False, argmax_only=False):
+        out = forward_batch(segments, plan, logits_rows, prefill, argmax_only).clone()  # an inference tensor: copy
         if plan is FULL and out.shape[0]:
             start = 0
             for seg in segments:
