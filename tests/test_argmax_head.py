@@ -12,7 +12,7 @@ from casspec.methods import METHODS
 from casspec.runtime import kernels
 from casspec.runtime.argmax_head import ArgmaxHead, _round_up_half
 from casspec.runtime.gguf_file import NativeTensor
-from casspec.runtime.weights import make_proj, with_act8
+from casspec.runtime.weights import make_proj
 from casspec.testing import tiny_model, tiny_tokenizer
 from casspec.testing_gguf import load_native, write_gguf
 
@@ -32,7 +32,7 @@ def _head(v: int, k: int, x: np.ndarray, seed: int = 0) -> ArgmaxHead:
     w = w.astype(np.float32)
     blocks = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w, Q8_0)).view(np.uint8).reshape(v, -1))
     head = make_proj([NativeTensor(blocks, int(Q8_0), (v, k))], tile=True)
-    return ArgmaxHead(head, with_act8(head), kernels.module())
+    return ArgmaxHead(head, kernels.module())
 
 
 def _full(head: ArgmaxHead, h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

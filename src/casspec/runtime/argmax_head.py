@@ -16,8 +16,8 @@ the target's own fp32 kernel, bitwise the values the full head computes for them
 those values at the candidates and -inf elsewhere, so a first argmax over them is the full head's, ties
 included. Only greedy rows without logprobs may use this (decoder.verify decides).
 
-The bound groups the K / 32 blocks into GROUPS groups (A summed, d maxed per group): a [GROUPS + 1, V] table,
-4 MB for Gemma, made once from the head's rows in chunks.
+The bound groups the K / 32 blocks into GROUPS groups (A summed, d maxed per group): a [GROUPS + 1, V] fp16
+table (rounded up), 2.6 MB for Gemma, made once from the head's rows in chunks.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from types import ModuleType
 import torch
 
 from casspec.runtime.gguf_file import NativeTensor
-from casspec.runtime.weights import Proj
+from casspec.runtime.weights import Proj, with_act8
 
 Q8_0 = 8  # ggml's type id: a symmetric format (w = d q), whose integer dot products have no offset term
 GROUPS = 4  # bound groups of blocks: per block (20 for Gemma) gave ~4 candidates, 4 groups ~18, 1 group ~90
@@ -41,9 +41,9 @@ _CHUNK = 16384  # head rows dequantized at a time while the table is built
 class ArgmaxHead:
     """First-argmax-exact logits of a Q8_0 head (the rest -inf) at the cost of its int8-activation pass."""
 
-    def __init__(self, head: Proj, a8_head: Proj, ops: ModuleType) -> None:
+    def __init__(self, head: Proj, ops: ModuleType) -> None:
         assert head.native is not None and len(head.native) == 1, "a single native head"
-        self.head, self.a8_head, self.ops = head, a8_head, ops
+        self.head, self.a8_head, self.ops = head, with_act8(head), ops  # the same blocks, int8 activations
         self.blocks: NativeTensor = head.native[0]
         self.edges = _edges(head.k)  # group g: columns edges[g] .. edges[g + 1] - 1
         self.table = _bound_table(self.blocks, self.edges)  # [GROUPS + 1, V] fp16, rounded up

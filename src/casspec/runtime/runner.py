@@ -202,9 +202,9 @@ class TargetRunner:
     def argmax_head(self) -> ArgmaxHead | None:
         """The target's argmax-exact head where its format allows (built on first use), else None."""
         if self._argmax_head is None:
-            b, head = self.backend, self.weights.head
-            ok = isinstance(b, KernelBackend) and ArgmaxHead.supports(head)
-            self._argmax_head = ArgmaxHead(head, with_act8(head), b.ops) if isinstance(b, KernelBackend) and ok else False
+            self._argmax_head = False
+            if isinstance(self.backend, KernelBackend) and ArgmaxHead.supports(self.weights.head):
+                self._argmax_head = ArgmaxHead(self.weights.head, self.backend.ops)
         return self._argmax_head or None
 
     def _attention(self, ops: Backend, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

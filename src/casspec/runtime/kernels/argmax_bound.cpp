@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "argmax_bound.h"
