@@ -316,7 +316,10 @@ def test_profile_on_the_tiny_engine(engine: Any, tmp_path: Path) -> None:
     assert set(result["plans"]) == set(engine.plan_names) and result["ctx_len"] == 16
     for curves in result["plans"].values():
         assert all(len(curves[part]) == 2 for part in ("total", "matmul", "rest"))
-        assert all(0 < m < t for m, t in zip(curves["matmul"], curves["total"]))
+        # matmul is timed in a separate op-by-op forward, so on a noisy machine it may exceed the fused total:
+        # assert the bookkeeping, never a timing relation
+        assert all(m > 0 and t > 0 for m, t in zip(curves["matmul"], curves["total"]))
+        assert curves["rest"] == pytest.approx([t - m for m, t in zip(curves["matmul"], curves["total"])])
 
 
 def test_bench_and_profile_load_with_the_given_drafts(engine: Any, prompts_file: Path, tmp_path: Path,
