@@ -199,3 +199,25 @@ def test_activation_quantization_mode_is_checked():
     blocks = _blocks(T.Q8_0, 4, 64)
     with pytest.raises(RuntimeError, match="act8 must be"):
         kernels.module().native_linear(torch.randn(1, 64), [blocks], [int(T.Q8_0)], None, None, 0.0, 0, None, 3)
+
+
+@pytest.mark.skipif(not (kernels.available() and kernels.module().avx512_linear()),
+                    reason="needs a CPU with AVX-512 (F, DQ, VL)")
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_avx512_rows_are_bitwise_the_avx2_rows(qtype):
+    """The AVX-512 registers path (6-16 input rows) runs each lane's FMA chain as the AVX2 path does: same bits,
+    plain and GLU, whatever the row count."""
+    ops = kernels.module()
+    k, f = 256, 40
+    blocks, gu = _blocks(qtype, 37, k, 7), [_blocks(qtype, f, k, 8), _blocks(qtype, f, k, 9)]
+    try:
+        for m in range(1, 19):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            out = {}
+            for on in (False, True):
+                ops.avx512_linear(on)
+                out[on] = (ops.native_linear(x, [blocks], [int(qtype)], None, None, 0.0, 0, None, 0),
+                           ops.native_linear(x, gu, [int(qtype)] * 2, None, None, 0.0, 2, None, 0))
+            assert all(torch.equal(a, b) for a, b in zip(out[False], out[True])), f"rows {m}"
+    finally:
+        ops.avx512_linear(True)

@@ -13,7 +13,7 @@
 #include "gguf_blocks.h"
 #include "native_a8.h"
 
-void a8_part_vnni(const A8Part& p) {
+void a8_part_vnni(const BlockPart& p) {
   const LinearArgs a{p.x, p.M, p.K, p.N, nullptr, p.bias, p.y, p.ldy, p.mode, p.ffn};
   const QuantView x{p.xq, p.xd, p.xs};
   gguf::dispatch(p.type, [&](auto b) {

@@ -20,6 +20,7 @@
 #include "gguf_blocks.h"
 #include "native_a8.h"
 #include "native_a8_vnni.h"
+#include "native_wide.h"
 
 namespace {
 
@@ -174,10 +175,15 @@ void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint
     TORCH_CHECK(w.size(1) == a.K / B::QK * B::BYTES, "weight rows hold ", w.size(1), " bytes, expected ",
                 a.K / B::QK * B::BYTES, " for K = ", a.K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    if (!B::INTS || !xq) return native_tiles<B>(a, wp, up, w.size(0));
+    if (!B::INTS || !xq) {
+      if (a.M >= WIDE_FROM && a.M <= WIDE_UP_TO && wide_active())  // bitwise the same outputs, half the FMAs
+        return native_part_wide(BlockPart{a.x, a.M, a.K, a.N, a.bias, a.y, a.ldy, a.mode, a.ffn, nullptr, nullptr,
+                                          nullptr, wp, up, w.size(0), type});
+      return native_tiles<B>(a, wp, up, w.size(0));
+    }
     const QuantView x{xq->rows.q.data(), xq->rows.d.data(), xq->rows.s.data()};
     if (!xq->vnni) return a8_tiles<B, false>(a, x, wp, up, w.size(0));
-    a8_part_vnni(A8Part{a.x, a.M, a.K, a.N, a.bias, a.y, a.ldy, a.mode, a.ffn, x.q, x.d, x.s, wp, up, w.size(0), type});
+    a8_part_vnni(BlockPart{a.x, a.M, a.K, a.N, a.bias, a.y, a.ldy, a.mode, a.ffn, x.q, x.d, x.s, wp, up, w.size(0), type});
   });
   TORCH_CHECK(ok, "no kernel for ggml type ", type);
 }

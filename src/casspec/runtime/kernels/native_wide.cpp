@@ -1,0 +1,112 @@
+// native_linear's registers path with AVX-512, for WIDE_FROM to WIDE_UP_TO input rows (verify trees, batches).
+//
+// From a few input rows most of the AVX2 registers path's instructions are FMAs (each decoded 8 weights meet
+// every input row in one 256-bit FMA), and past 8 rows it decodes the weights again for each group of up to 8.
+// Here two weight rows share one 512-bit FMA (lanes 0-7 row r, lanes 8-15 row r + 1, decoded by the same 256-bit
+// code, gguf_blocks.h) against the input row's 8 k broadcast to both halves (a load, no shuffle), so each lane
+// runs exactly the AVX2 build's FMA chain in the same k order and every output is bitwise the AVX2 kernel's, hence
+// the fp32 kernel's on the dequantized model, at half the FMA instructions, and up to 16 rows meet each decoded
+// weight once. Only this file is built for AVX-512 (a target pragma, as native_a8_vnni.cpp).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "native_wide.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl")
+#include "common.h"
+#include "gguf_blocks.h"
+
+namespace {
+
+// acc[q][m] = sum over k of w[2q | 2q + 1, k] x[m, k] for Q pairs of weight rows and M input rows: lanes 0-7 row 2q,
+// lanes 8-15 row 2q + 1, each lane in the AVX2 path's k order; an input row's 8 k are broadcast to both halves.
+template <class B, int Q, int M>
+void pair_dots(const float* x, int64_t K, const uint8_t* const* rows, __m512 (*acc)[M]) {
+  for (int q = 0; q < Q; ++q)
+    for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K / 32; ++c) {
+#pragma GCC unroll 2
+    for (int q = 0; q < Q; ++q) {
+      __m256 lo[4], hi[4];
+      B::decode(rows[2 * q], c, lo);
+      B::decode(rows[2 * q + 1], c, hi);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512 w2 = _mm512_insertf32x8(_mm512_castps256_ps512(lo[j]), hi[j], 1);
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m)
+          acc[q][m] = _mm512_fmadd_ps(w2, _mm512_broadcast_f32x8(_mm256_loadu_ps(x + m * K + c * 32 + j * KS)),
+                                      acc[q][m]);
+      }
+    }
+  }
+}
+
+// One tile (4 weight rows) for every input row, then the epilogue in blocks of up to 3 rows, as the AVX2 path.
+template <class B, int M>
+void wide_tile(const LinearArgs& a, const TileCols& o, const Rows& w) {
+  constexpr int Q = M <= 8 ? 2 : 1;  // Q * M <= 16 accumulators of the 32 vector registers
+  __m512 acc[NB / 2][M];
+  for (int q = 0; q < NB / 2; q += Q) pair_dots<B, Q, M>(a.x, a.K, w.r + 2 * q, acc + q);
+  for (int m0 = 0; m0 < M; m0 += 3) {
+    const int mb = std::min(3, M - m0);
+    float v[NB][3];
+    for (int i = 0; i < mb; ++i) {
+      const __m256 h[NB] = {_mm512_castps512_ps256(acc[0][m0 + i]), _mm512_extractf32x8_ps(acc[0][m0 + i], 1),
+                            _mm512_castps512_ps256(acc[1][m0 + i]), _mm512_extractf32x8_ps(acc[1][m0 + i], 1)};
+      alignas(16) float s[NB];
+      _mm_store_ps(s, hsum4(h[0], h[1], h[2], h[3]));
+      for (int r = 0; r < NB; ++r) v[r][i] = s[r];
+    }
+    epilogue(a, o, m0, mb, v);
+  }
+}
+
+template <class B, int M>
+void wide_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
+  const int64_t row_bytes = a.K / B::QK * B::BYTES;
+  const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    each_block_tile(a, w, up, rows, row_bytes, t0, t1,
+                    [&](const TileCols& o, const Rows& r) { wide_tile<B, M>(a, o, r); });
+  });
+}
+
+template <class B, int M = WIDE_FROM>
+void wide_rows(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
+  if constexpr (M < WIDE_UP_TO) {
+    if (a.M != M) return wide_rows<B, M + 1>(a, w, up, rows);
+  }
+  wide_tiles<B, M>(a, w, up, rows);
+}
+
+}  // namespace
+
+void native_part_wide(const BlockPart& p) {
+  TORCH_CHECK(p.M >= WIDE_FROM && p.M <= WIDE_UP_TO, "the AVX-512 path runs ", WIDE_FROM, "-", WIDE_UP_TO, " rows");
+  const LinearArgs a{p.x, p.M, p.K, p.N, nullptr, p.bias, p.y, p.ldy, p.mode, p.ffn};
+  gguf::dispatch(p.type, [&](auto b) { wide_rows<decltype(b)>(a, p.w, p.up, p.rows); });
+}
+#pragma GCC pop_options
+
+namespace {
+std::atomic<bool> wide_on{[] {
+  const char* env = std::getenv("CASSPEC_AVX512");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}()};
+}  // namespace
+
+bool wide_supported() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+bool wide_active() { return wide_on.load(std::memory_order_relaxed) && wide_supported(); }
+
+void set_wide(bool on) { wide_on.store(on, std::memory_order_relaxed); }
