@@ -13,6 +13,7 @@ from casspec.runtime import kernels
 from casspec.runtime.argmax_head import ArgmaxHead, _round_up_half
 from casspec.runtime.gguf_file import NativeTensor
 from casspec.runtime.weights import make_proj
+from casspec.scheduler.latency import GREEDY_VERIFY, ForwardTimes
 from casspec.testing import tiny_model, tiny_tokenizer
 from casspec.testing_gguf import load_native, write_gguf
 
@@ -32,7 +33,7 @@ def _head(v: int, k: int, x: np.ndarray, seed: int = 0) -> ArgmaxHead:
     w = w.astype(np.float32)
     blocks = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w, Q8_0)).view(np.uint8).reshape(v, -1))
     head = make_proj([NativeTensor(blocks, int(Q8_0), (v, k))], tile=True)
-    return ArgmaxHead(head, kernels.module())
+    return ArgmaxHead(head, kernels.module(), max_rows=64)
 
 
 def _full(head: ArgmaxHead, h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,15 @@ def test_candidates_hold_every_maximum_with_the_full_heads_values(k):
     assert flips > 0
 
 
+def test_more_rows_than_pay_take_the_full_head():
+    head = _head(500, 128, np.ones(128))
+    norm, h = torch.ones(128), torch.randn(3, 128)
+    assert torch.isinf(head.logits(h, norm, 1e-6, lambda t: t)).any()  # -inf outside the candidates
+    head.max_rows = 2
+    torch.testing.assert_close(head.logits(h, norm, 1e-6, lambda t: t), _full(head, h, norm))
+    assert 0 <= head.rows_that_pay() <= 16
+
+
 def test_rows_that_are_not_finite_take_the_full_head():
     head = _head(500, 128, np.ones(128))
     norm = torch.ones(128)
@@ -88,6 +98,9 @@ def test_greedy_decoding_is_unchanged_and_uses_the_bound(tmp_path, monkeypatch):
     model = tiny_model("llama", hidden_size=128, intermediate_size=256)
     skeleton, source = load_native(model, write_gguf(model, tmp_path / "m.gguf", Q8_0))
     engine = Engine(skeleton, tiny_tokenizer(), name="native", source=source)
+    head = engine.runner.argmax_head()
+    assert head is not None and 0 <= head.max_rows <= 16  # timed against the full head at load
+    head.max_rows = 64  # whatever a tiny head measures: every verify takes it
     calls = []
     logits = ArgmaxHead.logits
     monkeypatch.setattr(ArgmaxHead, "logits", lambda self, *a: calls.append(1) or logits(self, *a))
@@ -103,3 +116,30 @@ def test_greedy_decoding_is_unchanged_and_uses_the_bound(tmp_path, monkeypatch):
     sampled = engine.generate(prompt, method="casspec", max_new_tokens=8, temperature=0.7, seed=1)
     logprobs = engine.generate(prompt, method="casspec", max_new_tokens=8, logprobs=2)
     assert len(calls) == before and len(sampled.token_ids) == 8 and len(logprobs.logprobs or []) == 8
+
+
+def test_greedy_verifies_are_timed_and_priced_as_the_argmax_head(tmp_path, monkeypatch):
+    """A greedy verify (argmax head) and a sampled one (full head) cost differently: each is calibrated, timed and
+    predicted under its own key, so DyTC prices a greedy tree at what greedy verification costs."""
+    model = tiny_model("llama", hidden_size=128, intermediate_size=256)
+    skeleton, source = load_native(model, write_gguf(model, tmp_path / "m.gguf", Q8_0))
+    engine = Engine(skeleton, tiny_tokenizer(), name="native", source=source)
+    latency = engine.pool.latency()
+    assert latency.knows(GREEDY_VERIFY) and latency.knows("full")
+    keys: list[str] = []
+    record = ForwardTimes.record
+    monkeypatch.setattr(ForwardTimes, "record", lambda self, plan, *a: keys.append(plan) or record(self, plan, *a))
+    prompt = "the quick brown fox jumps over the lazy dog; the quick brown"
+    engine.generate(prompt, method="casspec", max_new_tokens=8)
+    assert GREEDY_VERIFY in keys and "full" not in keys
+    keys.clear()
+    engine.generate(prompt, method="casspec", max_new_tokens=8, temperature=0.7, seed=1)
+    engine.generate(prompt, method="casspec", max_new_tokens=8, logprobs=2)
+    assert "full" in keys and GREEDY_VERIFY not in keys
+    dytc = engine.pool.dytc()
+    assert dytc._t_verify(4, 64) == latency.predict(GREEDY_VERIFY, 4, 64)
+    assert dytc._t_verify(4, 64, True) >= latency.predict("full", 4, 64)
+    engine.runner.use_argmax_head = False  # no argmax head: greedy verifies are full ones again
+    keys.clear()
+    engine.generate(prompt, method="ar", max_new_tokens=4)
+    assert "full" in keys and GREEDY_VERIFY not in keys

@@ -17,7 +17,7 @@ from casspec.runtime.batch import Segment
 from casspec.runtime.plans import FULL
 from casspec.runtime.runner import TargetRunner
 from casspec.scheduler.base import Scheduler
-from casspec.scheduler.latency import ForwardTimes
+from casspec.scheduler.latency import GREEDY_VERIFY, ForwardTimes
 from casspec.sizes import PREFILL_CHUNK, TREE_CAPACITY
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
@@ -130,7 +130,8 @@ def verify(runner: TargetRunner, states: list[DecodeState], trees: list[DraftTre
     logits = runner.forward_batch(segments, FULL, torch.arange(sum(rows)) if chunks else None,
                                   argmax_only=greedy)  # [sum(rows), V]
     runner.synchronize()
-    times.record("full", sum(len(s) for s in segments), mean_ctx(segments), time.perf_counter() - t0)
+    key = GREEDY_VERIFY if greedy and runner.argmax_verifies() else "full"
+    times.record(key, sum(len(s) for s in segments), mean_ctx(segments), time.perf_counter() - t0)
     return list(torch.split(logits, rows)) if trees else []
 
 

@@ -25,7 +25,7 @@ from casspec.runtime.vocab import DraftVocab, corpus_texts, rank_tokens
 from casspec.scheduler.acceptance import AcceptanceEstimator
 from casspec.scheduler.calibrate import is_calibrated, load_or_calibrate, machine_key
 from casspec.scheduler.dytc import DyTC, DyTCConfig, Level
-from casspec.scheduler.latency import LatencyModel
+from casspec.scheduler.latency import GREEDY_VERIFY, LatencyModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -175,14 +175,15 @@ class DrafterPool:
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
         if names & {"lowbit", "lowbitv"} and ((path := self._lowbit_path()) is None or not path.exists()):
             out.append("mixed-precision draft formats (a Fisher calibration, ~30 s)")
-        if not is_calibrated(self._latency_path(), ["full"] + [d for d in DRAFTERS if d in names]):
+        if not is_calibrated(self._latency_path(), list(self._latency_plans())):
             out.append("a latency model")
         if {"int8v", "a8v", "vocab", "lowbitv"} & names and ((path := self._vocab_path()) is None or not path.exists()):
             out.append("a draft vocabulary")
         return out
 
     def _latency_plans(self) -> dict[str, ExecutionPlan]:
-        return {"full": FULL, **{d: self.self_level(d).plan for d in DRAFTERS if d in self.self_names()}}
+        greedy = {GREEDY_VERIFY: FULL} if self.runner.argmax_verifies() else {}  # a greedy verify's own cost
+        return {"full": FULL, **greedy, **{d: self.self_level(d).plan for d in DRAFTERS if d in self.self_names()}}
 
     def _latency_path(self) -> Path | None:
         if self.cache_dir is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from casspec.drafters.ngram import NgramDrafter
-from casspec.scheduler.latency import LatencyModel
+from casspec.scheduler.latency import LatencyModel, verify_key
 from casspec.sizes import MAX_CHAIN
 
 MAX_DRAFT = MAX_CHAIN  # longest chain a request drafts in one step
@@ -57,9 +57,11 @@ class BatchPlanner:
         """One step's time outside its forwards (EMA)."""
         self.overhead = 0.9 * self.overhead + 0.1 * max(0.0, seconds)
 
-    def plan(self, requests: list[Candidate], ctx_len: int, extra_rows: int = 0) -> list[Choice]:
-        """A Choice per request; `extra_rows` are verify rows of prompt chunks riding in the same forward."""
-        step = _Step(self, requests, ctx_len, extra_rows, [r.fixed or Choice() for r in requests])
+    def plan(self, requests: list[Candidate], ctx_len: int, extra_rows: int = 0, greedy: bool = False) -> list[Choice]:
+        """A Choice per request; `extra_rows` are verify rows of prompt chunks riding in the same forward; `greedy`:
+        every request of the step is greedy without logprobs (the verify reads argmaxes only)."""
+        step = _Step(self, requests, ctx_len, extra_rows, [r.fixed or Choice() for r in requests],
+                     verify=verify_key(self.latency, greedy))
         free = [i for i, r in enumerate(requests) if r.fixed is None]
         while True:
             best, move = step.goodput(), None
@@ -98,8 +100,8 @@ class _Step:
     trying one request's alternative costs O(MAX_DRAFT) instead of a pass over the batch."""
 
     def __init__(self, planner: BatchPlanner, requests: list[Candidate], ctx_len: int, extra_rows: int,
-                 choices: list[Choice], memo: dict[tuple[str, int], float] | None = None) -> None:
-        self.p, self.requests, self.ctx, self.extra_rows = planner, requests, ctx_len, extra_rows
+                 choices: list[Choice], memo: dict[tuple[str, int], float] | None = None, verify: str = "full") -> None:
+        self.p, self.requests, self.ctx, self.extra_rows, self.verify = planner, requests, ctx_len, extra_rows, verify
         self._memo = {} if memo is None else memo
         self.choices = list(choices)
         self.tokens = sum(self._tokens(i, c) for i, c in enumerate(self.choices))
@@ -109,14 +111,14 @@ class _Step:
             self._count(c, +1)
         # prompt chunks riding in the verify forward are paid for whatever is drafted: only the time
         # decoding adds on top of them counts against its tokens (else a big chunk makes drafting look free)
-        self._sunk = self._forward("full", extra_rows) if extra_rows else 0.0
+        self._sunk = self._forward(verify, extra_rows) if extra_rows else 0.0
 
     def with_choices(self, changes: list[tuple[int, Choice]]) -> _Step:
         """A copy with some requests' choices replaced."""
         choices = list(self.choices)
         for i, c in changes:
             choices[i] = c
-        return _Step(self.p, self.requests, self.ctx, self.extra_rows, choices, self._memo)
+        return _Step(self.p, self.requests, self.ctx, self.extra_rows, choices, self._memo, self.verify)
 
     def goodput(self, i: int | None = None, alt: Choice | None = None) -> float:
         """Expected tokens per second now, or with request i's choice replaced by `alt`."""
@@ -153,7 +155,7 @@ class _Step:
     def _seconds(self, extra_rows: int = 0) -> float:
         drafting = sum(self._forward(self.p.self_plan, n) for n in self.depth if n)
         lookups = (self.p.lookup.cost if self.p.lookup is not None else 2e-5) * len(self.choices)
-        verify = max(self._forward("full", self.rows + extra_rows) - self._sunk, 1e-4)  # the fit is not monotone
+        verify = max(self._forward(self.verify, self.rows + extra_rows) - self._sunk, 1e-4)  # the fit is not monotone
         return verify + drafting + lookups + self.p.overhead
 
     def _forward(self, plan: str, rows: int) -> float:

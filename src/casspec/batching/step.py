@@ -113,7 +113,8 @@ class BatchDecoder:
             candidates = [self._candidate(g, lk) if a else Candidate({}, {}, Choice())
                           for g, lk, a in zip(gens, lookups, active)]
             ctx = sum(g.state.cache.length for g in gens) // max(1, len(gens))
-            choices = self.planner.plan(candidates, ctx, extra_rows)
+            greedy = all(g.state.sampling.is_greedy and g.state.logprobs is None for g in gens)
+            choices = self.planner.plan(candidates, ctx, extra_rows, greedy)
         for g, a, c in zip(gens, active, choices):
             if a and g.method == "casspec":
                 self._back_off(g, c)

@@ -18,9 +18,15 @@ included. Only greedy rows without logprobs may use this (decoder.verify decides
 
 The bound groups the K / 32 blocks into GROUPS groups (A summed, d maxed per group): a [GROUPS + 1, V] fp16
 table (rounded up), 2.6 MB for Gemma, made once from the head's rows in chunks.
+
+Whether it pays depends on the CPU and the number of rows: on an AVX2-only CPU it ran Gemma's head at 0.75 of
+the full head's time at one row; on an AVX-512 Xeon, where the full head's 6-16-row path runs two rows per
+512-bit FMA (kernels/native_wide.cpp), 0.92 at one row, 0.82 at two and 1.10-1.24 from six rows on. So the
+rows that pay are timed once when it is built (`max_rows`); more rows than that take the full head.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from types import ModuleType
 
@@ -36,18 +42,25 @@ ROUNDING = 1e-4  # times S_v max|x|: covers fp32 accumulation on both sides (K 2
 MAX_SHARE = 1 / 16  # more candidates than this share of the vocabulary: the full head is cheaper
 BLOCK_COLS = 64  # kernels/argmax_bound.cpp's COLS
 _CHUNK = 16384  # head rows dequantized at a time while the table is built
+TIMED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # row counts timed against the full head when built (max_rows)
+TIMED_REPEATS = 3  # interleaved rounds; the best of each is compared
 
 
 class ArgmaxHead:
     """First-argmax-exact logits of a Q8_0 head (the rest -inf) at the cost of its int8-activation pass."""
 
-    def __init__(self, head: Proj, ops: ModuleType) -> None:
+    def __init__(self, head: Proj, ops: ModuleType, max_rows: int | None = None) -> None:
+        """`max_rows`: most input rows that take this head (None: the most that measure faster than the full head
+        on this machine, `rows_that_pay`)."""
         assert head.native is not None and len(head.native) == 1, "a single native head"
         self.head, self.a8_head, self.ops = head, with_act8(head), ops  # the same blocks, int8 activations
         self.blocks: NativeTensor = head.native[0]
         self.edges = _edges(head.k)  # group g: columns edges[g] .. edges[g + 1] - 1
         self.table = _bound_table(self.blocks, self.edges)  # [GROUPS + 1, V] fp16, rounded up
         self.block_max = _block_max(self.table)  # [GROUPS + 1, V / 64]
+        self.max_rows = TIMED_ROWS[-1] if max_rows is None else max_rows
+        if max_rows is None:
+            self.max_rows = self.rows_that_pay()
 
     @staticmethod
     def supports(head: Proj) -> bool:
@@ -58,7 +71,9 @@ class ArgmaxHead:
     def logits(self, h: torch.Tensor, norm: torch.Tensor, eps: float,
                softcap: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # [M, V] fp32
         """Logits of rows h [M, K] (before the final norm) exact where they may be a row's maximum, else -inf;
-        the full head's when the candidates are too many."""
+        the full head's when the candidates are too many, or the rows more than `max_rows`."""
+        if h.shape[0] > self.max_rows:
+            return softcap(self._full(h, norm, eps))
         l_hat = self.ops.native_linear(h, self.a8_head.blocks, self.a8_head.qtypes, None, norm, eps, 0, None,
                                        1)  # [M, V]
         ids = self.ops.bound_candidates(h, norm, eps, l_hat, self.table, self.block_max, self.edges, SLACK,
@@ -73,6 +88,28 @@ class ArgmaxHead:
 
     def _full(self, h: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
         return self.ops.native_linear(h, self.head.blocks, self.head.qtypes, None, norm, eps, 0, None, 0)
+
+    def rows_that_pay(self) -> int:
+        """The most input rows (of TIMED_ROWS) up to which this head measured faster than the full head at every
+        size, 0 if none: both timed side by side in rounds, on head rows as hidden states (each row's logits
+        then peak at its own token, as a model's do, so the candidates are as few as in decoding)."""
+        k, n_vocab = self.head.k, self.blocks.shape[0]
+        norm, identity = torch.ones(k), (lambda t: t)
+        best: dict[tuple[int, bool], float] = {}
+        for _ in range(TIMED_REPEATS):
+            for m in TIMED_ROWS:
+                h = self.blocks.dequantize(torch.randint(0, n_vocab, (m,))) * 8.0  # [m, K]
+                for bounded in (False, True):
+                    t0 = time.perf_counter()
+                    self.logits(h, norm, 1e-6, identity) if bounded else self._full(h, norm, 1e-6)
+                    seconds = time.perf_counter() - t0
+                    best[m, bounded] = min(best.get((m, bounded), seconds), seconds)
+        pays = 0
+        for m in TIMED_ROWS:
+            if best[m, True] > best[m, False]:
+                break
+            pays = m
+        return pays
 
 
 def _edges(k: int) -> list[int]:

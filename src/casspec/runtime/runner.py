@@ -59,6 +59,7 @@ class TargetRunner:
         self.build_log: list[tuple[str, float]] = []  # (what was built or read, seconds), in order
         self._stream_pool: KVPool | None = None  # the pool `stream_cache` carves single sequences from
         self.use_argmax_head = True  # greedy rows may take their argmax from runtime/argmax_head.py
+        self.argmax_rows: int | None = None  # most rows it takes (None: timed against the full head when built)
         self._argmax_head: ArgmaxHead | Literal[False] | None = None  # None: not built yet; False: not possible
 
     @property
@@ -156,11 +157,12 @@ class TargetRunner:
         key_positions: torch.Tensor | None = None,  # [kv_len]; None = slot index
         logits_rows: torch.Tensor | None = None,  # [r] rows needing logits; None = all
         prefill: bool = False,  # long inputs may then run on the torch backend (MKL's GEMM)
+        argmax_only: bool = False,  # only each row's first argmax is read (forward_batch)
     ) -> torch.Tensor:  # [r, V] fp32 (or [0, V] if no rows)
         """One forward of `q` tokens of one sequence under `plan`; logits for the requested rows (a
         PrunedVocab plan: over `token_ids(plan)`)."""
         segment = Segment(cache, input_ids, positions, slots, allowed, key_positions)
-        return self.forward_batch([segment], plan, logits_rows, prefill)
+        return self.forward_batch([segment], plan, logits_rows, prefill, argmax_only)
 
     @torch.inference_mode()
     def forward_batch(self, segments: list[Segment], plan: ExecutionPlan = FULL,
@@ -195,16 +197,20 @@ class TargetRunner:
         if plan.vocab:  # [r, V'] over self.vocab.ids
             parts = [ops.linear(h, head, w.final_norm, a.eps) for head in self.draft_vocab().heads(plan.weights)]
             return a.softcap(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).float()
-        if argmax_only and self.use_argmax_head and plan.is_full and (head := self.argmax_head()) is not None:
+        if argmax_only and plan.is_full and self.argmax_verifies() and (head := self.argmax_head()) is not None:
             return head.logits(h, w.final_norm, a.eps, a.softcap)
         return a.softcap(ops.linear(h, w.head, w.final_norm, a.eps)).float()
+
+    def argmax_verifies(self) -> bool:
+        """Whether a forward_batch with argmax_only runs the argmax head (else the full head); builds nothing."""
+        return self.use_argmax_head and isinstance(self.backend, KernelBackend) and ArgmaxHead.supports(self.weights.head)
 
     def argmax_head(self) -> ArgmaxHead | None:
         """The target's argmax-exact head where its format allows (built on first use), else None."""
         if self._argmax_head is None:
             self._argmax_head = False
             if isinstance(self.backend, KernelBackend) and ArgmaxHead.supports(self.weights.head):
-                self._argmax_head = ArgmaxHead(self.weights.head, self.backend.ops)
+                self._argmax_head = ArgmaxHead(self.weights.head, self.backend.ops, self.argmax_rows)
         return self._argmax_head or None
 
     def _attention(self, ops: Backend, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

@@ -16,16 +16,18 @@ from casspec.runtime.backend import TimedBackend
 from casspec.runtime.machine import cpu_info
 from casspec.runtime.plans import ExecutionPlan
 from casspec.runtime.runner import TargetRunner
-from casspec.scheduler.latency import LatencyModel, calibration_grid
+from casspec.scheduler.latency import GREEDY_VERIFY, LatencyModel, calibration_grid
 
 
-def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3) -> float:
-    """Median seconds of one forward of `n_query` tokens on top of `ctx_len` cached ones (one warm-up)."""
-    return forward_breakdown(runner, plan, n_query, ctx_len, repeats, timed=False)["total"]
+def time_forward(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3,
+                 argmax_only: bool = False) -> float:
+    """Median seconds of one forward of `n_query` tokens on top of `ctx_len` cached ones (one warm-up);
+    `argmax_only`: as a greedy verify runs it (the argmax head where the target has one)."""
+    return forward_breakdown(runner, plan, n_query, ctx_len, repeats, timed=False, argmax_only=argmax_only)["total"]
 
 
 def forward_breakdown(runner: TargetRunner, plan: ExecutionPlan, n_query: int, ctx_len: int, repeats: int = 3,
-                      timed: bool = True) -> dict[str, float]:
+                      timed: bool = True, argmax_only: bool = False) -> dict[str, float]:
     """Medians over `repeats` forwards (after one warm-up) of the total seconds and, with `timed`, of the
     seconds in the backend's linears ("matmul") and attention, from a forward run op by op, and the rest
     (total - matmul)."""
@@ -38,7 +40,7 @@ def forward_breakdown(runner: TargetRunner, plan: ExecutionPlan, n_query: int, c
 
     def run() -> float:
         t0 = time.perf_counter()
-        runner.forward(ids, pos, pos, cache, plan)
+        runner.forward(ids, pos, pos, cache, plan, argmax_only=argmax_only)
         runner.synchronize()
         return time.perf_counter() - t0
 
@@ -65,7 +67,7 @@ def machine_key(model_name: str, runner: TargetRunner) -> str:
     return hashlib.sha1("|".join(info).encode()).hexdigest()[:12]
 
 
-CALIBRATION = "interleaved-rounds"  # how `calibrate` measures (in the cache key: a change measures again)
+CALIBRATION = "interleaved-rounds+greedy-verify"  # how `calibrate` measures (in the cache key: a change measures again)
 ROUNDS = 3  # interleaved rounds over the small query sizes: the points that decide DyTC's trees
 SMALL_QUERY = 4  # query sizes up to this one are measured in ROUNDS rounds
 
@@ -86,7 +88,8 @@ def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: La
         for points in [small] * ROUNDS + [large]:
             for q in points:
                 for name, plan in plans.items():
-                    latency.observe(name, q, ctx, time_forward(runner, plan, q, ctx, repeats))
+                    t = time_forward(runner, plan, q, ctx, repeats, argmax_only=name == GREEDY_VERIFY)
+                    latency.observe(name, q, ctx, t)
     latency.clear_errors()
 
 

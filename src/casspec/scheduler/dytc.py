@@ -47,7 +47,7 @@ from casspec.drafters.ngram import NgramDrafter
 from casspec.drafters.self_draft import SelfDrafter
 from casspec.scheduler.acceptance import regime
 from casspec.scheduler.guard import PayGuard
-from casspec.scheduler.latency import ForwardTimes, LatencyModel
+from casspec.scheduler.latency import GREEDY_VERIFY, ForwardTimes, LatencyModel, verify_key
 from casspec.scheduler.levels import DyTCConfig, Level, Option
 from casspec.state import DecodeState
 from casspec.tree import DraftTree
@@ -308,7 +308,7 @@ class DyTC:
         if not self.cfg.use_latency or not self.latency.knows("full"):
             t = FIXED_COST["full"]
         else:
-            t = self.latency.predict("full", n_query, ctx)
+            t = self.latency.predict(verify_key(self.latency, not sampled), n_query, ctx)
         return t + self._t_sample("full", n_query) if sampled else t
 
     def _t_draft(self, level: Level, n_query: int, ctx: int, sampled_rows: int = 0) -> float:
@@ -344,7 +344,7 @@ class DyTC:
     # ---- learn --------------------------------------------------------------------------------------
     def _learns(self, plan: str) -> bool:
         """Whether a timing of this plan key feeds the latency model: the target, the levels, sampling work."""
-        return plan == "full" or plan in self.by_name or plan.startswith(SAMPLE)
+        return plan in ("full", GREEDY_VERIFY) or plan in self.by_name or plan.startswith(SAMPLE)
 
     def observe(self, tree: DraftTree, result: AcceptResult, state: DecodeState, times: ForwardTimes) -> None:
         on_path, reg = set(result.path), regime(state.sampling)

@@ -95,6 +95,19 @@ def query_bucket(n_query: int) -> int:
     raise AssertionError("unreachable")
 
 
+# A greedy verify reads only each row's argmax, through the argmax head where the target has one
+# (runtime/argmax_head.py): a cheaper forward than the full head's, most of all per extra row (Gemma's 262k head).
+# Timed under its own key, so that trees are priced at what greedy verification costs and sampled ones at the
+# full head's: in one key, the row counts DyTC verifies were learnt at the cheap cost and those it does not at
+# the calibration's full-head cost, which kept greedy trees at 3 rows where 12 paid.
+GREEDY_VERIFY = "full:argmax"
+
+
+def verify_key(latency: LatencyModel, greedy: bool) -> str:
+    """The latency-model key of a target verify: the argmax head's for greedy when measured, else "full"."""
+    return GREEDY_VERIFY if greedy and latency.knows(GREEDY_VERIFY) else "full"
+
+
 _SMALL_BUCKETS = tuple(next(g for g in _grid_values() if g >= n) for n in range(257))  # query_bucket, precomputed
 
 
