@@ -61,9 +61,14 @@ def test_calibration_interleaves_plans_and_small_query_sizes(monkeypatch) -> Non
     from casspec.scheduler.latency import LatencyModel
 
     calls = []
-    monkeypatch.setattr(calibrate, "time_forward", lambda runner, plan, q, ctx, repeats: calls.append((plan, q, ctx))
-                        or 0.01 * q)
-    calibrate.calibrate(None, {"full": "F", "a8": "A"}, LatencyModel(), max_query=8, ctx_lens=(64,))  # type: ignore[arg-type]
-    assert [p for p, _, _ in calls] == ["F", "A"] * (len(calls) // 2)
+
+    def fake_time_forward(runner, plan, q, ctx, repeats, argmax_only=False):
+        calls.append((plan + "+argmax" * argmax_only, q, ctx))
+        return 0.01 * q
+
+    monkeypatch.setattr(calibrate, "time_forward", fake_time_forward)
+    plans = {"full": "F", calibrate.GREEDY_VERIFY: "F", "a8": "A"}  # a greedy verify: the full plan, argmax only
+    calibrate.calibrate(None, plans, LatencyModel(), max_query=8, ctx_lens=(64,))  # type: ignore[arg-type]
+    assert [p for p, _, _ in calls] == ["F", "F+argmax", "A"] * (len(calls) // 3)
     small = [1, 2, 3, 4]
     assert [q for p, q, _ in calls if p == "F"] == small * calibrate.ROUNDS + [6, 8]
