@@ -59,7 +59,6 @@ class TargetRunner:
         self.build_log: list[tuple[str, float]] = []  # (what was built or read, seconds), in order
         self._stream_pool: KVPool | None = None  # the pool `stream_cache` carves single sequences from
         self.use_argmax_head = True  # greedy rows may take their argmax from runtime/argmax_head.py
-        self.argmax_rows: int | None = None  # most rows it takes (None: timed against the full head when built)
         self._argmax_head: ArgmaxHead | Literal[False] | None = None  # None: not built yet; False: not possible
 
     @property
@@ -203,14 +202,18 @@ class TargetRunner:
 
     def argmax_verifies(self) -> bool:
         """Whether a forward_batch with argmax_only runs the argmax head (else the full head); builds nothing."""
-        return self.use_argmax_head and isinstance(self.backend, KernelBackend) and ArgmaxHead.supports(self.weights.head)
+        return self.use_argmax_head and self._argmax_possible()
+
+    def _argmax_possible(self) -> bool:
+        return isinstance(self.backend, KernelBackend) and ArgmaxHead.supports(self.weights.head)
 
     def argmax_head(self) -> ArgmaxHead | None:
         """The target's argmax-exact head where its format allows (built on first use), else None."""
         if self._argmax_head is None:
             self._argmax_head = False
-            if isinstance(self.backend, KernelBackend) and ArgmaxHead.supports(self.weights.head):
-                self._argmax_head = ArgmaxHead(self.weights.head, self.backend.ops, self.argmax_rows)
+            if self._argmax_possible():
+                assert isinstance(self.backend, KernelBackend)  # (_argmax_possible)
+                self._argmax_head = ArgmaxHead(self.weights.head, self.backend.ops)
         return self._argmax_head or None
 
     def _attention(self, ops: Backend, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

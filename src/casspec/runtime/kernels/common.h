@@ -300,4 +300,13 @@ void each_block_tile(const LinearArgs& a, const uint8_t* w, const uint8_t* up, i
   }
 }
 
+// fn(o, rows) for every tile of one part over rows of blocks of format B (`up`: GLU gate|up pairs), the tiles
+// split over threads, each thread's range in each_block_tile's order.
+template <class B, class Fn>
+void block_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows, Fn&& fn) {
+  const int64_t row_bytes = a.K / B::QK * B::BYTES;
+  const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) { each_block_tile(a, w, up, rows, row_bytes, t0, t1, fn); });
+}
+
 }  // namespace

@@ -254,12 +254,7 @@ struct A8Dot {
 
 template <class B, bool VNNI>
 void a8_tiles(const LinearArgs& a, const QuantView& x, const uint8_t* w, const uint8_t* up, int64_t rows) {
-  const int64_t row_bytes = a.K / B::QK * B::BYTES;
-  const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
-  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    each_block_tile(a, w, up, rows, row_bytes, t0, t1,
-                    [&](const TileCols& o, const Rows& r) { tile_rows(a, o, A8Dot<B, VNNI>{a, x, r}); });
-  });
+  block_tiles<B>(a, w, up, rows, [&](const TileCols& o, const Rows& r) { tile_rows(a, o, A8Dot<B, VNNI>{a, x, r}); });
 }
 
 }  // namespace
