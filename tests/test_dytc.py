@@ -145,3 +145,38 @@ def test_prompt_lookup_reaches_as_deep_as_its_last_run_allows(llama_engine):
     sched.draft(tree, state)
     result = AcceptResult(path=[0, 1, 2], tokens=[tree.tokens[1], tree.tokens[2], 7])
     assert sched._lookup_run(tree, result) == 2
+
+
+def test_prompt_lookup_reach_grows_over_a_copied_stretch(llama_engine):
+    """Rounds that commit nothing but their root lookup's continuation are one copied stretch: their runs add up
+    (a loop copied 2 tokens a round once kept the reach at 4 for 70 rounds), and a round that leaves the stretch
+    starts the count again from what it copied."""
+    from casspec.config import SamplingConfig
+    from casspec.metrics import GenerationStats
+    from casspec.state import DecodeState
+    from casspec.verify.accept import AcceptResult
+
+    e = llama_engine
+    ids = e.encode_prompt(" ".join(["one two three four five six seven eight nine ten"] * 6) + " one")
+    state = DecodeState(list(ids), e.runner.new_cache(512), SamplingConfig(), GenerationStats("t"), 200)
+    state.cache.length = len(ids) - 1
+    sched = make_dytc(e, alphas=(0.05, 0.99))
+    runs, depths = [], []
+    for wrong_at in (None, None, 2):  # two rounds copied whole, then one that leaves the text after 2 tokens
+        tree = DraftTree(state.tokens[-1], state.cache.length)
+        sched.draft(tree, state)
+        root = sched._round.root
+        chain = tree.tokens[1:]
+        assert set(tree.drafter[1:]) == {"pld"} and chain == root[0][:len(chain)]
+        depths.append(len(chain))
+        if wrong_at is None:  # every drafted token and the bonus (the continuation's next token) committed
+            result = AcceptResult(path=list(range(len(tree))), tokens=chain + [root[0][len(chain)]])
+        else:
+            result = AcceptResult(path=list(range(wrong_at + 1)), tokens=chain[:wrong_at] + [e.tokenizer.eos_token_id])
+        sched._learn_lookup(tree, result, state, root)
+        state.tokens += result.tokens
+        runs.append(state.lookup_run)
+    cfg = sched.cfg
+    assert depths[0] == cfg.lookup_depth and runs[0] == depths[0]
+    assert depths[1] == 2 * runs[0] and runs[1] == runs[0] + depths[1]  # the stretch's runs add up
+    assert depths[2] > depths[1] and runs[2] == 2 and not state.lookup_streak  # left the stretch: starts again

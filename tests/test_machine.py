@@ -68,7 +68,7 @@ def test_calibration_interleaves_plans_and_small_query_sizes(monkeypatch) -> Non
 
     monkeypatch.setattr(calibrate, "time_forward", fake_time_forward)
     plans = {"full": "F", calibrate.GREEDY_VERIFY: "F", "a8": "A"}  # a greedy verify: the full plan, argmax only
-    calibrate.calibrate(None, plans, LatencyModel(), max_query=8, ctx_lens=(64,))  # type: ignore[arg-type]
+    calibrate.calibrate(None, plans, LatencyModel(), max_query=24, ctx_lens=(64,))  # type: ignore[arg-type]
     assert [p for p, _, _ in calls] == ["F", "F+argmax", "A"] * (len(calls) // 3)
-    small = [1, 2, 3, 4]
-    assert [q for p, q, _ in calls if p == "F"] == small * calibrate.ROUNDS + [6, 8]
+    small = [1, 2, 3, 4, 6, 8, 12, 16]  # the rows trees verify: SMALL_QUERY
+    assert [q for p, q, _ in calls if p == "F"] == small * calibrate.ROUNDS + [24]

@@ -30,7 +30,7 @@ class DecodeState:
     eos_ids: frozenset[int] = field(default_factory=frozenset)
     times: ForwardTimes = field(default_factory=ForwardTimes)  # this step's timings; the step hands them to observe
     vocab_seen: int = 0  # tokens[:vocab_seen] already added to a pruned draft head's vocabulary
-    lookup_run: int = 0  # tokens of last round's root prompt-lookup continuation that were committed (DyTC)
+    lookup_run: int = 0  # tokens the root prompt-lookup continuations of the current copied stretch got committed (DyTC)
     lookup_streak: bool = False  # last round committed nothing but its root lookup continuation's tokens (DyTC)
     lookup_source: int = -1  # where that continuation goes on in tokens, while lookup_streak (DyTC)
     lookup_next: AcceptanceEstimator | None = None  # this text's next-token acceptance of lookup continuations
