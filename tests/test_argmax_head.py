@@ -2,6 +2,8 @@
 exact rows are the full fp32 head's, ties included, and nothing else about decoding changes."""
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from casspec.runtime import kernels
 from casspec.runtime.argmax_head import ArgmaxHead, _round_up_half
 from casspec.runtime.gguf_file import NativeTensor
 from casspec.runtime.weights import make_proj
+from casspec.scheduler import calibrate
 from casspec.scheduler.latency import GREEDY_VERIFY, ForwardTimes
 from casspec.testing import tiny_model, tiny_tokenizer
 from casspec.testing_gguf import load_native, write_gguf
@@ -143,3 +146,28 @@ def test_greedy_verifies_are_timed_and_priced_as_the_argmax_head(tmp_path, monke
     keys.clear()
     engine.generate(prompt, method="ar", max_new_tokens=4)
     assert "full" in keys and GREEDY_VERIFY not in keys
+
+
+def test_max_rows_is_kept_with_the_latency_calibration(tmp_path, monkeypatch):
+    """The rows that take the argmax head are timed once per machine, beside the latency calibration measured
+    under them: a later load reads both and times nothing; without the kept count (or with a broken file) both
+    the count and the greedy verify's curve are measured again."""
+    model = tiny_model("llama", hidden_size=128, intermediate_size=256)
+    skeleton, source = load_native(model, write_gguf(model, tmp_path / "m.gguf", Q8_0))
+    cache = tmp_path / "cache"
+    first = Engine(skeleton, tiny_tokenizer(), name="native", source=source, cache_dir=cache, progress=False)
+    rows_file = first.pool._argmax_rows_path()
+    assert rows_file is not None and rows_file.exists()
+    assert json.loads(rows_file.read_text()) == {"max_rows": first.runner.argmax_head().max_rows}
+    rows_file.write_text(json.dumps({"max_rows": 5}))
+    monkeypatch.setattr(ArgmaxHead, "rows_that_pay", lambda self: pytest.fail("timed again"))
+    calibrated = []
+    monkeypatch.setattr(calibrate, "calibrate", lambda runner, plans, *a, **k: calibrated.append(set(plans)))
+    second = Engine(skeleton, tiny_tokenizer(), name="native", source=source, cache_dir=cache, progress=False)
+    assert second.runner.argmax_head().max_rows == 5 and calibrated == []
+    rows_file.write_text("{broken")
+    monkeypatch.undo()
+    monkeypatch.setattr(calibrate, "calibrate", lambda runner, plans, *a, **k: calibrated.append(set(plans)))
+    third = Engine(skeleton, tiny_tokenizer(), name="native", source=source, cache_dir=cache, progress=False)
+    assert calibrated == [{GREEDY_VERIFY}]  # the greedy verify measured again, under the count timed now
+    assert json.loads(rows_file.read_text()) == {"max_rows": third.runner.argmax_head().max_rows}

@@ -175,7 +175,8 @@ class DrafterPool:
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
         if names & {"lowbit", "lowbitv"} and ((path := self._lowbit_path()) is None or not path.exists()):
             out.append("mixed-precision draft formats (a Fisher calibration, ~30 s)")
-        if not is_calibrated(self._latency_path(), list(self._latency_plans())):
+        rows = self._argmax_rows_path()
+        if not is_calibrated(self._latency_path(), list(self._latency_plans())) or (rows is not None and not rows.exists()):
             out.append("a latency model")
         if {"int8v", "a8v", "vocab", "lowbitv"} & names and ((path := self._vocab_path()) is None or not path.exists()):
             out.append("a draft vocabulary")
@@ -191,13 +192,29 @@ class DrafterPool:
         return self.cache_dir / "latency" / f"{machine_key(self.model_name, self.runner)}.json"
 
     def latency(self) -> LatencyModel:
-        """The latency model, calibrated once per model and machine (cached on disk)."""
+        """The latency model, calibrated once per model and machine (cached on disk), with the argmax head's
+        max_rows it was measured under: timed when the head is built, that choice flipped between loads on a
+        noisy VM (Gemma: 3 rows in one load, 16 in the next, where the head at 11-16 rows measured 1.2-1.4x the
+        full head's time), while the greedy verify's curve came from one calibration. Both are kept together:
+        a cached max_rows is given to the head, and without one the greedy verify is measured again."""
         if self._latency is None:
             t0 = time.perf_counter()
-            self._latency, measured = load_or_calibrate(self.runner, self._latency_plans(), self._latency_path())
+            rows_path = self._argmax_rows_path()
+            rows = cache_files.read_json(rows_path, _argmax_rows, "the argmax head's row count")
+            if rows is not None:
+                self.runner.set_argmax_rows(rows)
+            self._latency, measured = load_or_calibrate(self.runner, self._latency_plans(), self._latency_path(),
+                                                        remeasure=(GREEDY_VERIFY,) if rows is None else ())
+            if rows is None and rows_path is not None and (head := self.runner.argmax_head()) is not None:
+                cache_files.write_json(rows_path, {"max_rows": head.max_rows})
             what = "latency calibration" if measured else "latency model (read from cache)"
             self.runner.build_log.append((what, time.perf_counter() - t0))
         return self._latency
+
+    def _argmax_rows_path(self) -> Path | None:
+        """Where the argmax head's max_rows is kept beside the latency calibration (None: nothing to keep)."""
+        path = self._latency_path()
+        return None if path is None or not self.runner.argmax_verifies() else path.with_suffix(".argmax.json")
 
     def paying(self, ctx: int = 256) -> tuple[str, ...]:
         """The hierarchy without self-draft levels whose measured cost at one query token is over
@@ -225,6 +242,13 @@ def default_hierarchy(runner: TargetRunner) -> tuple[str, ...]:
     if device == "cpu" and runner.vocab_size >= LARGE_VOCAB:
         return ("int8v", "pld")
     return DEFAULT_HIERARCHY[device]
+
+
+def _argmax_rows(data: object) -> int:
+    """The max_rows of a saved {"max_rows": n} (raises on anything else: the file is then measured again)."""
+    if not isinstance(data, dict) or type(data.get("max_rows")) is not int or data["max_rows"] < 0:
+        raise ValueError("expected {\"max_rows\": n >= 0}")
+    return data["max_rows"]
 
 
 def _is_permutation(order: torch.Tensor, n: int) -> bool:

@@ -60,6 +60,7 @@ class TargetRunner:
         self._stream_pool: KVPool | None = None  # the pool `stream_cache` carves single sequences from
         self.use_argmax_head = True  # greedy rows may take their argmax from runtime/argmax_head.py
         self._argmax_head: ArgmaxHead | Literal[False] | None = None  # None: not built yet; False: not possible
+        self._argmax_rows: int | None = None  # the argmax head's max_rows when given (None: timed when built)
 
     @property
     def num_layers(self) -> int:
@@ -213,8 +214,15 @@ class TargetRunner:
             self._argmax_head = False
             if self._argmax_possible():
                 assert isinstance(self.backend, KernelBackend)  # (_argmax_possible)
-                self._argmax_head = ArgmaxHead(self.weights.head, self.backend.ops)
+                self._argmax_head = ArgmaxHead(self.weights.head, self.backend.ops, max_rows=self._argmax_rows)
         return self._argmax_head or None
+
+    def set_argmax_rows(self, rows: int) -> None:
+        """The most rows that take the argmax head (its `max_rows`), now or when it is built: a value measured
+        once per machine (DrafterPool keeps it beside the latency calibration), not timed again at every load."""
+        self._argmax_rows = rows
+        if self._argmax_head:
+            self._argmax_head.max_rows = rows
 
     def _attention(self, ops: Backend, lw: LayerWeights, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    rows: Rows, mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

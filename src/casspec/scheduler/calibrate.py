@@ -95,11 +95,14 @@ def calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], latency: La
 
 
 def load_or_calibrate(runner: TargetRunner, plans: dict[str, ExecutionPlan], path: Path | None,
-                      **kwargs: Any) -> tuple[LatencyModel, bool]:
+                      remeasure: tuple[str, ...] = (), **kwargs: Any) -> tuple[LatencyModel, bool]:
     """A calibrated LatencyModel, from `path` if it holds every plan, else measured now and saved there
-    (best effort: an unreadable file is measured again, an unwritable folder only means no cache).
-    The flag says whether any plan was measured now."""
+    (best effort: an unreadable file is measured again, an unwritable folder only means no cache);
+    `remeasure`: plans measured now even where the file holds them. The flag says whether any plan was
+    measured now."""
     latency = cache_files.read_json(path, _latency_state, "the latency calibration") or LatencyModel()
+    for name in remeasure:
+        latency.drop(name)
     missing = {k: p for k, p in plans.items() if not latency.knows(k)}
     if missing:
         calibrate(runner, missing, latency, **kwargs)

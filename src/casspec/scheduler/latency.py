@@ -193,6 +193,10 @@ class LatencyModel:
         """Plan keys with data."""
         return [p for p in self._plans if self.knows(p)]
 
+    def drop(self, plan: str) -> None:
+        """Drop everything learnt about `plan` (it is then unknown until observed or calibrated again)."""
+        self._plans.pop(plan, None)
+
     def observe(self, plan: str, n_query: int, ctx_len: int, seconds: float) -> None:
         """Add one measured forward time; records the prediction error made before updating."""
         t = float(seconds)
