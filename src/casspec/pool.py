@@ -175,8 +175,9 @@ class DrafterPool:
                if (path := self.runner.quantized_cache_path(k)) is None or not path.exists()]
         if names & {"lowbit", "lowbitv"} and ((path := self._lowbit_path()) is None or not path.exists()):
             out.append("mixed-precision draft formats (a Fisher calibration, ~30 s)")
-        rows = self._argmax_rows_path()
-        if not is_calibrated(self._latency_path(), list(self._latency_plans())) or (rows is not None and not rows.exists()):
+        rows_path = self._argmax_rows_path()  # without it the greedy verify is measured again (latency())
+        if (not is_calibrated(self._latency_path(), list(self._latency_plans()))
+                or (rows_path is not None and not rows_path.exists())):
             out.append("a latency model")
         if {"int8v", "a8v", "vocab", "lowbitv"} & names and ((path := self._vocab_path()) is None or not path.exists()):
             out.append("a draft vocabulary")
