@@ -9,8 +9,9 @@ d_b / 2) and w_v the head row of token v:
 
     |l_v - l^_v| <= sum_b A[v, b] d_b / 2  +  rounding,    A[v, b] = sum_{i in b} |w_vi|
 
-(rounding: both sides accumulate in fp32, <= K 2^-24 sum_i |w_vi x_i|; 1e-4 S_v max|x| covers it, S_v =
-sum_i |w_vi|). Every token whose exact logit could be the row's maximum has l^_v + B_v >= max_u (l^_u - B_u);
+(rounding: each side's fp32 decoding and accumulation is off by at most ~K 2^-24 sum_i |w_vi x_i|, and
+sum_i |w_vi x_i| <= S_v max|x| with S_v = sum_i |w_vi|, so `rounding_factor(K)` S_v max|x| covers both: 2.5 K 2^-24,
+at least 1e-4). Every token whose exact logit could be the row's maximum has l^_v + B_v >= max_u (l^_u - B_u);
 those candidates (a handful: Gemma median 12, at most a few hundred over Spec-Bench rows) are recomputed with
 the target's own fp32 kernel, bitwise the values the full head computes for them. The returned logits are
 those values at the candidates and -inf elsewhere, so a first argmax over them is the full head's, ties
@@ -38,7 +39,7 @@ from casspec.runtime.weights import Proj, with_act8
 Q8_0 = 8  # ggml's type id: a symmetric format (w = d q), whose integer dot products have no offset term
 GROUPS = 4  # bound groups of blocks: per block (20 for Gemma) gave ~4 candidates, 4 groups ~18, 1 group ~90
 SLACK = 1.01  # on the quantization term: the kernel's scale may differ from ours by rounding
-ROUNDING = 1e-4  # times S_v max|x|: covers fp32 accumulation on both sides (K 2^-24 < 4e-5 for K <= 640)
+ROUNDING = 1e-4  # the least rounding factor (the bound's term for K <= 640 heads: 2.5 K 2^-24 is 9.5e-5 there)
 MAX_SHARE = 1 / 16  # more candidates than this share of the vocabulary: the full head is cheaper
 BLOCK_COLS = 64  # kernels/argmax_bound.cpp's COLS
 _CHUNK = 16384  # head rows dequantized at a time while the table is built
@@ -80,7 +81,7 @@ class ArgmaxHead:
         l_hat = self.ops.native_linear(h, self.a8_head.blocks, self.a8_head.qtypes, None, norm, eps, 0, None,
                                        1)  # [M, V]
         ids = self.ops.bound_candidates(h, norm, eps, l_hat, self.table, self.block_max, self.edges, SLACK,
-                                        ROUNDING)  # [C] sorted
+                                        rounding_factor(h.shape[1]))  # [C] sorted
         if not 0 < ids.numel() <= MAX_SHARE * l_hat.shape[1]:  # none: a row is not finite
             return softcap(self._full(h, norm, eps))
         rows = self.blocks.rows(ids)
@@ -113,6 +114,12 @@ class ArgmaxHead:
                 break
             pays = m
         return pays
+
+
+def rounding_factor(k: int) -> float:
+    """The bound's rounding term over S_v max|x| for rows of k values: fp32 decoding and accumulation of the target
+    and of the estimate, each within k 2^-24 of its sum of |products| (a sequential sum's worst case), plus margin."""
+    return max(ROUNDING, 2.5 * k * 2.0 ** -24)
 
 
 def _edges(k: int) -> list[int]:
