@@ -33,3 +33,9 @@ class GenerationError(RuntimeError):
 
 class NonFiniteLogitsError(GenerationError):
     """The target model's logits for a generation hold NaN or inf."""
+
+
+def first_line(exc: BaseException) -> str:
+    """First non-empty line of an exception's message (or its type name): a library's error in one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -92,13 +92,8 @@ def run_load(url: str, clients: int = DEFAULT_CLIENTS, duration: float = 60.0, m
     request opens with the same system message of about that many tokens (loadtest_chat.py).
     """
     prompts = prompts or PROMPTS
+    _check_mode(endpoint, rate, max_inflight, turns, system_tokens)
     offsets = poisson_arrivals(rate, duration, seed) if rate is not None else []
-    if rate is not None and max_inflight < 1:
-        raise ValueError("max_inflight must be >= 1")
-    if (turns > 1 or system_tokens) and endpoint != "chat":
-        raise ValueError("multi-turn and shared-system-prompt runs use the chat endpoint")
-    if turns > 1 and rate is not None:
-        raise ValueError("multi-turn runs are closed loop (clients), not Poisson arrivals")
     client = Client(url, api_key, request_timeout)
     system = system_message(system_tokens, seed) if system_tokens else None
     order = itertools.count()
@@ -139,6 +134,24 @@ def run_load(url: str, clients: int = DEFAULT_CLIENTS, duration: float = 60.0, m
                  endpoint=endpoint, stream=stream, mode="clients" if rate is None else "poisson", rate=rate,
                  seed=seed if rate is not None else None, max_inflight=max_inflight if rate is not None else None,
                  arrivals=sent + dropped, dropped=dropped, peak_inflight=peak)
+    _fill(rep, done, wall, before, after, turns, turn_tokens, system_tokens)
+    return rep
+
+
+def _check_mode(endpoint: str, rate: float | None, max_inflight: int, turns: int, system_tokens: int) -> None:
+    """ValueError for a combination of load modes that does not exist."""
+    if rate is not None and max_inflight < 1:
+        raise ValueError("max_inflight must be >= 1")
+    if (turns > 1 or system_tokens) and endpoint != "chat":
+        raise ValueError("multi-turn and shared-system-prompt runs use the chat endpoint")
+    if turns > 1 and rate is not None:
+        raise ValueError("multi-turn runs are closed loop (clients), not Poisson arrivals")
+
+
+def _fill(rep: Report, done: list[Sample], wall: float, before: dict | None, after: dict | None, turns: int,
+          turn_tokens: int, system_tokens: int) -> None:
+    """The report's measurements: latencies and throughput, the server's and planner's counters over the window,
+    cached prompt tokens, and TTFT by turn (multi-turn) or first against the rest (shared system prompt)."""
     fill_report(rep, done, wall)
     rep.server = server_delta(before, after)
     rep.planner = _planner_delta(before, after)
@@ -150,7 +163,6 @@ def run_load(url: str, clients: int = DEFAULT_CLIENTS, duration: float = 60.0, m
     if system_tokens:
         rep.system_tokens = system_tokens
         rep.ttft_first_s, rep.ttft_rest_s = first_and_rest(done)
-    return rep
 
 
 def _planner_delta(before: dict | None, after: dict | None) -> dict:

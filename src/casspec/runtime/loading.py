@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import copy
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -21,18 +20,16 @@ import re
 import shutil
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from casspec.errors import InvalidRequestError, ModelNotFoundError
-from casspec.runtime import cache_files
+from casspec.errors import InvalidRequestError, ModelNotFoundError, first_line
+from casspec.runtime import cache_files, model_cache
 
 if TYPE_CHECKING:
     from casspec.runtime.sources import GGUFSource
@@ -51,11 +48,8 @@ DTYPES = {
     "fp16": torch.float16,
 }
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-CACHE_FORMAT = "1"  # bump to invalidate converted models after a change to the conversion
 HUB_TIMEOUT_S = 3.0
-STALE_TMP_S = 6 * 3600
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-T = TypeVar("T")
 _KNOWN_HINT = "known names: " + ", ".join(repr(n) for n in KNOWN_MODELS)
 
 
@@ -185,7 +179,7 @@ def _gemma_gguf(cache: Path) -> Path:
         try:
             package.assemble(tmp, overwrite=True)
         except (ImportError, FileNotFoundError, ValueError) as exc:  # missing part package, bad checksum
-            raise ModelNotFoundError(f"{hint} ({_first_line(exc)})") from None
+            raise ModelNotFoundError(f"{hint} ({first_line(exc)})") from None
 
     if cache_files.write_atomic(target, assemble):
         return target
@@ -207,7 +201,7 @@ def _load_gguf(gguf: Path, name: str, cache: Path, dtype: torch.dtype, device: t
 def load_gguf_converted(gguf: Path, name: str, cache: Path, dtype: torch.dtype = torch.float32,
                         device: torch.device = torch.device("cpu")) -> LoadedModel:
     """The HF model of a GGUF file with dequantized weights (what transformers loads), converted once."""
-    loaded = _from_cache(gguf, name, cache, "", _convert_gguf, _is_complete,
+    loaded = model_cache.from_cache(gguf, name, cache, "", _convert_gguf, _is_complete,
                          lambda folder: _load_dir(str(folder), name, dtype, device))
     loaded.gguf_path = gguf
     return loaded
@@ -218,7 +212,7 @@ def load_gguf_native(gguf: Path, name: str, cache: Path) -> LoadedModel:
     from casspec.runtime.gguf_file import GGUFFile
     from casspec.runtime.sources import GGUFSource
 
-    tokenizer, config, generation = _from_cache(gguf, name, cache, "-meta", _save_gguf_metadata, _has_metadata,
+    tokenizer, config, generation = model_cache.from_cache(gguf, name, cache, "-meta", _save_gguf_metadata, _has_metadata,
                                                 _read_metadata)
     try:
         with torch.device("meta"):
@@ -226,7 +220,7 @@ def load_gguf_native(gguf: Path, name: str, cache: Path) -> LoadedModel:
         model.generation_config = generation
         source = GGUFSource(GGUFFile(gguf), config, config.num_hidden_layers)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {_first_line(exc)}") from None
+        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {first_line(exc)}") from None
     return LoadedModel(model.eval(), tokenizer, name, str(gguf), bool(getattr(tokenizer, "chat_template", None)),
                        source=source, gguf_path=gguf)
 
@@ -270,75 +264,7 @@ def _read_metadata(folder: Path) -> tuple[transformers.PreTrainedTokenizerFast, 
         return tokenizer, config, transformers.GenerationConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(f"cannot load the tokenizer and config saved in '{folder}': "
-                                 f"{_first_line(exc)}") from None
-
-
-def _from_cache(gguf: Path, name: str, cache: Path, suffix: str, build: Callable[[Path, Path], None],
-                complete: Callable[[Path], bool], read: Callable[[Path], T]) -> T:
-    """`read(folder)` of the cache folder `build(gguf, folder)` fills for this file, built atomically if
-    missing. A folder `read` fails on (a truncated or corrupt file) is built again, with one warning; where
-    the cache cannot be written, the folder is built in a temporary directory removed after reading."""
-    final = _cache_folder(gguf, name, cache, suffix)
-    if complete(final):
-        try:
-            return read(final)
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the reader raise: rebuild
-            cache_files.warn_once("read", final, f"ignoring the unreadable cache folder {final} "
-                                                 f"({type(exc).__name__}: {_first_line(exc)}); building it again")
-            _discard(final)
-    folder = _build_in_cache(gguf, final, build, complete)
-    if folder is not None:
-        return read(folder)
-    with tempfile.TemporaryDirectory(prefix="casspec-") as tmp:
-        build(gguf, Path(tmp))
-        return read(Path(tmp))
-
-
-def _cache_folder(gguf: Path, name: str, cache: Path, suffix: str) -> Path:
-    stat = gguf.stat()
-    ident = f"{CACHE_FORMAT}|{transformers.__version__}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    safe_name = re.sub(r"[^\w.-]", "_", name)
-    return cache / "models" / f"{safe_name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
-
-
-def _build_in_cache(gguf: Path, final: Path, build: Callable[[Path, Path], None],
-                    complete: Callable[[Path], bool]) -> Path | None:
-    """Fill `final` through a temporary folder and a rename; None (one warning) where the cache folder
-    cannot be written (read-only, full disk)."""
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(final.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    except OSError as exc:
-        cache_files.warn_once("write", final.parent, f"cannot write the cache folder {final.parent} ({exc}); "
-                                                     "running without caching there")
-        return None
-    try:
-        build(gguf, tmp)
-        if final.exists() and not complete(final):
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not complete(final):  # a concurrent conversion finished first: use that one
-                raise
-    except OSError as exc:
-        cache_files.warn_once("write", final.parent, f"cannot write the cache folder {final.parent} ({exc}); "
-                                                     "running without caching there")
-        return None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _discard(folder: Path) -> None:
-    """Move a damaged cache folder out of the way (a rename, so no reader sees it half-deleted), then delete it."""
-    trash = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        os.rename(folder, trash)
-    except OSError:
-        return  # gone already (another process), or the cache is read-only: the rebuild goes elsewhere
-    shutil.rmtree(trash, ignore_errors=True)
+                                 f"{first_line(exc)}") from None
 
 
 def _is_complete(folder: Path) -> bool:
@@ -359,23 +285,12 @@ def _save_gguf_metadata(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         config = transformers.AutoConfig.from_pretrained(folder, gguf_file=fname)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {_first_line(exc)}") from None
+        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {first_line(exc)}") from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.save_pretrained(out)
     transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _remove_stale_tmp(parent: Path) -> None:
-    """Delete temporary conversion directories left by killed processes."""
-    cutoff = time.time() - STALE_TMP_S
-    for entry in parent.glob(".tmp-*"):
-        try:
-            if entry.is_dir() and entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -385,7 +300,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {_first_line(exc)}") from None
+        raise ModelNotFoundError(f"cannot load GGUF '{gguf}': {first_line(exc)}") from None
     config = copy.deepcopy(src.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # save_pretrained refuses GGUF-quantised models
@@ -407,7 +322,7 @@ def _load_dir(
             source, dtype=dtype, attn_implementation="sdpa", local_files_only=local_only
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(f"cannot load '{source}': {_first_line(exc)}") from None
+        raise ModelNotFoundError(f"cannot load '{source}': {first_line(exc)}") from None
     # (transformers' @wraps(nn.Module.to) makes mypy read `to` as unbound: its first argument as the model)
     model = model.to(device).eval()  # type: ignore[arg-type]
     return LoadedModel(
@@ -448,15 +363,9 @@ def _hub_unreachable(endpoint: str, timeout: float) -> str | None:
             httpx.head(endpoint, timeout=timeout)
             result.append(None)
         except Exception as exc:  # noqa: BLE001 - any failure means unreachable
-            result.append(f"{type(exc).__name__}: {_first_line(exc)}")
+            result.append(f"{type(exc).__name__}: {first_line(exc)}")
 
     thread = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore socket timeouts
     thread.start()
     thread.join(timeout + 0.5)
     return result[0] if result else f"no answer from {endpoint} within {timeout:g} s"
-
-
-def _first_line(exc: BaseException) -> str:
-    """First non-empty line of an exception's message (or its type name)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
