@@ -26,6 +26,8 @@ from typing import TypeVar
 
 import torch
 
+from casspec.errors import first_line
+
 log = logging.getLogger("casspec.cache")
 T = TypeVar("T")
 _warned: set[tuple[str, str]] = set()  # (kind, folder or file) already warned about in this process
@@ -130,5 +132,5 @@ def load_tensor(path: Path | None, check: Callable[[torch.Tensor], bool], what: 
 
 
 def _reason(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+    """`Type: first line` (at most 200 characters of it), or the type alone for an exception without a message."""
+    return f"{type(exc).__name__}: {first_line(exc)[:200]}" if str(exc).strip() else type(exc).__name__
