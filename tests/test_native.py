@@ -195,6 +195,29 @@ def test_a_fused_layer_call_over_blocks_is_bitwise_the_ops_one_by_one(family, qt
             assert torch.equal(fused, logits(plan))
 
 
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_rows_requested_ahead_change_no_output(qtype):
+    """How far ahead a run of rows is requested (ops.run_ahead) moves reads, never results: 1-3 input rows (the
+    runs), plain and GLU, int8 activations too, give the same bits at 0, 1 and 5 tiles ahead."""
+    ops = kernels.module()
+    k, f = 256, 40
+    blocks, gu = _blocks(qtype, 37, k, 7), [_blocks(qtype, f, k, 8), _blocks(qtype, f, k, 9)]
+    before = ops.run_ahead()
+    try:
+        for m in (1, 2, 3):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            outs = []
+            for ahead in (0, 1, 5):
+                assert ops.run_ahead(ahead) == ahead
+                outs.append([ops.native_linear(x, [blocks], [int(qtype)], None, None, 0.0, 0, None, a8)
+                             for a8 in (0, 1)] + [ops.native_linear(x, gu, [int(qtype)] * 2, None, None, 0.0, 2, None, 0)])
+            assert all(torch.equal(a, b) for other in outs[1:] for a, b in zip(outs[0], other)), f"rows {m}"
+    finally:
+        ops.run_ahead(before)
+    assert ops.run_ahead(-3) == 0  # clamped
+    ops.run_ahead(before)
+
+
 def test_activation_quantization_mode_is_checked():
     blocks = _blocks(T.Q8_0, 4, 64)
     with pytest.raises(RuntimeError, match="act8 must be"):

@@ -495,6 +495,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, nogil(), "decode attention: row m over keys lo[m] .. lo[m] + len[m] - 1, optional [M, W] mask");
   m.def("add_rms_norm", &add_rms_norm, nogil(), "h += rmsnorm(x) * w, in place");
   m.def("native_linear", &native_linear, nogil(), "y = rmsnorm(x) W^T + b over weights in GGUF / bf16 / fp16 blocks, per part; act8: int8 activations");
+  m.def("run_ahead", [](std::optional<int64_t> n) { if (n) set_run_ahead(*n); return run_ahead(); },
+        "Tiles requested ahead in each run of rows at 1-3 input rows (common.h; n None: read only); the value now",
+        py::arg("n") = py::none());
   m.def("avx512_linear", [](std::optional<bool> on) { if (on) set_wide(*on); return wide_active(); },
         py::arg("on") = py::none(),
         "whether native linears of 6-16 rows run on AVX-512 (bitwise the AVX2 path's outputs); on=True/False switches");

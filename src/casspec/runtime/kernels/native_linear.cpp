@@ -16,6 +16,9 @@
 // way into gate | up columns that one vectorized pass gates (`gated`).
 #include "native_linear.h"
 
+#include <atomic>
+#include <cstdlib>
+
 #include "common.h"
 #include "gguf_blocks.h"
 #include "native_a8.h"
@@ -189,6 +192,16 @@ void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint
 }
 
 }  // namespace
+
+namespace {
+std::atomic<int64_t> run_ahead_tiles{[] {
+  const char* env = std::getenv("CASSPEC_RUN_AHEAD");
+  return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{1};
+}()};
+}  // namespace
+
+int64_t run_ahead() { return run_ahead_tiles.load(std::memory_order_relaxed); }
+void set_run_ahead(int64_t tiles) { run_ahead_tiles.store(std::max<int64_t>(0, tiles), std::memory_order_relaxed); }
 
 bool native_type_supported(int64_t type) {
   return gguf::dispatch(type, [](auto) {});
