@@ -12,12 +12,13 @@
 #include <vector>
 
 // Runs of rows of blocks (each_block_tile, at 1-3 input rows) request their next rows while the current tile
-// computes: `run_ahead()` tiles on in each run (0: the hardware prefetcher alone). On a 2-vCPU Xeon with AVX-512 and a 480 MB L3 (session w), weights read from L3
-// without it went at ~8 GB/s for the fp32 path, whose tile compute did not overlap the misses: one row of a
-// Q4_1 3072 x 576 linear cycled through 71 MB of copies 128 -> 78 us, SmolLM2's one-row forward 11.9 -> 7.5 ms,
-// Gemma's 20.1 -> 15.4 ms, the int8-activation plans 1.3x; 1 to 3 tiles ahead measured alike, 8 slower. The
-// default 1; CASSPEC_RUN_AHEAD (read once) or `set_run_ahead` (`ops.run_ahead(n)`) set it; the outputs are the
-// same either way. (The AMD Zen 3 VM that chose runs over adjacent prefetched tiles did not measure this.)
+// computes: `run_ahead()` tiles on in each run (0: the hardware prefetcher alone). On a 2-vCPU Xeon with AVX-512
+// and a 480 MB L3 (session w) the fp32 path read weights from L3 at ~8 GB/s without it, its tile compute not
+// overlapping the misses (one row of a Q4_1 3072 x 576 linear cycled through 71 MB of copies: 128 -> 78 us; in one
+// process, alternating: SmolLM2's one-row forward 12.6 -> 7.6 ms, Gemma's 19.5 -> 15.3, the int8-activation plans
+// ~1.25x); 1 to 3 tiles ahead measured alike, 8 slower. Default 1; CASSPEC_RUN_AHEAD (read once) or
+// `set_run_ahead` (`ops.run_ahead(n)`) set it; the outputs are the same either way. (The AMD Zen 3 VM on which
+// runs were chosen over adjacent prefetched tiles never measured runs with this prefetch.)
 int64_t run_ahead();
 void set_run_ahead(int64_t tiles);
 

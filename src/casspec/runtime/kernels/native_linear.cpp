@@ -191,10 +191,7 @@ void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint
   TORCH_CHECK(ok, "no kernel for ggml type ", type);
 }
 
-}  // namespace
-
-namespace {
-std::atomic<int64_t> run_ahead_tiles{[] {
+std::atomic<int64_t> run_ahead_tiles{[] {  // common.h, run_ahead
   const char* env = std::getenv("CASSPEC_RUN_AHEAD");
   return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{1};
 }()};
