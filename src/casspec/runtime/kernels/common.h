@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
 // Runs of rows of blocks (each_block_tile, at 1-3 input rows) request their next rows while the current tile
@@ -217,7 +216,7 @@ void tile_rows(const LinearArgs& a, const TileCols& o, const Dot& dot) {
 // Ask for weights ahead of use: a tile is computed in a few hundred ns, less than DRAM takes to deliver
 // under load, so the tile ~20 KB on is requested while this one is computed (measured on the 262k x 640
 // Q8_0 head: 1 tile ahead 6.8 ms, 8 tiles (22 KB) 6.3 ms, 16 and 32 no better). Rows of blocks at up to
-// RUN_ROWS input rows go in runs instead (below), which read faster with no software prefetch at all.
+// RUN_ROWS input rows go in runs instead (below), each run's next rows requested `run_ahead()` tiles on.
 constexpr int64_t PREFETCH_BYTES = 20 << 10;
 inline int64_t tiles_ahead(int64_t tile_bytes, int64_t total_bytes, int64_t rows_in) {
   return total_bytes > (8 << 20) && rows_in <= 3 ? std::max<int64_t>(1, PREFETCH_BYTES / tile_bytes) : 1;
