@@ -619,7 +619,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether attention runs its AVX-512 code (bitwise the AVX2 code's outputs; CASSPEC_AVX512=0 turns it off); on=True/False switches");
   m.def("avx512_linear", [](std::optional<bool> on) { if (on) set_wide(*on); return wide_active(); },
         py::arg("on") = py::none(),
-        "whether native linears of 6-16 rows run on AVX-512 (bitwise the AVX2 path's outputs); on=True/False switches");
+        "whether native linears of 6 rows or more run on AVX-512 (bitwise the AVX2 path's outputs); on=True/False switches");
   m.def("dequantize_rows", &dequantize_rows, nogil(), "rows of a block tensor as fp32 (bit-identical to gguf-py)");
   m.def("native_type_supported", &native_type_supported, "whether a ggml type has a kernel");
   py::class_<Projection>(m, "Projection", "a projection bound for layer_forward (native blocks, or tiled weights)")

@@ -1,4 +1,5 @@
-// native_linear's registers path with AVX-512, for WIDE_FROM to WIDE_UP_TO input rows (verify trees, batches).
+// native_linear on AVX-512: the registers path for WIDE_FROM to WIDE_UP_TO input rows (verify trees, batches), and
+// the fp32 tile kernel over a decoded tile past that (prefill chunks, large batches; `wide_dense_tile`).
 //
 // From a few input rows most of the AVX2 registers path's instructions are FMAs (each decoded 8 weights meet
 // every input row in one 256-bit FMA), and past 8 rows it decodes the weights again for each group of up to 8.
@@ -80,7 +81,53 @@ void wide_rows(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t
   wide_tiles<B, M>(a, w, up, rows);
 }
 
+// The fp32 tile kernel's sums (tile_dot: acc[r][m] = sum_k w[r, k] x[m, k], lane k % 8) over a tile decoded into
+// [K/8][4][8] fp32, for MB input rows from m0: rows 0|1 and 2|3 of a k-step are one 512-bit load each, meeting each
+// input row's 8 k broadcast to both halves, so every lane runs tile_dot's chain and each output is bitwise its.
+template <int MB>
+void dense_block(const LinearArgs& a, const TileCols& o, const float* w, int64_t m0) {
+  __m512 acc[2][MB];
+  for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+  const float* x = a.x + m0 * a.K;
+  for (int64_t k = 0; k < a.K; k += KS) {
+    const __m512 w01 = _mm512_loadu_ps(w + k * NB), w23 = _mm512_loadu_ps(w + k * NB + 2 * KS);
+#pragma GCC unroll 6
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + m * a.K + k));
+      acc[0][m] = _mm512_fmadd_ps(w01, xv, acc[0][m]);
+      acc[1][m] = _mm512_fmadd_ps(w23, xv, acc[1][m]);
+    }
+  }
+  for (int mm = 0; mm < MB; mm += 3) {
+    const int mb = std::min(3, MB - mm);
+    float v[NB][3];
+    for (int i = 0; i < mb; ++i) {
+      const __m512 p = acc[0][mm + i], q = acc[1][mm + i];
+      alignas(16) float s[NB];
+      _mm_store_ps(s, hsum4(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1), _mm512_castps512_ps256(q),
+                            _mm512_extractf32x8_ps(q, 1)));
+      for (int r = 0; r < NB; ++r) v[r][i] = s[r];
+    }
+    epilogue(a, o, m0 + mm, mb, v);
+  }
+}
+
 }  // namespace
+
+void wide_dense_tile(const BlockPart& p, int64_t first, int64_t stride, const float* w) {
+  const LinearArgs a{p.x, p.M, p.K, p.N, nullptr, p.bias, p.y, p.ldy, p.mode, p.ffn};
+  const TileCols o{first, stride};
+  int64_t m = 0;
+  for (; a.M - m >= 6; m += 6) dense_block<6>(a, o, w, m);
+  switch (a.M - m) {
+    case 5: dense_block<5>(a, o, w, m); break;
+    case 4: dense_block<4>(a, o, w, m); break;
+    case 3: dense_block<3>(a, o, w, m); break;
+    case 2: dense_block<2>(a, o, w, m); break;
+    case 1: dense_block<1>(a, o, w, m); break;
+    default: break;
+  }
+}
 
 void native_part_wide(const BlockPart& p) {
   TORCH_CHECK(p.M >= WIDE_FROM && p.M <= WIDE_UP_TO, "the AVX-512 path runs ", WIDE_FROM, "-", WIDE_UP_TO, " rows");
