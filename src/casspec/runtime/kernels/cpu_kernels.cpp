@@ -22,8 +22,6 @@
 
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 #include "argmax_bound.h"
 #include "common.h"
@@ -270,10 +268,12 @@ struct AttnArgs {
 
 constexpr int64_t MAX_WIDE_D = 256;  // the largest head size the AVX-512 code takes (its query buffer)
 
-std::atomic<bool> attention_wide{[] {
-  const char* env = std::getenv("CASSPEC_AVX512");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}()};
+std::atomic<bool> attention_wide{avx512_env_on()};
+
+// The 4 key rows of a scores chunk at j0, n of them real: missing ones repeat the last (never read past the cache).
+inline void chunk_keys(const float* k, int64_t j0, int64_t n, int64_t D, const float* (&kt)[4]) {
+  for (int t = 0; t < 4; ++t) kt[t] = k + (j0 + std::min<int64_t>(t, std::max<int64_t>(n - 1, 0))) * D;
+}
 
 // Scores of keys [j0, j0 + n), n <= 4, for Q query heads at once (missing keys score 0; the caller masks
 // them): each key vector is loaded once for the Q heads of its group. A score's 8 lanes are summed by
@@ -284,7 +284,7 @@ inline void scores4(const float* const* qg, const float* k, int64_t j0, int64_t 
   for (int g = 0; g < Q; ++g)
     for (int t = 0; t < 4; ++t) acc[g][t] = _mm256_setzero_ps();
   const float* kt[4];
-  for (int t = 0; t < 4; ++t) kt[t] = k + (j0 + std::min<int64_t>(t, std::max<int64_t>(n - 1, 0))) * D;
+  chunk_keys(k, j0, n, D, kt);
   for (int64_t d = 0; d < D; d += KS) {
     __m256 qv[Q];
     for (int g = 0; g < Q; ++g) qv[g] = _mm256_loadu_ps(qg[g] + d);
@@ -340,7 +340,7 @@ WIDE_TARGET inline void scores4_wide(const float* qp, const float* k, int64_t j0
   for (int i = 0; i < P; ++i)
     for (int t = 0; t < 4; ++t) acc[i][t] = _mm512_setzero_ps();
   const float* kt[4];
-  for (int t = 0; t < 4; ++t) kt[t] = k + (j0 + std::min<int64_t>(t, std::max<int64_t>(n - 1, 0))) * D;
+  chunk_keys(k, j0, n, D, kt);
   for (int64_t d = 0; d < D; d += KS) {
     __m512 qv[P];
     for (int i = 0; i < P; ++i) qv[i] = _mm512_loadu_ps(qp + (i * D + d) * 2);

@@ -137,16 +137,18 @@ void native_part_wide(const BlockPart& p) {
 #pragma GCC pop_options
 
 namespace {
-std::atomic<bool> wide_on{[] {
-  const char* env = std::getenv("CASSPEC_AVX512");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}()};
+std::atomic<bool> wide_on{avx512_env_on()};
 }  // namespace
 
 bool wide_supported() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl");
   return yes;
+}
+
+bool avx512_env_on() {
+  const char* env = std::getenv("CASSPEC_AVX512");
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 bool wide_active() { return wide_on.load(std::memory_order_relaxed) && wide_supported(); }

@@ -8,6 +8,7 @@
 constexpr int64_t WIDE_FROM = 6, WIDE_UP_TO = 16;
 
 bool wide_supported();  // whether this CPU (and OS) has AVX-512 F / DQ / VL
+bool avx512_env_on();  // CASSPEC_AVX512 is unset or not "0" (the AVX-512 linears' and attention's starting switch)
 bool wide_active();  // supported and switched on (CASSPEC_AVX512=0 or set_wide(false) turns it off)
 void set_wide(bool on);  // for tests and A/B measurements: the outputs are the same either way
 void native_part_wide(const BlockPart& p);  // p.xq unused: fp32 activations
