@@ -227,8 +227,9 @@ def test_activation_quantization_mode_is_checked():
                     reason="needs a CPU with AVX-512 (F, DQ, VL)")
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_avx512_rows_are_bitwise_the_avx2_rows(qtype):
-    """The AVX-512 registers path (6-16 input rows) and its fp32 tile kernel over the decoded scratch (more rows) run
-    each lane's FMA chain as the AVX2 path does: same bits, plain and GLU, whatever the row count."""
+    """The AVX-512 registers path (6-16 input rows, and 1-5 for the formats with a 512-bit pair decoder, two tiles at
+    a time up to 3 rows, an odd tile alone) and its fp32 tile kernel over the decoded scratch (more rows) run each
+    lane's FMA chain as the AVX2 path does: same bits, plain and GLU, whatever the row count."""
     ops = kernels.module()
     k, f = 256, 40
     blocks, gu = _blocks(qtype, 37, k, 7), [_blocks(qtype, f, k, 8), _blocks(qtype, f, k, 9)]

@@ -26,7 +26,7 @@ SOURCES = [HERE / "cpu_kernels.cpp", HERE / "native_linear.cpp", HERE / "native_
            HERE / "layer.cpp", HERE / "argmax_bound.cpp", HERE / "native_wide.cpp"]
 HEADERS = [HERE / "argmax_bound.h", HERE / "block_part.h", HERE / "common.h", HERE / "gguf_blocks.h", HERE / "layer.h",
            HERE / "native_a8.h", HERE / "native_a8_vnni.h", HERE / "native_linear.h", HERE / "native_wide.h", HERE / "ops.h",
-           HERE / "sampling.h"]
+           HERE / "sampling.h", HERE / "wide_blocks.h"]
 # no fused multiply-adds but the explicit ones: block decoding must round as gguf-py does
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 _lock = threading.Lock()

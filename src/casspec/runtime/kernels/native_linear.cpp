@@ -183,7 +183,7 @@ void run_part(const LinearArgs& a, int64_t type, const at::Tensor& w, const uint
                 a.K / B::QK * B::BYTES, " for K = ", a.K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     if (!B::INTS || !xq) {
-      if (a.M >= WIDE_FROM && a.M <= WIDE_UP_TO && wide_active())  // bitwise the same outputs, half the FMAs
+      if (wide_active() && wide_runs(type, a.M))  // bitwise the same outputs, half the FMAs
         return native_part_wide(BlockPart{a.x, a.M, a.K, a.N, a.bias, a.y, a.ldy, a.mode, a.ffn, nullptr, nullptr,
                                           nullptr, wp, up, w.size(0), type});
       return native_tiles<B>(a, wp, up, w.size(0));

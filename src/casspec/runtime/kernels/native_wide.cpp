@@ -21,6 +21,7 @@
 #pragma GCC target("avx512f,avx512dq,avx512vl")
 #include "common.h"
 #include "gguf_blocks.h"
+#include "wide_blocks.h"
 
 namespace {
 
@@ -31,29 +32,23 @@ void pair_dots(const float* x, int64_t K, const uint8_t* const* rows, __m512 (*a
   for (int q = 0; q < Q; ++q)
     for (int m = 0; m < M; ++m) acc[q][m] = _mm512_setzero_ps();
   for (int64_t c = 0; c < K / 32; ++c) {
-#pragma GCC unroll 2
-    for (int q = 0; q < Q; ++q) {
-      __m256 lo[4], hi[4];
-      B::decode(rows[2 * q], c, lo);
-      B::decode(rows[2 * q + 1], c, hi);
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m512 w2 = _mm512_insertf32x8(_mm512_castps256_ps512(lo[j]), hi[j], 1);
+    for (int q = 0; q < Q; ++q) {
+      __m512 w2[4];
+      wide::PairDecode<B>::decode(rows[2 * q], rows[2 * q + 1], c, w2);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
 #pragma GCC unroll 16
         for (int m = 0; m < M; ++m)
-          acc[q][m] = _mm512_fmadd_ps(w2, _mm512_broadcast_f32x8(_mm256_loadu_ps(x + m * K + c * 32 + j * KS)),
+          acc[q][m] = _mm512_fmadd_ps(w2[j], _mm512_broadcast_f32x8(_mm256_loadu_ps(x + m * K + c * 32 + j * KS)),
                                       acc[q][m]);
-      }
     }
   }
 }
 
-// One tile (4 weight rows) for every input row, then the epilogue in blocks of up to 3 rows, as the AVX2 path.
-template <class B, int M>
-void wide_tile(const LinearArgs& a, const TileCols& o, const Rows& w) {
-  constexpr int Q = M <= 8 ? 2 : 1;  // Q * M <= 16 accumulators of the 32 vector registers
-  __m512 acc[NB / 2][M];
-  for (int q = 0; q < NB / 2; q += Q) pair_dots<B, Q, M>(a.x, a.K, w.r + 2 * q, acc + q);
+// The epilogue of one tile from its two pairs' sums (acc[0], acc[1]), in blocks of up to 3 input rows, as the AVX2 path.
+template <int M>
+__attribute__((always_inline)) inline void finish_tile(const LinearArgs& a, const TileCols& o, const __m512 (*acc)[M]) {
   for (int m0 = 0; m0 < M; m0 += 3) {
     const int mb = std::min(3, M - m0);
     float v[NB][3];
@@ -68,12 +63,51 @@ void wide_tile(const LinearArgs& a, const TileCols& o, const Rows& w) {
   }
 }
 
+// One tile (4 weight rows) for every input row.
+template <class B, int M>
+void wide_tile(const LinearArgs& a, const TileCols& o, const Rows& w) {
+  constexpr int Q = M <= 8 ? 2 : 1;  // Q * M <= 16 accumulators of the 32 vector registers
+  __m512 acc[NB / 2][M];
+  for (int q = 0; q < NB / 2; q += Q) pair_dots<B, Q, M>(a.x, a.K, w.r + 2 * q, acc + q);
+  finish_tile<M>(a, o, acc);
+}
+
+// Up to RUN_ROWS input rows, two tiles at a time (four pairs) in each_block_tile's runs: a lane's chain waits ~4 cycles
+// on its last FMA, and one tile's two pairs per input row would leave the FMA units idle on that latency.
+template <class B, int M>
+void wide_run_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
+  const int64_t row_bytes = a.K / B::QK * B::BYTES;
+  const int64_t tiles = up ? (rows + 1) / 2 : (rows + NB - 1) / NB;
+  const bool glu = up != nullptr;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    const int64_t n = t1 - t0, ahead = run_ahead();
+    for (int64_t i = 0; i < n; i += 2) {
+      for (int64_t k = i + 2 * ahead; ahead && k < std::min(n, i + 2 * ahead + 2); ++k)
+        prefetch_rows(tile_rows_of(w, up, rows, row_bytes, run_cols(t0, t1, k, glu)), row_bytes);
+      const TileCols o0 = run_cols(t0, t1, i, glu);
+      const Rows r0 = tile_rows_of(w, up, rows, row_bytes, o0);
+      if (i + 1 == n) {
+        wide_tile<B, M>(a, o0, r0);
+        break;
+      }
+      const TileCols o1 = run_cols(t0, t1, i + 1, glu);
+      const Rows r1 = tile_rows_of(w, up, rows, row_bytes, o1);
+      const uint8_t* r[2 * NB] = {r0.r[0], r0.r[1], r0.r[2], r0.r[3], r1.r[0], r1.r[1], r1.r[2], r1.r[3]};
+      __m512 acc[NB][M];
+      pair_dots<B, NB, M>(a.x, a.K, r, acc);
+      finish_tile<M>(a, o0, acc);
+      finish_tile<M>(a, o1, acc + 2);
+    }
+  });
+}
+
 template <class B, int M>
 void wide_tiles(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
+  if constexpr (M <= RUN_ROWS) return wide_run_tiles<B, M>(a, w, up, rows);
   block_tiles<B>(a, w, up, rows, [&](const TileCols& o, const Rows& r) { wide_tile<B, M>(a, o, r); });
 }
 
-template <class B, int M = WIDE_FROM>
+template <class B, int M = 1>
 void wide_rows(const LinearArgs& a, const uint8_t* w, const uint8_t* up, int64_t rows) {
   if constexpr (M < WIDE_UP_TO) {
     if (a.M != M) return wide_rows<B, M + 1>(a, w, up, rows);
@@ -129,8 +163,15 @@ void wide_dense_tile(const BlockPart& p, int64_t first, int64_t stride, const fl
   }
 }
 
+bool wide_runs(int64_t type, int64_t M) {
+  if (M >= WIDE_FROM && M <= WIDE_UP_TO) return true;
+  bool paired = false;
+  gguf::dispatch(type, [&](auto b) { paired = wide::PairDecode<decltype(b)>::NATIVE; });
+  return M >= 1 && M < WIDE_FROM && paired;
+}
+
 void native_part_wide(const BlockPart& p) {
-  TORCH_CHECK(p.M >= WIDE_FROM && p.M <= WIDE_UP_TO, "the AVX-512 path runs ", WIDE_FROM, "-", WIDE_UP_TO, " rows");
+  TORCH_CHECK(wide_runs(p.type, p.M), "the AVX-512 path does not run ", p.M, " rows of type ", p.type);
   const LinearArgs a{p.x, p.M, p.K, p.N, nullptr, p.bias, p.y, p.ldy, p.mode, p.ffn};
   gguf::dispatch(p.type, [&](auto b) { wide_rows<decltype(b)>(a, p.w, p.up, p.rows); });
 }
