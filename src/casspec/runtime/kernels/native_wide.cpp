@@ -1,11 +1,12 @@
-// native_linear on AVX-512: the registers path for WIDE_FROM to WIDE_UP_TO input rows (verify trees, batches), and
-// the fp32 tile kernel over a decoded tile past that (prefill chunks, large batches; `wide_dense_tile`).
+// native_linear on AVX-512: the registers path for up to WIDE_UP_TO input rows (decoding, verify trees, batches; below
+// WIDE_FROM only for the formats with a pair decoder, `wide_runs`), and the fp32 tile kernel over a decoded tile past
+// that (prefill chunks, large batches; `wide_dense_tile`).
 //
 // From a few input rows most of the AVX2 registers path's instructions are FMAs (each decoded 8 weights meet
 // every input row in one 256-bit FMA), and past 8 rows it decodes the weights again for each group of up to 8.
-// Here two weight rows share one 512-bit FMA (lanes 0-7 row r, lanes 8-15 row r + 1, decoded by the same 256-bit
-// code, gguf_blocks.h) against the input row's 8 k broadcast to both halves (a load, no shuffle), so each lane
-// runs exactly the AVX2 build's FMA chain in the same k order and every output is bitwise the AVX2 kernel's, hence
+// Here two weight rows share one 512-bit FMA (lanes 0-7 row r, lanes 8-15 row r + 1, decoded together by
+// wide_blocks.h, each half as gguf_blocks.h decodes it) against the input row's 8 k broadcast to both halves (a load,
+// no shuffle), so each lane runs exactly the AVX2 build's FMA chain in the same k order and every output is bitwise the AVX2 kernel's, hence
 // the fp32 kernel's on the dequantized model, at half the FMA instructions, and up to 16 rows meet each decoded
 // weight once. Only this file is built for AVX-512 (a target pragma, as native_a8_vnni.cpp).
 #include <ATen/Parallel.h>
